@@ -1,0 +1,194 @@
+"""Gemma 4 checkpoint folder -> `.tern` artifact: the conversion pipeline.
+
+Each weight is read, encoded and written before the next is read, so memory holds one tensor (or,
+for the big embedding tables, one block of rows) at a time. What the student is:
+- every decoder projection (q/k/v/o, MLP gate/up/down, per-layer-input gate and projection) becomes
+  ternary with float32 scales (`--quant ternary`), or stays a float in the chosen dtype (teacher);
+- norms and layer scalars stay float32; embeddings keep their source precision (bf16 stays bf16);
+- the tied output head of a ternary student gets its own int8 per-row copy, the fastest per-token
+  matvec in numpy (see ../shared/reference/numpy-ternary-perf.md §3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ferrisres.format import ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .errors import ConversionError
+from .hf_config import eos_token_ids, model_config, read_config
+from .quantize import int8_rows, ternarize
+
+log = logging.getLogger("ferrisres.convert")
+
+QUANTS = ("ternary", "bf16", "f16", "f32")
+TERNARY_SUFFIXES = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "per_layer_input_gate", "per_layer_projection",
+)
+TEXT_PREFIXES = ("model.language_model.", "model.")  # multimodal (as the real E2B) or text-only
+MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+SHARED_KV_SUFFIXES = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
+_BLOCK_BYTES = 64 << 20  # float32 bytes per block of rows when streaming a big table
+
+
+@dataclass(frozen=True)
+class Options:
+    quant: str = "ternary"
+    scheme: str = "lsq-row"
+
+
+def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = False,
+            command_line: list[str] | None = None, progress: bool = True) -> ModelConfig:
+    """Convert the checkpoint in `model_dir` into the artifact `out`; returns the model config written."""
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir} is not a folder")
+    text_config, _ = read_config(model_dir)
+    generation_config = _read_json(model_dir / "generation_config.json")
+    config = model_config(text_config, eos_token_ids(text_config, generation_config))
+    tokenizer = model_dir / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise ConversionError(f"{model_dir} has no tokenizer.json")
+    checkpoint = Checkpoint(model_dir)
+    prefix = _text_prefix(checkpoint, model_dir)
+    shapes = weight_shapes(config)
+    _log_skipped(checkpoint, prefix, shapes)
+
+    with ArtifactWriter(out, overwrite=overwrite) as writer:
+        writer.add_document("model_config.json", config.to_json())
+        writer.add_document("student_config.json", _student_config(options))
+        writer.add_document("tokenizer.json", tokenizer.read_text(encoding="utf-8"))
+        tokenizer_config = model_dir / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            writer.add_document("tokenizer_config.json", tokenizer_config.read_text(encoding="utf-8"))
+        if generation_config is not None:
+            writer.add_document("generation_config.json", generation_config)
+        writer.add_document("provenance.json", _provenance(model_dir, checkpoint, options, command_line))
+
+        for name, shape in _progress(shapes.items(), progress):
+            source = prefix + name + ("" if name.endswith("layer_scalar") else ".weight")
+            if name.endswith(TERNARY_SUFFIXES) and options.quant == "ternary":
+                codes, scale = ternarize(checkpoint.read_f32(source, shape), options.scheme)
+                writer.add_tensor(name, pack_ternary(codes), "ternary", shape=shape)
+                writer.add_tensor(name + ".scale", scale, "f32")
+            elif len(shape) == 1:  # norms and layer scalars
+                writer.add_tensor(name, checkpoint.read_f32(source, shape), "f32")
+            else:
+                encoding = _float_encoding(checkpoint.tensors[source].dtype if source in checkpoint else "F32", options.quant)
+                blocks = (_encode(b, encoding) for b in _row_blocks(checkpoint, source, shape))
+                writer.add_tensor_rows(name, blocks, shape, encoding)
+        if options.quant == "ternary":
+            _write_int8_head(writer, checkpoint, prefix + "embed_tokens.weight", shapes["embed_tokens"])
+    return config
+
+
+def _write_int8_head(writer: ArtifactWriter, checkpoint: Checkpoint, source: str, shape: tuple[int, int]) -> None:
+    """The tied head as its own int8 copy with per-row scales, written in blocks of rows."""
+    scales = []
+
+    def blocks():
+        for block in _row_blocks(checkpoint, source, shape):
+            q, s = int8_rows(block)
+            scales.append(s)
+            yield q
+
+    writer.add_tensor_rows("lm_head", blocks(), shape, "int8")
+    writer.add_tensor("lm_head.scale", np.concatenate(scales), "f32")
+
+
+def _row_blocks(checkpoint: Checkpoint, source: str, shape: tuple[int, ...]):
+    rows = max(1, _BLOCK_BYTES // (4 * int(np.prod(shape[1:]))))
+    for r0 in range(0, shape[0], rows):
+        yield checkpoint.read_f32(source, shape, rows=(r0, min(r0 + rows, shape[0])))
+
+
+def _float_encoding(source_dtype: str, quant: str) -> str:
+    """A teacher is written in the dtype asked for; a ternary student keeps bf16 as bf16, else float32."""
+    if quant != "ternary":
+        return quant
+    return "bf16" if source_dtype == "BF16" else "f32"
+
+
+def _encode(block: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "bf16":
+        return f32_to_bf16(block)
+    if encoding == "f16":
+        return block.astype(np.float16)
+    return block
+
+
+def _text_prefix(checkpoint: Checkpoint, model_dir: Path) -> str:
+    for prefix in TEXT_PREFIXES:
+        if prefix + "embed_tokens.weight" in checkpoint:
+            return prefix
+    raise ConversionError(
+        f"{model_dir}: no Gemma 4 text weights (neither model.language_model.embed_tokens.weight "
+        "nor model.embed_tokens.weight)"
+    )
+
+
+def _log_skipped(checkpoint: Checkpoint, prefix: str, shapes: dict) -> None:
+    used = {prefix + n + ("" if n.endswith("layer_scalar") else ".weight") for n in shapes}
+    skipped = sorted(set(checkpoint.tensors) - used)
+    towers = [n for n in skipped if n.startswith(MULTIMODAL_PREFIXES)]
+    shared_kv = [n for n in skipped if n.startswith(prefix + "layers.") and n.endswith(SHARED_KV_SUFFIXES)]
+    other = sorted(set(skipped) - set(towers) - set(shared_kv))
+    if towers:
+        log.info("skipped %d vision/audio tensors (the student is text-only)", len(towers))
+    if shared_kv:
+        log.info("skipped %d k_proj/v_proj/k_norm tensors of KV-shared layers (Gemma 4 never uses them)", len(shared_kv))
+    if other:
+        log.warning("ignored %d tensors this model does not use, e.g. %s", len(other), other[0])
+
+
+def _student_config(options: Options) -> dict:
+    if options.quant == "ternary":
+        return {"quant": "ternary", "scheme": options.scheme, "head": "int8-row", "moe": None, "attnres": None}
+    return {"quant": options.quant, "scheme": None, "head": "tied", "moe": None, "attnres": None}
+
+
+def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options, command_line: list[str] | None) -> dict:
+    files = sorted({*checkpoint.files, *(p for p in model_dir.iterdir() if p.suffix == ".json" and p.is_file())})
+    provenance = {
+        "converter": f"ferrisres {__version__}",
+        "command_line": command_line,
+        "options": {"quant": options.quant, "scheme": options.scheme},
+        "source_files": {p.name: _file_digest(p) for p in files},
+    }
+    if "SOURCE_DATE_EPOCH" in os.environ:  # no wall-clock time otherwise: same input, same bytes
+        provenance["created"] = int(os.environ["SOURCE_DATE_EPOCH"])
+    return provenance
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "blake2b-256:" + hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=32)).hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} is not a JSON object")
+    return value
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(list(items), desc="converting", unit="tensor", disable=None)

@@ -1,0 +1,134 @@
+"""Read a Hugging Face checkpoint folder's safetensors files, one tensor at a time.
+
+The safetensors format is parsed directly (8-byte header length, JSON header, raw little-endian
+data) and each file is memory-mapped: a tensor is read only when asked for, so memory holds one
+tensor at a time. The `safetensors` package cannot hand numpy a bfloat16 tensor, and Gemma ships
+bf16, hence this small reader.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ferrisres.format import bf16_to_f32
+
+from .errors import ConversionError
+
+SOURCE_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_MAX_HEADER = 100_000_000  # the limit the safetensors reference implementation enforces
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+class Checkpoint:
+    """All tensors of a (single-file or sharded) safetensors checkpoint, by name."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = _safetensors_files(folder)
+        self.tensors: dict[str, SourceTensor] = {}
+        for file in self.files:
+            for t in _read_header(file):
+                if t.name in self.tensors:
+                    raise ConversionError(f"tensor {t.name} appears in both {self.tensors[t.name].file.name} and {file.name}")
+                self.tensors[t.name] = t
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read_f32(self, name: str, shape: tuple[int, ...] | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `name` (or its rows r0:r1) as a float32 array, checked against `shape` when given."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise ConversionError(f"tensor {name} is missing from {self.folder}")
+        if shape is not None and t.shape != tuple(shape):
+            raise ConversionError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        if t.dtype not in SOURCE_DTYPES:
+            raise ConversionError(f"tensor {name} has dtype {t.dtype}; only F32, F16 and BF16 are supported")
+        raw = np.frombuffer(self._map(t.file), dtype=SOURCE_DTYPES[t.dtype], count=int(np.prod(t.shape)), offset=t.begin)
+        raw = raw.reshape(t.shape)
+        if rows is not None:
+            raw = raw[rows[0] : rows[1]]
+        data = bf16_to_f32(raw) if t.dtype == "BF16" else raw.astype(np.float32)
+        if not np.isfinite(data).all():
+            where = f" (rows {rows[0]}-{rows[1]})" if rows else ""
+            raise ConversionError(f"tensor {name} contains NaN or Inf{where}")
+        return data
+
+    def _map(self, file: Path) -> mmap.mmap:
+        if file not in self._maps:
+            with open(file, "rb") as f:
+                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[file]
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConversionError(f"{index} is not a valid safetensors index") from None
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise ConversionError(f"{index} names {f.name}, which is missing")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise ConversionError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+    return found
+
+
+def _read_header(file: Path) -> list[SourceTensor]:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(f"{file} is truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ConversionError(f"{file} is not a valid safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ConversionError(f"{file} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{file} has a corrupt safetensors header")
+    data_start = 8 + n
+    tensors = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(v) for v in meta["data_offsets"])
+            shape = tuple(int(v) for v in meta["shape"])
+            dtype = str(meta["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{file}: corrupt header entry for tensor {name}") from None
+        itemsize = SOURCE_DTYPES[dtype].itemsize if dtype in SOURCE_DTYPES else None
+        if not 0 <= begin <= end or data_start + end > size or (
+            itemsize is not None and end - begin != itemsize * int(np.prod(shape, dtype=np.int64))
+        ):
+            raise ConversionError(f"{file}: tensor {name} lies outside the file (truncated or corrupt)")
+        tensors.append(SourceTensor(name, file, dtype, shape, data_start + begin, data_start + end))
+    return tensors

@@ -1,0 +1,72 @@
+"""`ferrisres-convert MODEL_PATH -o OUT.tern`: a Gemma 4 checkpoint folder -> one `.tern` artifact."""
+
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from argparse_dataclass import ArgumentParser
+
+from ferrisres.format.cli import run_main
+
+from .build import QUANTS, Options, convert
+from .errors import ConversionError
+from .quantize import DEFAULT_SCHEME, SCHEMES
+
+PROG = "ferrisres-convert"
+
+
+@dataclass
+class Args:
+    model_path: str = field(metadata={"args": ["model_path"], "help": "Hugging Face Gemma 4 checkpoint folder"})
+    output: str = field(metadata={"args": ["-o", "--output"], "help": "artifact to write (.tern)"})
+    quant: str = field(
+        default="ternary",
+        metadata={"choices": QUANTS, "help": "ternary student (default), or the unquantized teacher in bf16/f16/f32"},
+    )
+    scheme: str = field(
+        default=DEFAULT_SCHEME, metadata={"choices": SCHEMES, "help": f"ternary scale scheme (default {DEFAULT_SCHEME})"}
+    )
+    force: bool = field(default=False, metadata={"help": "replace OUTPUT if it exists"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar or log lines"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = ArgumentParser(Args, prog=PROG, description=__doc__).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=f"{PROG}: %(message)s")
+    return run_main(PROG, lambda: _convert(args, argv), (ConversionError,))
+
+
+def _convert(args: Args, argv: list[str]) -> int:
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise ConversionError(f"{out} already exists (pass --force to replace it)")
+    if out.is_dir():
+        raise ConversionError(f"{out} is a folder")
+    convert(
+        Path(args.model_path), out, Options(quant=args.quant, scheme=args.scheme),
+        overwrite=args.force, command_line=[PROG, *_without_output_path(argv)], progress=not args.quiet,
+    )
+    size = out.stat().st_size
+    logging.getLogger("ferrisres.convert").info("wrote %s (%.1f MB, %s)", out, size / 1e6, args.quant)
+    return 0
+
+
+def _without_output_path(argv: list[str]) -> list[str]:
+    """The command line as recorded in the artifact: the output's folder is left out so that
+    converting the same input to two places gives byte-identical files."""
+    out = []
+    for i, a in enumerate(argv):
+        prev = argv[i - 1] if i else ""
+        if prev in ("-o", "--output"):
+            a = Path(a).name
+        elif a.startswith("--output="):
+            a = "--output=" + Path(a.split("=", 1)[1]).name
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

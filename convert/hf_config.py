@@ -1,0 +1,159 @@
+"""Resolve a Hugging Face Gemma 4 `config.json` into the artifact's explicit `ModelConfig`.
+
+Follows transformers' `Gemma4TextConfig` (5.24): its defaults, both serialisations of per-layer
+values (the published `global_head_dim` / `num_global_key_value_heads`, and `per_layer_config`
+as 5.24 writes it), and its KV-sharing rule.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ferrisres.format import FULL, SLIDING, ArtifactError, ModelConfig, RopeConfig
+
+from .errors import ConversionError
+
+# Gemma4TextConfig's class defaults (not E2B's values: a config.json states those).
+_DEFAULTS = {
+    "vocab_size": 262144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
+    "bos_token_id": 2, "tie_word_embeddings": True, "sliding_window": 512, "final_logit_softcapping": None,
+    "vocab_size_per_layer_input": 262144, "hidden_size_per_layer_input": 256, "attention_k_eq_v": False,
+    "num_kv_shared_layers": 0, "enable_moe_block": False, "use_double_wide_mlp": False,
+    "use_bidirectional_attention": None, "attention_bias": False,
+}
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+}
+
+
+def read_config(folder: Path) -> tuple[dict, dict]:
+    """The text config dict (defaults filled in) and the whole config.json of a checkpoint folder."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{folder} has no config.json")
+    try:
+        whole = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(whole, dict):
+        raise ConversionError(f"{path} is not a JSON object")
+    model_type = whole.get("model_type")
+    if model_type == "gemma4":
+        text = whole.get("text_config")
+        if not isinstance(text, dict):
+            raise ConversionError(f"{path}: a gemma4 config needs a text_config object")
+    elif model_type == "gemma4_text":
+        text = whole
+    else:
+        raise ConversionError(f"{path}: model_type {model_type!r} is not Gemma 4 (expected gemma4 or gemma4_text)")
+    return {**_DEFAULTS, **text}, whole
+
+
+def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
+    """The resolved per-layer config; raises ConversionError for what the runtime cannot run."""
+    c = text
+    for key, supported in (("enable_moe_block", False), ("attention_bias", False), ("tie_word_embeddings", True)):
+        if bool(c.get(key)) != supported:
+            raise ConversionError(f"config: {key}={c.get(key)} is not supported yet")
+    if c["use_bidirectional_attention"] == "all":
+        raise ConversionError("config: use_bidirectional_attention='all' (a non-causal model) is not supported")
+    if c["hidden_activation"] != "gelu_pytorch_tanh":
+        raise ConversionError(f"config: hidden_activation {c['hidden_activation']!r} is not supported")
+    L = int(c["num_hidden_layers"])
+    layer_types = list(c.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(L)])
+    if len(layer_types) != L:
+        raise ConversionError(f"config: layer_types has {len(layer_types)} entries for {L} layers")
+    layer_types[-1] = FULL  # as transformers does: the last layer is always full attention
+    overrides = _per_layer_overrides(c, layer_types)
+    head_dims = tuple(int(overrides[i].get("head_dim", c["head_dim"])) for i in range(L))
+    kv_heads = tuple(int(overrides[i].get("num_key_value_heads", c["num_key_value_heads"])) for i in range(L))
+    kv_sources = _kv_sources(layer_types, int(c["num_kv_shared_layers"]))
+    inter = int(c["intermediate_size"])
+    wide = bool(c["use_double_wide_mlp"])
+    intermediate = tuple(2 * inter if wide and kv_sources[i] != i else inter for i in range(L))
+    rope_params = c.get("rope_parameters") or _DEFAULT_ROPE
+    try:
+        rope = {
+            t: RopeConfig(
+                rope_type=str(rope_params[t].get("rope_type", "default")),
+                theta=float(rope_params[t]["rope_theta"]),
+                partial_rotary_factor=float(rope_params[t].get("partial_rotary_factor", 1.0)),
+                factor=float(rope_params[t].get("factor", 1.0)),
+            )
+            for t in sorted(set(layer_types))
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConversionError(f"config: rope_parameters lack a value ({e})") from None
+    softcap = c["final_logit_softcapping"]
+    try:
+        return ModelConfig(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            num_layers=L,
+            num_heads=int(c["num_attention_heads"]),
+            layer_types=tuple(layer_types),
+            head_dims=head_dims,
+            kv_heads=kv_heads,
+            intermediate_sizes=intermediate,
+            kv_sources=kv_sources,
+            k_eq_v=bool(c["attention_k_eq_v"]),
+            sliding_window=int(c["sliding_window"]),
+            rope=rope,
+            rms_norm_eps=float(c["rms_norm_eps"]),
+            final_logit_softcapping=float(softcap) if softcap else None,
+            ple_dim=int(c["hidden_size_per_layer_input"] or 0),
+            ple_vocab_size=int(c["vocab_size_per_layer_input"]),
+            max_position_embeddings=int(c["max_position_embeddings"]),
+            bos_token_id=int(c["bos_token_id"]),
+            eos_token_ids=tuple(eos_token_ids),
+            pad_token_id=int(c["pad_token_id"] or 0),
+        )
+    except ArtifactError as e:
+        raise ConversionError(str(e)) from None
+
+
+def eos_token_ids(text: dict, generation_config: dict | None) -> list[int]:
+    """Stop ids: the generation config's (Gemma 4 IT lists several), else the model config's."""
+    value = (generation_config or {}).get("eos_token_id", text.get("eos_token_id"))
+    ids = value if isinstance(value, list) else [value]
+    try:
+        return [int(i) for i in ids if i is not None]
+    except (TypeError, ValueError):
+        raise ConversionError(f"eos_token_id {value!r} is not a list of token ids") from None
+
+
+def _per_layer_overrides(c: dict, layer_types: list[str]) -> list[dict]:
+    """Per-layer head_dim / num_key_value_heads overrides, from either config spelling."""
+    L = len(layer_types)
+    if "per_layer_config" in c:
+        raw = c["per_layer_config"] or {}
+        out = [dict(raw.get(str(i), raw.get(i, {})) or {}) for i in range(L)]
+        for i, o in enumerate(out):
+            unknown = set(o) - {"head_dim", "num_key_value_heads"}
+            if unknown:
+                raise ConversionError(f"config: per_layer_config[{i}] overrides {sorted(unknown)}, not supported")
+        return out
+    full = {"head_dim": c.get("global_head_dim", 512)}
+    global_kv = c.get("num_global_key_value_heads")
+    if c["attention_k_eq_v"] and global_kv is not None:
+        full["num_key_value_heads"] = global_kv
+    return [dict(full) if t == FULL else {} for t in layer_types]
+
+
+def _kv_sources(layer_types: list[str], num_shared: int) -> tuple[int, ...]:
+    """Layer i >= L - num_shared attends to the keys/values of the last earlier non-shared layer of its type."""
+    L = len(layer_types)
+    first_shared = L - num_shared
+    if not 0 < first_shared <= L:
+        raise ConversionError(f"config: num_kv_shared_layers={num_shared} leaves no layer to produce keys/values")
+    sources = list(range(first_shared))
+    for i in range(first_shared, L):
+        producers = [j for j in range(first_shared) if layer_types[j] == layer_types[i]]
+        if not producers:
+            raise ConversionError(f"config: shared layer {i} ({layer_types[i]}) has no earlier layer of its type")
+        sources.append(producers[-1])
+    return tuple(sources)

@@ -1,0 +1,58 @@
+"""Ternary quantization: W ~ scale * t with t in {-1, 0, +1}, one scale per output row or per tensor.
+
+Schemes (`--scheme`):
+- `lsq-row`:    per row, the pattern of `absmean-row` with the least-squares scale for it
+                (mean |w| over the row's non-zero codes), the best reconstruction for that pattern.
+- `absmean-row`: per row, BitNet b1.58's absmean: gamma = mean|w|, t = clamp(round(w / gamma)), scale gamma.
+- `ferrisres`:  per tensor, bit-exact with the FerrisRes original: alpha = mean|W| / 0.7978845608 with the
+                sum accumulated sequentially in float32, t = clamp(round_half_away(W * (1/alpha))).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCHEMES = ("lsq-row", "absmean-row", "ferrisres")
+DEFAULT_SCHEME = "lsq-row"
+FERRISRES_ABSMEAN_NORM = np.float32(0.7978845608)  # sqrt(2/pi): mean|w| / sigma of a Gaussian
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Rust's f32::round (np.round rounds half to even)."""
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+
+
+def ternarize(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ternary codes int8 [out, in] and float32 scales ([out] per row, [1] per tensor) for float32 `w`."""
+    if scheme == "ferrisres":
+        return _ternarize_ferrisres(w)
+    gamma = np.mean(np.abs(w), axis=1, dtype=np.float32)
+    safe = np.where(gamma > 0, gamma, np.float32(1))
+    t = np.clip(round_half_away(w / safe[:, None]), -1, 1).astype(np.int8)
+    if scheme == "absmean-row":
+        return t, safe.astype(np.float32)
+    if scheme == "lsq-row":
+        nonzero = np.count_nonzero(t, axis=1)
+        projected = np.einsum("ij,ij->i", w, t.astype(np.float32))  # sum |w| over the non-zero codes
+        scale = np.where(nonzero > 0, projected / np.maximum(nonzero, 1), np.float32(1))
+        return t, scale.astype(np.float32)
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+def _ternarize_ferrisres(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = w.reshape(-1)
+    total = np.cumsum(np.abs(flat), dtype=np.float32)[-1]  # sequential float32 accumulation, as Rust's iter().sum()
+    if total == 0:
+        alpha = np.float32(1)
+    else:
+        alpha = (total / np.float32(flat.size)) / FERRISRES_ABSMEAN_NORM
+    t = np.clip(round_half_away(w * (np.float32(1) / alpha)), -1, 1).astype(np.int8)
+    return t, np.array([alpha], dtype=np.float32)
+
+
+def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: w ~ scale[:, None] * q, scale = max|row| / 127."""
+    scale = np.max(np.abs(w), axis=1) / np.float32(127)
+    safe = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return q, safe

@@ -1,0 +1,40 @@
+"""What the three ferrisres command-line tools share: bad input ends in one line on stderr, never a traceback.
+
+Exit codes: 0 success, 1 bad input or a failed check, 130 interrupted (Ctrl-C), 141 output pipe closed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from .errors import ArtifactError
+
+
+def run_main(prog: str, body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a tool's `body`, turning expected failures into `prog: error: message` and an exit code."""
+    try:
+        return body()
+    except (ArtifactError, *user_errors) as e:
+        return fail(prog, str(e))
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            return _closed_pipe()
+        where = f"{e.filename}: " if e.filename else ""
+        return fail(prog, f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _closed_pipe() -> int:
+    # The reader went away (e.g. `| head`): point stdout at /dev/null so the exit flush cannot fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141

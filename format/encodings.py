@@ -1,0 +1,78 @@
+"""How numbers are stored in a `.tern` artifact: the tensor encodings and their (un)packing.
+
+Every tensor dataset carries an `encoding` attribute naming one of `ENCODINGS`; the value is the
+numpy dtype of the bytes on disk. numpy has no bfloat16, so bf16 tensors are stored as their raw
+uint16 bit patterns. Ternary weights are packed 4 to a byte (see `pack_ternary`); ternary and int8
+weights have a float32 companion dataset `<name>.scale` (per row `[out]` or per tensor `[1]`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ENCODINGS: dict[str, np.dtype] = {
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "bf16": np.dtype("<u2"),
+    "int8": np.dtype("i1"),
+    "ternary": np.dtype("u1"),
+    "i64": np.dtype("<i8"),
+    "bytes": np.dtype("u1"),
+}
+
+# 2-bit ternary codes: value + 1, so -1 -> 0b00, 0 -> 0b01, +1 -> 0b10. 0b11 is invalid.
+TERNARY_ZERO_BYTE = 0b01010101  # four zero codes: the padding of a row whose length is not a multiple of 4
+
+
+def packed_columns(n_in: int) -> int:
+    """Bytes per packed ternary row of `n_in` weights."""
+    return (n_in + 3) // 4
+
+
+def pack_ternary(t: np.ndarray) -> np.ndarray:
+    """Pack int values in {-1, 0, +1} of shape [out, in] into uint8 [out, ceil(in/4)].
+
+    Byte j of row r holds columns 4j..4j+3, the lowest bits first; a short last byte is padded with zeros.
+    """
+    out_dim, in_dim = t.shape
+    codes = np.full((out_dim, 4 * packed_columns(in_dim)), 1, dtype=np.uint8)
+    codes[:, :in_dim] = t + 1
+    codes = codes.reshape(out_dim, -1, 4)
+    return codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+
+
+def ternary_lut() -> np.ndarray:
+    """float32 [256, 4]: the four weights a packed byte holds (an invalid code 0b11 reads as 0)."""
+    b = np.arange(256, dtype=np.uint8)[:, None]
+    codes = (b >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
+    return np.where(codes == 3, 0, codes.astype(np.float32) - 1).astype(np.float32)
+
+
+def unpack_ternary(packed: np.ndarray, n_in: int) -> np.ndarray:
+    """float32 [out, n_in] from a packed [out, ceil(n_in/4)] array (whole matrix; for tests and tools)."""
+    return ternary_lut()[packed].reshape(packed.shape[0], -1)[:, :n_in]
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bit patterns (uint16), nearest-even, as torch does."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((u + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def bf16_to_f32(u: np.ndarray) -> np.ndarray:
+    """Exact widening of bfloat16 bit patterns (uint16) to float32."""
+    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def decode_f32(data: np.ndarray, encoding: str) -> np.ndarray:
+    """A float32 copy of a float tensor stored as f32, f16 or bf16."""
+    if encoding == "bf16":
+        return bf16_to_f32(data)
+    if encoding in ("f32", "f16"):
+        return np.asarray(data, dtype=np.float32)
+    raise ValueError(f"encoding {encoding!r} is not a plain float encoding")

@@ -1,0 +1,120 @@
+"""`ferrisres-inspect MODEL.tern [--verify] [--json]`: what an artifact holds, and whether it is intact."""
+
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from argparse_dataclass import ArgumentParser
+
+from .cli import run_main
+from .errors import ArtifactError
+from .model_config import FULL, ModelConfig
+from .reader import Artifact, TensorInfo
+
+PROG = "ferrisres-inspect"
+
+
+@dataclass
+class Args:
+    model: str = field(metadata={"args": ["model"], "help": "the .tern artifact"})
+    verify: bool = field(default=False, metadata={"help": "recompute every dataset's digest (reads the whole file)"})
+    json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
+
+
+def tensor_kind(info: TensorInfo) -> str:
+    """The group a tensor's bytes are reported under: what it is, and how it is stored."""
+    name = info.name
+    if name.endswith(".scale"):
+        kind = "scales"
+    elif name == "embed_tokens":
+        kind = "token embedding"
+    elif name == "embed_tokens_per_layer":
+        kind = "per-layer embedding table"
+    elif name == "lm_head":
+        kind = "output head copy"
+    elif len(info.shape) == 1:
+        kind = "norms and scalars"
+    else:
+        kind = "linear weights"
+    return f"{kind} ({info.encoding})"
+
+
+def describe(artifact: Artifact) -> dict:
+    config = ModelConfig.from_json(artifact.document("model_config.json"))
+    by_kind: dict[str, int] = defaultdict(int)
+    for info in artifact.tensors.values():
+        by_kind[tensor_kind(info)] += info.nbytes
+    documents = {}
+    for name in ("student_config.json", "provenance.json", "generation_config.json"):
+        if name in artifact.documents:
+            try:
+                documents[name] = json.loads(artifact.document(name))
+            except ValueError:
+                raise ArtifactError(f"{artifact.path}: document {name} is not valid JSON") from None
+    return {
+        "path": str(artifact.path),
+        "format_version": "%d.%d" % artifact.version,
+        "file_bytes": artifact.path.stat().st_size,
+        "model": {
+            "architecture": config.architecture,
+            "layers": config.num_layers,
+            "full_attention_layers": [i for i, t in enumerate(config.layer_types) if t == FULL],
+            "hidden_size": config.hidden_size,
+            "heads": config.num_heads,
+            "kv_heads": sorted(set(config.kv_heads)),
+            "head_dims": sorted(set(config.head_dims)),
+            "vocab_size": config.vocab_size,
+            "sliding_window": config.sliding_window,
+            "per_layer_embedding_dim": config.ple_dim,
+            "kv_shared_layers": sum(1 for i in range(config.num_layers) if not config.has_own_kv(i)),
+            "eos_token_ids": list(config.eos_token_ids),
+        },
+        "student": documents.get("student_config.json"),
+        "bytes_by_kind": dict(sorted(by_kind.items())),
+        "tensors": len(artifact.tensors),
+        "provenance": documents.get("provenance.json"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = ArgumentParser(Args, prog=PROG, description=__doc__).parse_args(argv)
+    return run_main(PROG, lambda: _inspect(args))
+
+
+def _inspect(args: Args) -> int:
+    with Artifact.open(args.model) as artifact:
+        report = describe(artifact)
+        bad = artifact.verify() if args.verify else None
+    if args.verify:
+        report["verify"] = {"datasets": len(artifact.tensors) + len(artifact.documents), "mismatched": bad}
+    print(json.dumps(report, indent=2) if args.json else _text(report))
+    if bad:
+        print(f"{PROG}: error: digest mismatch in {', '.join(bad)}: the file is corrupt", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _text(r: dict) -> str:
+    m, s = r["model"], r["student"] or {}
+    lines = [
+        f"{r['path']}: .tern {r['format_version']}, {r['file_bytes'] / 1e6:.1f} MB, {r['tensors']} tensors",
+        f"model    {m['architecture']}: {m['layers']} layers (full attention at {m['full_attention_layers']}), "
+        f"hidden {m['hidden_size']}, {m['heads']} heads / {m['kv_heads']} kv, head dims {m['head_dims']}, "
+        f"vocab {m['vocab_size']}, window {m['sliding_window']}, PLE {m['per_layer_embedding_dim']}, "
+        f"{m['kv_shared_layers']} KV-shared layers, EOS {m['eos_token_ids']}",
+        f"student  quant {s.get('quant')}, scheme {s.get('scheme')}, head {s.get('head')}, "
+        f"MoE {s.get('moe') or 'no'}, AttnRes {s.get('attnres') or 'no'}",
+        "bytes by kind:",
+    ]
+    lines += [f"  {kind:<40} {n:>15,}" for kind, n in r["bytes_by_kind"].items()]
+    p = r["provenance"] or {}
+    lines.append(f"made by  {p.get('converter')}: {' '.join(p.get('command_line') or [])}")
+    if "verify" in r:
+        v = r["verify"]
+        lines.append(f"verify   {v['datasets']} datasets, " + ("all digests match" if not v["mismatched"] else f"{len(v['mismatched'])} MISMATCHED"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The model config stored in an artifact: Gemma 4's text decoder with every per-layer value resolved.
+
+Hugging Face configs spell per-layer facts several ways (`global_head_dim`, `per_layer_config`,
+`num_kv_shared_layers`); the converter resolves them once into this flat form, so the runtime and
+any other reader get explicit per-layer lists and never re-derive Gemma 4's rules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .errors import ArtifactError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+ROPE_TYPES = ("default", "proportional")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    rope_type: str  # "default" (every pair rotates) or "proportional" (only the first partial pairs)
+    theta: float
+    partial_rotary_factor: float = 1.0
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    layer_types: tuple[str, ...]
+    head_dims: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    intermediate_sizes: tuple[int, ...]
+    kv_sources: tuple[int, ...]  # the layer whose keys/values layer i attends to (i itself unless KV-shared)
+    k_eq_v: bool  # full-attention layers have no v_proj: V is the raw K projection
+    sliding_window: int
+    rope: dict[str, RopeConfig]  # by layer type
+    rms_norm_eps: float
+    final_logit_softcapping: float | None
+    ple_dim: int  # hidden_size_per_layer_input; 0 = no per-layer embeddings
+    ple_vocab_size: int
+    max_position_embeddings: int
+    bos_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    architecture: str = "gemma4_text"
+    activation: str = "gelu_pytorch_tanh"
+
+    def __post_init__(self):
+        problems = []
+        L = self.num_layers
+        for name in ("layer_types", "head_dims", "kv_heads", "intermediate_sizes", "kv_sources"):
+            if len(getattr(self, name)) != L:
+                problems.append(f"{name} has {len(getattr(self, name))} entries for {L} layers")
+        if problems:
+            raise ArtifactError("model config: " + "; ".join(problems))
+        for i, t in enumerate(self.layer_types):
+            if t not in (SLIDING, FULL):
+                raise ArtifactError(f"model config: layer {i} has unknown type {t!r}")
+            if t not in self.rope:
+                raise ArtifactError(f"model config: no rope parameters for {t}")
+            src = self.kv_sources[i]
+            if not (0 <= src <= i) or self.kv_sources[src] != src or self.layer_types[src] != t:
+                raise ArtifactError(f"model config: layer {i} takes keys/values from invalid layer {src}")
+            if self.num_heads % self.kv_heads[i]:
+                raise ArtifactError(f"model config: layer {i}: {self.num_heads} heads not divisible by {self.kv_heads[i]} kv heads")
+        for t, r in self.rope.items():
+            if r.rope_type not in ROPE_TYPES:
+                raise ArtifactError(f"model config: rope type {r.rope_type!r} of {t} is not supported")
+        if self.architecture != "gemma4_text" or self.activation != "gelu_pytorch_tanh":
+            raise ArtifactError(f"model config: unsupported architecture {self.architecture}/{self.activation}")
+
+    def is_full(self, i: int) -> bool:
+        return self.layer_types[i] == FULL
+
+    def has_own_kv(self, i: int) -> bool:
+        return self.kv_sources[i] == i
+
+    def has_v_proj(self, i: int) -> bool:
+        return not (self.k_eq_v and self.is_full(i))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            d = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            unknown = set(d) - known
+            if unknown:
+                raise ArtifactError(f"model config: unknown fields {sorted(unknown)}")
+            d["rope"] = {k: RopeConfig(**v) for k, v in d["rope"].items()}
+            for k in ("layer_types", "head_dims", "kv_heads", "intermediate_sizes", "kv_sources", "eos_token_ids"):
+                d[k] = tuple(d[k])
+            return cls(**d)
+        except ArtifactError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ArtifactError(f"model config is malformed: {e}") from None
+
+
+def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Logical shape of every weight the model has, by artifact name, in execution order."""
+    H, P, L = c.hidden_size, c.ple_dim, c.num_layers
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (c.vocab_size, H)}
+    if P:
+        shapes["embed_tokens_per_layer"] = (c.ple_vocab_size, L * P)
+        shapes["per_layer_model_projection"] = (L * P, H)
+        shapes["per_layer_projection_norm"] = (P,)
+    for i in range(L):
+        p = f"layers.{i}."
+        hd, kvh, inter = c.head_dims[i], c.kv_heads[i], c.intermediate_sizes[i]
+        shapes[p + "input_layernorm"] = (H,)
+        shapes[p + "self_attn.q_proj"] = (c.num_heads * hd, H)
+        shapes[p + "self_attn.q_norm"] = (hd,)
+        if c.has_own_kv(i):
+            shapes[p + "self_attn.k_proj"] = (kvh * hd, H)
+            if c.has_v_proj(i):
+                shapes[p + "self_attn.v_proj"] = (kvh * hd, H)
+            shapes[p + "self_attn.k_norm"] = (hd,)
+        shapes[p + "self_attn.o_proj"] = (H, c.num_heads * hd)
+        shapes[p + "post_attention_layernorm"] = (H,)
+        shapes[p + "pre_feedforward_layernorm"] = (H,)
+        shapes[p + "mlp.gate_proj"] = (inter, H)
+        shapes[p + "mlp.up_proj"] = (inter, H)
+        shapes[p + "mlp.down_proj"] = (H, inter)
+        shapes[p + "post_feedforward_layernorm"] = (H,)
+        if P:
+            shapes[p + "per_layer_input_gate"] = (P, H)
+            shapes[p + "per_layer_projection"] = (H, P)
+            shapes[p + "post_per_layer_input_norm"] = (H,)
+        shapes[p + "layer_scalar"] = (1,)
+    shapes["norm"] = (H,)
+    return shapes

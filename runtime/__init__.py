@@ -1,0 +1,13 @@
+"""Minimal runtime: memory-maps a `.tern` artifact and generates text with numpy.
+
+    from ferrisres.runtime import load
+    model = load("model.tern")
+    for token, text in model.generate("The capital of France is", max_tokens=32):
+        print(text, end="", flush=True)
+
+Needs only numpy, h5py and tokenizers.
+"""
+
+from .model import Model, load
+
+__all__ = ["Model", "load"]

@@ -1,0 +1,205 @@
+"""The Gemma 4 text decoder in numpy, float32, exactly as Hugging Face transformers computes it.
+
+Reference: transformers 5.24 `models/gemma4/modeling_gemma4.py`, summarised with line numbers in
+../shared/reference/gemma4-transformers.md §4. Weights are views into the memory-mapped artifact;
+projections are `Linear`s that decode their stored encoding chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrisres.format import Artifact, ArtifactError, ModelConfig, RopeConfig, decode_f32, weight_shapes
+
+from .kernels import Linear
+from .kv_cache import KVCache
+
+LINEAR_ENCODINGS = ("ternary", "int8", "bf16", "f16", "f32")
+FLOAT_ENCODINGS = ("bf16", "f16", "f32")
+SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 `<name>.scale`
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """Gemma 4's RMSNorm multiplies by `weight` itself (not 1 + weight, unlike Gemma 3)."""
+    y = x * (np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps)) ** np.float32(-0.5)
+    return y if weight is None else y * weight
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return np.float32(0.5) * x * (1 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Rotation frequencies of the `head_dim / 2` pairs (j, j + head_dim/2).
+
+    "proportional" (full layers) rotates only the first `partial_rotary_factor * head_dim / 2` pairs, with
+    exponents over the whole head_dim; the other pairs get frequency 0 and pass through unrotated.
+    """
+    half = head_dim // 2
+    rotated = half if rope.rope_type == "default" else int(rope.partial_rotary_factor * head_dim // 2)
+    exponents = np.arange(0, 2 * rotated, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = np.zeros(half, dtype=np.float32)
+    inv_freq[:rotated] = np.float32(1) / np.float32(rope.theta) ** exponents
+    return inv_freq / np.float32(rope.factor)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [T, heads, hd]; NeoX half-split pairs: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention(q, keys, values, q_positions, k_positions, window: int | None) -> np.ndarray:
+    """Causal (optionally sliding-window) grouped-query attention with scale 1.0 (Gemma 4 has q/k norms).
+
+    q [T, nH, hd]; keys/values [S, kvh, hd]; query head j reads kv head j // (nH // kvh). Returns [T, nH*hd].
+    """
+    T, n_heads, hd = q.shape
+    kv_heads = keys.shape[1]
+    group = n_heads // kv_heads
+    qg = q.reshape(T, kv_heads, group, hd).transpose(1, 2, 0, 3).reshape(kv_heads, group * T, hd)
+    scores = qg @ keys.transpose(1, 2, 0)  # [kvh, group*T, S]
+    visible = (k_positions[None, :] <= q_positions[:, None]) & (k_positions[None, :] >= 0)
+    if window is not None:
+        visible &= k_positions[None, :] > q_positions[:, None] - window
+    scores = np.where(np.tile(visible, (group, 1)), scores, np.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = probs @ values.transpose(1, 0, 2)  # [kvh, group*T, hd]
+    return out.reshape(kv_heads, group, T, hd).transpose(2, 0, 1, 3).reshape(T, n_heads * hd)
+
+
+class Gemma4:
+    """Weights and forward pass of one artifact's model."""
+
+    def __init__(self, artifact: Artifact, config: ModelConfig):
+        self.config = c = config
+        self._artifact = artifact
+        self._loaded: set[str] = set()
+        shapes = weight_shapes(config)
+        self.embed_encoding, self.embed_tokens = self._table("embed_tokens", shapes)
+        self.embed_scale = np.float32(np.sqrt(c.hidden_size))
+        if c.ple_dim:
+            self.ple_encoding, self.ple_table = self._table("embed_tokens_per_layer", shapes)
+            self.ple_projection = self._linear("per_layer_model_projection", shapes)
+            self.ple_projection_norm = self._vector("per_layer_projection_norm", shapes)
+        self.layers = [self._layer(i, shapes) for i in range(c.num_layers)]
+        self.norm = self._vector("norm", shapes)
+        if "lm_head" in artifact.tensors:
+            self.head = self._linear("lm_head", {"lm_head": shapes["embed_tokens"]})
+        else:  # tied: the embedding table is the output projection
+            self.head = Linear(self.embed_tokens, self.embed_encoding, shapes["embed_tokens"])
+        self.inv_freq = {t: rope_inv_freq(c.rope[t], c.head_dims[i]) for i, t in enumerate(c.layer_types)}
+        unexpected = sorted(set(artifact.tensors) - self._loaded)
+        if unexpected:
+            raise ArtifactError(f"{artifact.path}: unexpected tensor {unexpected[0]} for this model config")
+
+    # -- loading, with every tensor checked against the shape the config implies --
+
+    def _info(self, name: str, shape: tuple[int, ...], encodings: tuple[str, ...]):
+        info = self._artifact.tensors.get(name)
+        if info is None:
+            raise ArtifactError(f"{self._artifact.path}: tensor {name} is missing")
+        if info.shape != tuple(shape):
+            raise ArtifactError(f"{self._artifact.path}: tensor {name} has shape {list(info.shape)}, the config implies {list(shape)}")
+        if info.encoding not in encodings:
+            raise ArtifactError(f"{self._artifact.path}: tensor {name} has encoding {info.encoding}, expected one of {encodings}")
+        self._loaded.add(name)
+        return info
+
+    def _vector(self, name: str, shapes) -> np.ndarray:
+        self._info(name, shapes[name], ("f32",))
+        return self._artifact.tensor(name)
+
+    def _table(self, name: str, shapes) -> tuple[str, np.ndarray]:
+        info = self._info(name, shapes[name], FLOAT_ENCODINGS)
+        return info.encoding, self._artifact.tensor(name)
+
+    def _linear(self, name: str, shapes) -> Linear:
+        info = self._info(name, shapes[name], LINEAR_ENCODINGS)
+        scale = None
+        if info.encoding in SCALED_ENCODINGS:
+            out = shapes[name][0]
+            scale_info = self._artifact.tensors.get(name + ".scale")
+            if scale_info is None or scale_info.encoding != "f32" or scale_info.shape not in ((out,), (1,)):
+                raise ArtifactError(f"{self._artifact.path}: tensor {name}.scale is missing or not float32 [{out}] or [1]")
+            scale = self._artifact.tensor(name + ".scale")
+            self._loaded.add(name + ".scale")
+        return Linear(self._artifact.tensor(name), info.encoding, shapes[name], scale)
+
+    def _layer(self, i: int, shapes) -> dict:
+        p = f"layers.{i}."
+        layer = {}
+        for name in shapes:
+            if name.startswith(p):
+                key = name[len(p):]
+                is_vector = len(shapes[name]) == 1
+                layer[key] = self._vector(name, shapes) if is_vector else self._linear(name, shapes)
+        return layer
+
+    # -- the forward pass --
+
+    def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Logits float32 [T, vocab] for `ids` following the tokens already in `cache` (which is extended).
+
+        With `last_only`, only the last position's logits are computed ([1, vocab]): all decoding needs.
+        """
+        c = self.config
+        ids = np.asarray(ids, dtype=np.int64)
+        positions = np.arange(cache.length, cache.length + len(ids))
+        x = decode_f32(self.embed_tokens[ids], self.embed_encoding) * self.embed_scale
+        ple = self._per_layer_inputs(ids, x) if c.ple_dim else None
+        rope = {}
+        for t, inv_freq in self.inv_freq.items():
+            freqs = positions[:, None].astype(np.float32) * inv_freq[None, :]
+            emb = np.concatenate([freqs, freqs], axis=-1)
+            rope[t] = (np.cos(emb), np.sin(emb))
+        shared_kv = {}  # layer index -> (keys, values, key positions) of this step
+        for i, layer in enumerate(self.layers):
+            x = self._layer_forward(i, layer, x, positions, rope[c.layer_types[i]], ple, cache, shared_kv)
+        cache.length += len(ids)
+        if last_only:
+            x = x[-1:]
+        logits = self.head(rms_norm(x, self.norm, c.rms_norm_eps))
+        if c.final_logit_softcapping:
+            cap = np.float32(c.final_logit_softcapping)
+            logits = cap * np.tanh(logits / cap)
+        return logits
+
+    def _per_layer_inputs(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Per-layer embeddings (PLE): [T, L, P], layer i's input in [:, i]."""
+        c = self.config
+        T, L, P = len(ids), c.num_layers, c.ple_dim
+        tokens = decode_f32(self.ple_table[ids], self.ple_encoding).reshape(T, L, P) * np.float32(np.sqrt(P))
+        projected = self.ple_projection(x) * np.float32(c.hidden_size**-0.5)
+        projected = rms_norm(projected.reshape(T, L, P), self.ple_projection_norm, c.rms_norm_eps)
+        return (projected + tokens) * np.float32(2**-0.5)
+
+    def _layer_forward(self, i, w, x, positions, rope, ple, cache, shared_kv) -> np.ndarray:
+        c = self.config
+        eps, hd, T = c.rms_norm_eps, c.head_dims[i], len(x)
+        cos, sin = rope
+
+        h = rms_norm(x, w["input_layernorm"], eps)
+        q = w["self_attn.q_proj"](h).reshape(T, c.num_heads, hd)
+        q = apply_rope(rms_norm(q, w["self_attn.q_norm"], eps), cos, sin)
+        if c.has_own_kv(i):
+            k_raw = w["self_attn.k_proj"](h).reshape(T, c.kv_heads[i], hd)
+            v = w["self_attn.v_proj"](h).reshape(T, c.kv_heads[i], hd) if c.has_v_proj(i) else k_raw
+            k = apply_rope(rms_norm(k_raw, w["self_attn.k_norm"], eps), cos, sin)
+            shared_kv[i] = cache.layers[i].update(k, rms_norm(v, None, eps), positions)
+        keys, values, key_positions = shared_kv[c.kv_sources[i]]
+        window = None if c.is_full(i) else c.sliding_window
+        att = attention(q, keys, values, positions, key_positions, window)
+        x = x + rms_norm(w["self_attn.o_proj"](att), w["post_attention_layernorm"], eps)
+
+        h = rms_norm(x, w["pre_feedforward_layernorm"], eps)
+        h = w["mlp.down_proj"](gelu_tanh(w["mlp.gate_proj"](h)) * w["mlp.up_proj"](h))
+        x = x + rms_norm(h, w["post_feedforward_layernorm"], eps)
+
+        if ple is not None:
+            g = gelu_tanh(w["per_layer_input_gate"](x)) * ple[:, i, :]
+            x = x + rms_norm(w["per_layer_projection"](g), w["post_per_layer_input_norm"], eps)
+        return x * w["layer_scalar"]

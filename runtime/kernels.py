@@ -1,0 +1,83 @@
+"""numpy kernels: `y = x @ W.T` for a weight in any artifact encoding.
+
+A packed ternary (or bf16/f16/int8) matrix is never expanded whole. Its rows are decoded a
+cache-sized chunk at a time into one reusable float32 buffer, and each chunk is multiplied by all
+tokens at once (sgemv for one token, sgemm for a prompt). Ternary decoding is one `np.take`
+through a 256-entry table whose items are the four float32 weights a byte holds: the fastest
+numpy unpacking measured on a 2-core machine (../shared/reference/numpy-ternary-perf.md, "a2").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrisres.format import ternary_lut
+
+CHUNK_BYTES = 2 << 20  # float32 bytes of decoded rows per chunk: 1-4 MiB measured best
+_LUT16 = ternary_lut().view(np.complex128).reshape(256)  # 16-byte items: one packed byte -> 4 float32
+_buffers: dict[int, np.ndarray] = {}  # one decode buffer per row width, shared by all matrices
+
+
+class Linear:
+    """A weight matrix [out, in] in its stored encoding, with an optional per-row or per-tensor scale."""
+
+    def __init__(self, data: np.ndarray, encoding: str, shape: tuple[int, int], scale: np.ndarray | None = None):
+        self.data = data
+        self.encoding = encoding
+        self.out_features, self.in_features = shape
+        self.scale = scale
+        self.width = data.shape[1] * 4 if encoding == "ternary" else self.in_features  # decoded row width
+        self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [T, in] -> float32 [T, out]."""
+        if self.encoding == "f32":
+            y = x @ self.data.T
+        else:
+            y = self._chunked_matmul(x)
+        if self.scale is not None:
+            y *= self.scale if self.scale.size > 1 else self.scale[0]
+        return y
+
+    def dequantize(self) -> np.ndarray:
+        """The whole matrix as float32 (scale applied): for tests and tools, not for inference."""
+        w = np.empty((self.out_features, self.width), dtype=np.float32)
+        self._decode(0, self.out_features, w)
+        w = w[:, : self.in_features]
+        if self.scale is not None:
+            w *= self.scale[:, None] if self.scale.size > 1 else self.scale[0]
+        return w
+
+    def _chunked_matmul(self, x: np.ndarray) -> np.ndarray:
+        tokens = x.shape[0]
+        if self.width != self.in_features:  # ternary rows padded to a multiple of 4 hold zero weights there
+            x = np.pad(x, ((0, 0), (0, self.width - self.in_features)))
+        yt = np.empty((self.out_features, tokens), dtype=np.float32)  # transposed: each chunk's rows are contiguous
+        buffer = _buffer(self.width, self.rows_per_chunk)
+        for r0 in range(0, self.out_features, self.rows_per_chunk):
+            r1 = min(r0 + self.rows_per_chunk, self.out_features)
+            w = buffer[: r1 - r0]
+            self._decode(r0, r1, w)
+            if tokens == 1:
+                np.dot(w, x[0], out=yt[r0:r1, 0])
+            else:
+                np.dot(w, x.T, out=yt[r0:r1])
+        return yt.T if tokens == 1 else np.ascontiguousarray(yt.T)
+
+    def _decode(self, r0: int, r1: int, out: np.ndarray) -> None:
+        """Rows r0:r1 as float32 into `out` (unscaled)."""
+        rows = self.data[r0:r1]
+        if self.encoding == "ternary":
+            np.take(_LUT16, rows, out=out.view(np.complex128), mode="clip")
+        elif self.encoding == "bf16":
+            np.left_shift(rows, 16, out=out.view(np.uint32), dtype=np.uint32)
+        else:  # f16, int8, f32
+            np.copyto(out, rows, casting="safe")
+
+
+def _buffer(width: int, rows: int) -> np.ndarray:
+    buffer = _buffers.get(width)
+    if buffer is None or buffer.shape[0] < rows:
+        buffer = _buffers[width] = np.empty((rows, width), dtype=np.float32)
+    return buffer
+

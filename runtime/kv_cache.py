@@ -1,0 +1,78 @@
+"""Key/value cache: what each attention layer has seen, so a decode step only computes the new token.
+
+Only layers with their own keys/values have a cache; KV-shared layers read their source layer's.
+A full-attention layer keeps every position. A sliding layer keeps a ring of its last `window`
+positions, so its memory stays bounded however long the generation runs. Every stored key carries
+its absolute position; attention masks are built from positions, which makes a cached step compute
+exactly what a full recompute would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrisres.format import ModelConfig
+
+
+class FullLayerCache:
+    """Every key/value so far, in a buffer that grows by doubling."""
+
+    def __init__(self, kv_heads: int, head_dim: int):
+        self.keys = np.empty((0, kv_heads, head_dim), dtype=np.float32)
+        self.values = np.empty_like(self.keys)
+        self.length = 0
+
+    def update(self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray):
+        """Append the new tokens; returns (keys, values, key positions) to attend over."""
+        n = self.length + len(keys)
+        if n > len(self.keys):
+            capacity = max(n, 2 * len(self.keys), 64)
+            self.keys = _grown(self.keys, capacity, self.length)
+            self.values = _grown(self.values, capacity, self.length)
+        self.keys[self.length : n] = keys
+        self.values[self.length : n] = values
+        self.length = n
+        first = int(positions[-1]) - n + 1
+        return self.keys[:n], self.values[:n], np.arange(first, first + n)
+
+
+class SlidingLayerCache:
+    """The last `window` keys/values in a ring; slot p % window holds position p."""
+
+    def __init__(self, window: int, kv_heads: int, head_dim: int):
+        self.window = window
+        self.keys = np.zeros((window, kv_heads, head_dim), dtype=np.float32)
+        self.values = np.zeros_like(self.keys)
+        self.positions = np.full(window, -1, dtype=np.int64)  # -1: empty slot, never visible
+
+    def update(self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray):
+        """Returns the ring's earlier tokens followed by the new ones, then stores the newest in the ring."""
+        all_keys = np.concatenate([self.keys, keys])
+        all_values = np.concatenate([self.values, values])
+        all_positions = np.concatenate([self.positions, positions])
+        keep = slice(max(0, len(keys) - self.window), len(keys))
+        slots = positions[keep] % self.window
+        self.keys[slots] = keys[keep]
+        self.values[slots] = values[keep]
+        self.positions[slots] = positions[keep]
+        return all_keys, all_values, all_positions
+
+
+class KVCache:
+    """The caches of every layer that computes its own keys/values, and how many tokens they hold."""
+
+    def __init__(self, config: ModelConfig):
+        self.layers = {
+            i: SlidingLayerCache(config.sliding_window, config.kv_heads[i], config.head_dims[i])
+            if not config.is_full(i)
+            else FullLayerCache(config.kv_heads[i], config.head_dims[i])
+            for i in range(config.num_layers)
+            if config.has_own_kv(i)
+        }
+        self.length = 0  # tokens seen: the position of the next token
+
+
+def _grown(a: np.ndarray, capacity: int, used: int) -> np.ndarray:
+    bigger = np.empty((capacity, *a.shape[1:]), dtype=a.dtype)
+    bigger[:used] = a[:used]
+    return bigger
