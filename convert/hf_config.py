@@ -77,15 +77,7 @@ def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
     intermediate = tuple(2 * inter if wide and kv_sources[i] != i else inter for i in range(L))
     rope_params = c.get("rope_parameters") or _DEFAULT_ROPE
     try:
-        rope = {
-            t: RopeConfig(
-                rope_type=str(rope_params[t].get("rope_type", "default")),
-                theta=float(rope_params[t]["rope_theta"]),
-                partial_rotary_factor=float(rope_params[t].get("partial_rotary_factor", 1.0)),
-                factor=float(rope_params[t].get("factor", 1.0)),
-            )
-            for t in sorted(set(layer_types))
-        }
+        rope = {t: _rope(rope_params[t]) for t in sorted(set(layer_types))}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ConversionError(f"config: rope_parameters lack a value ({e})") from None
     softcap = c["final_logit_softcapping"]
@@ -114,6 +106,16 @@ def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
         )
     except ArtifactError as e:
         raise ConversionError(str(e)) from None
+
+
+def _rope(params: dict) -> RopeConfig:
+    rope_type = str(params.get("rope_type", "default"))
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(params["rope_theta"]),
+        partial_rotary_factor=float(params.get("partial_rotary_factor", 1.0)),
+        factor=float(params.get("factor", 1.0)) if rope_type == "proportional" else 1.0,  # "default" ignores it
+    )
 
 
 def eos_token_ids(text: dict, generation_config: dict | None) -> list[int]:

@@ -149,7 +149,9 @@ class Gemma4:
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
         positions = np.arange(cache.length, cache.length + len(ids))
-        x = decode_f32(self.embed_tokens[ids], self.embed_encoding) * self.embed_scale
+        # The residual stream is only [T, hidden]: keeping it in float64 costs nothing measurable and
+        # stops float32 rounding from compounding over the layers (the matmuls stay float32).
+        x = (decode_f32(self.embed_tokens[ids], self.embed_encoding) * self.embed_scale).astype(np.float64)
         ple = self._per_layer_inputs(ids, x) if c.ple_dim else None
         rope = {}
         for t, inv_freq in self.inv_freq.items():

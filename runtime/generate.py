@@ -6,12 +6,16 @@ a character split over several byte-fallback tokens is held back until it is com
 
 from __future__ import annotations
 
+import codecs
+import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .kv_cache import KVCache
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
 
 
 def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
@@ -56,18 +60,31 @@ class Generation:
                 self.stop_reason = "eos"
                 return
             self.tokens.append(token)
-            text = self.text
+            last = len(self.tokens) >= self.max_tokens
             piece = ""
-            if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+            if last or not self._ends_in_partial_character():
+                text = self.text
                 piece, shown = text[len(shown) :], text
             yield token, piece
-            if len(self.tokens) >= self.max_tokens:
+            if last:
                 self.stop_reason = "max_tokens"
                 return
             start = time.perf_counter()
             logits = self.model.forward([token], cache, last_only=True)
             self.decode_seconds += time.perf_counter() - start
             self.decode_steps += 1
+
+    def _ends_in_partial_character(self) -> bool:
+        """Do the last tokens end in bytes that start a valid UTF-8 character (byte fallback) but not all of it?"""
+        tail = b""
+        for token in reversed(self.tokens[-4:]):
+            byte = _BYTE_TOKEN.fullmatch(self.model.tokenizer.id_to_token(token) or "")
+            if byte is None:
+                break
+            tail = bytes([int(byte.group(1), 16)]) + tail
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(tail, final=False)
+        return bool(decoder.getstate()[0])  # bytes held back, waiting for the rest of a character
 
     @property
     def text(self) -> str:

@@ -30,7 +30,8 @@ class Linear:
         self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x float32 [T, in] -> float32 [T, out]."""
+        """x [T, in] -> float32 [T, out], computed in float32."""
+        x = x.astype(np.float32, copy=False)
         if self.encoding == "f32":
             y = x @ self.data.T
         else:
