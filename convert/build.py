@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferrisres.format import ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
+from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
 
 from . import __version__
 from .checkpoint import Checkpoint
@@ -50,6 +50,8 @@ class Options:
 def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = False,
             command_line: list[str] | None = None, progress: bool = True) -> ModelConfig:
     """Convert the checkpoint in `model_dir` into the artifact `out`; returns the model config written."""
+    if not model_dir.exists():
+        raise ConversionError(f"{model_dir} does not exist")
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir} is not a folder")
     text_config, _ = read_config(model_dir)
@@ -61,7 +63,10 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
     checkpoint = Checkpoint(model_dir)
     prefix = _text_prefix(checkpoint, model_dir)
     shapes = weight_shapes(config)
-    _log_skipped(checkpoint, prefix, shapes)
+    sources = {name: prefix + name + ("" if name.endswith("layer_scalar") else ".weight") for name in shapes}
+    for name, shape in shapes.items():  # every input problem is found before any work is done
+        checkpoint.check(sources[name], shape)
+    _log_skipped(checkpoint, set(sources.values()))
 
     with ArtifactWriter(out, overwrite=overwrite) as writer:
         writer.add_document("model_config.json", config.to_json())
@@ -75,7 +80,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         writer.add_document("provenance.json", _provenance(model_dir, checkpoint, options, command_line))
 
         for name, shape in _progress(shapes.items(), progress):
-            source = prefix + name + ("" if name.endswith("layer_scalar") else ".weight")
+            source = sources[name]
             if name.endswith(TERNARY_SUFFIXES) and options.quant == "ternary":
                 codes, scale = ternarize(checkpoint.read_f32(source, shape), options.scheme)
                 writer.add_tensor(name, pack_ternary(codes), "ternary", shape=shape)
@@ -83,7 +88,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
             elif len(shape) == 1:  # norms and layer scalars
                 writer.add_tensor(name, checkpoint.read_f32(source, shape), "f32")
             else:
-                encoding = _float_encoding(checkpoint.tensors[source].dtype if source in checkpoint else "F32", options.quant)
+                encoding = _float_encoding(checkpoint.tensors[source].dtype, options.quant)
                 blocks = (_encode(b, encoding) for b in _row_blocks(checkpoint, source, shape))
                 writer.add_tensor_rows(name, blocks, shape, encoding)
         if options.quant == "ternary":
@@ -101,8 +106,8 @@ def _write_int8_head(writer: ArtifactWriter, checkpoint: Checkpoint, source: str
             scales.append(s)
             yield q
 
-    writer.add_tensor_rows("lm_head", blocks(), shape, "int8")
-    writer.add_tensor("lm_head.scale", np.concatenate(scales), "f32")
+    writer.add_tensor_rows(HEAD, blocks(), shape, "int8")
+    writer.add_tensor(HEAD + ".scale", np.concatenate(scales), "f32")
 
 
 def _row_blocks(checkpoint: Checkpoint, source: str, shape: tuple[int, ...]):
@@ -136,11 +141,10 @@ def _text_prefix(checkpoint: Checkpoint, model_dir: Path) -> str:
     )
 
 
-def _log_skipped(checkpoint: Checkpoint, prefix: str, shapes: dict) -> None:
-    used = {prefix + n + ("" if n.endswith("layer_scalar") else ".weight") for n in shapes}
+def _log_skipped(checkpoint: Checkpoint, used: set[str]) -> None:
     skipped = sorted(set(checkpoint.tensors) - used)
     towers = [n for n in skipped if n.startswith(MULTIMODAL_PREFIXES)]
-    shared_kv = [n for n in skipped if n.startswith(prefix + "layers.") and n.endswith(SHARED_KV_SUFFIXES)]
+    shared_kv = [n for n in skipped if n.endswith(SHARED_KV_SUFFIXES)]
     other = sorted(set(skipped) - set(towers) - set(shared_kv))
     if towers:
         log.info("skipped %d vision/audio tensors (the student is text-only)", len(towers))

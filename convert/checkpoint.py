@@ -51,15 +51,20 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read_f32(self, name: str, shape: tuple[int, ...] | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """Tensor `name` (or its rows r0:r1) as a float32 array, checked against `shape` when given."""
+    def check(self, name: str, shape: tuple[int, ...]) -> SourceTensor:
+        """The tensor `name`, which must exist with `shape` and a supported dtype."""
         t = self.tensors.get(name)
         if t is None:
             raise ConversionError(f"tensor {name} is missing from {self.folder}")
-        if shape is not None and t.shape != tuple(shape):
-            raise ConversionError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        if t.shape != tuple(shape):
+            raise ConversionError(f"tensor {name} has shape {list(t.shape)}, the config implies {list(shape)}")
         if t.dtype not in SOURCE_DTYPES:
             raise ConversionError(f"tensor {name} has dtype {t.dtype}; only F32, F16 and BF16 are supported")
+        return t
+
+    def read_f32(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `name` (or its rows r0:r1) as a float32 array, checked against `shape`."""
+        t = self.check(name, shape)
         raw = np.frombuffer(self._map(t.file), dtype=SOURCE_DTYPES[t.dtype], count=int(np.prod(t.shape)), offset=t.begin)
         raw = raw.reshape(t.shape)
         if rows is not None:

@@ -63,16 +63,16 @@ def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
         raise ConversionError("config: use_bidirectional_attention='all' (a non-causal model) is not supported")
     if c["hidden_activation"] != "gelu_pytorch_tanh":
         raise ConversionError(f"config: hidden_activation {c['hidden_activation']!r} is not supported")
-    L = int(c["num_hidden_layers"])
+    L = _int(c, "num_hidden_layers")
     layer_types = list(c.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(L)])
     if len(layer_types) != L:
         raise ConversionError(f"config: layer_types has {len(layer_types)} entries for {L} layers")
     layer_types[-1] = FULL  # as transformers does: the last layer is always full attention
     overrides = _per_layer_overrides(c, layer_types)
-    head_dims = tuple(int(overrides[i].get("head_dim", c["head_dim"])) for i in range(L))
-    kv_heads = tuple(int(overrides[i].get("num_key_value_heads", c["num_key_value_heads"])) for i in range(L))
-    kv_sources = _kv_sources(layer_types, int(c["num_kv_shared_layers"]))
-    inter = int(c["intermediate_size"])
+    head_dims = tuple(_int({**c, **overrides[i]}, "head_dim") for i in range(L))
+    kv_heads = tuple(_int({**c, **overrides[i]}, "num_key_value_heads") for i in range(L))
+    kv_sources = _kv_sources(layer_types, _int(c, "num_kv_shared_layers", minimum=0))
+    inter = _int(c, "intermediate_size")
     wide = bool(c["use_double_wide_mlp"])
     intermediate = tuple(2 * inter if wide and kv_sources[i] != i else inter for i in range(L))
     rope_params = c.get("rope_parameters") or _DEFAULT_ROPE
@@ -83,29 +83,45 @@ def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
     softcap = c["final_logit_softcapping"]
     try:
         return ModelConfig(
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=int(c["hidden_size"]),
+            vocab_size=_int(c, "vocab_size"),
+            hidden_size=_int(c, "hidden_size"),
             num_layers=L,
-            num_heads=int(c["num_attention_heads"]),
+            num_heads=_int(c, "num_attention_heads"),
             layer_types=tuple(layer_types),
             head_dims=head_dims,
             kv_heads=kv_heads,
             intermediate_sizes=intermediate,
             kv_sources=kv_sources,
             k_eq_v=bool(c["attention_k_eq_v"]),
-            sliding_window=int(c["sliding_window"]),
+            sliding_window=_int(c, "sliding_window"),
             rope=rope,
-            rms_norm_eps=float(c["rms_norm_eps"]),
-            final_logit_softcapping=float(softcap) if softcap else None,
-            ple_dim=int(c["hidden_size_per_layer_input"] or 0),
-            ple_vocab_size=int(c["vocab_size_per_layer_input"]),
-            max_position_embeddings=int(c["max_position_embeddings"]),
-            bos_token_id=int(c["bos_token_id"]),
+            rms_norm_eps=_float(c, "rms_norm_eps"),
+            final_logit_softcapping=_float(c, "final_logit_softcapping") if softcap else None,
+            ple_dim=_int({**c, "hidden_size_per_layer_input": c["hidden_size_per_layer_input"] or 0},
+                         "hidden_size_per_layer_input", minimum=0),
+            ple_vocab_size=_int(c, "vocab_size_per_layer_input"),
+            max_position_embeddings=_int(c, "max_position_embeddings"),
+            bos_token_id=_int(c, "bos_token_id", minimum=0),
             eos_token_ids=tuple(eos_token_ids),
-            pad_token_id=int(c["pad_token_id"] or 0),
+            pad_token_id=_int({**c, "pad_token_id": c["pad_token_id"] or 0}, "pad_token_id", minimum=0),
         )
     except ArtifactError as e:
         raise ConversionError(str(e)) from None
+
+
+def _int(c: dict, key: str, minimum: int = 1) -> int:
+    """c[key] as an int >= minimum, or a ConversionError naming the key."""
+    value = c.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+        raise ConversionError(f"config: {key}={value!r} is not an integer >= {minimum}")
+    return int(value)
+
+
+def _float(c: dict, key: str) -> float:
+    value = c.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConversionError(f"config: {key}={value!r} is not a positive number")
+    return float(value)
 
 
 def _rope(params: dict) -> RopeConfig:

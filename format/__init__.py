@@ -5,13 +5,14 @@ Both the converter and the runtime import this package; it imports neither.
 
 from .encodings import ENCODINGS, bf16_to_f32, decode_f32, f32_to_bf16, pack_ternary, ternary_lut, unpack_ternary
 from .errors import ArtifactError
-from .model_config import FULL, SLIDING, ModelConfig, RopeConfig, weight_shapes
+from .model_config import FULL, SLIDING, ModelConfig, RopeConfig
 from .reader import Artifact, TensorInfo
+from .schema import HEAD, weight_shapes
 from .spec import FORMAT_NAME, FORMAT_VERSION
 from .writer import ArtifactWriter
 
 __all__ = [
-    "ENCODINGS", "FORMAT_NAME", "FORMAT_VERSION", "FULL", "SLIDING", "Artifact", "ArtifactError",
+    "ENCODINGS", "FORMAT_NAME", "HEAD", "FORMAT_VERSION", "FULL", "SLIDING", "Artifact", "ArtifactError",
     "ArtifactWriter", "ModelConfig", "RopeConfig", "TensorInfo", "bf16_to_f32", "decode_f32",
     "f32_to_bf16", "pack_ternary", "ternary_lut", "unpack_ternary", "weight_shapes",
 ]

@@ -9,8 +9,9 @@ from argparse_dataclass import ArgumentParser
 
 from .cli import run_main
 from .errors import ArtifactError
-from .model_config import FULL, ModelConfig
+from .model_config import FULL
 from .reader import Artifact, TensorInfo
+from .schema import HEAD
 
 PROG = "ferrisres-inspect"
 
@@ -31,7 +32,7 @@ def tensor_kind(info: TensorInfo) -> str:
         kind = "token embedding"
     elif name == "embed_tokens_per_layer":
         kind = "per-layer embedding table"
-    elif name == "lm_head":
+    elif name == HEAD:
         kind = "output head copy"
     elif len(info.shape) == 1:
         kind = "norms and scalars"
@@ -41,7 +42,7 @@ def tensor_kind(info: TensorInfo) -> str:
 
 
 def describe(artifact: Artifact) -> dict:
-    config = ModelConfig.from_json(artifact.document("model_config.json"))
+    config = artifact.config
     by_kind: dict[str, int] = defaultdict(int)
     for info in artifact.tensors.values():
         by_kind[tensor_kind(info)] += info.nbytes

@@ -52,6 +52,15 @@ class ModelConfig:
 
     def __post_init__(self):
         problems = []
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "sliding_window", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ArtifactError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("head_dims", "kv_heads", "intermediate_sizes"):
+            for i, v in enumerate(getattr(self, name)):
+                if not isinstance(v, int) or v <= 0:
+                    raise ArtifactError(f"model config: layer {i}: {name} entry {v!r} is not a positive integer")
+        if self.ple_dim < 0 or self.ple_vocab_size <= 0:
+            raise ArtifactError("model config: ple_dim must be >= 0 and ple_vocab_size positive")
         L = self.num_layers
         for name in ("layer_types", "head_dims", "kv_heads", "intermediate_sizes", "kv_sources"):
             if len(getattr(self, name)) != L:
@@ -90,6 +99,8 @@ class ModelConfig:
     def from_json(cls, text: str) -> "ModelConfig":
         try:
             d = json.loads(text)
+            if not isinstance(d, dict):
+                raise ArtifactError("model config is not a JSON object")
             known = {f.name for f in fields(cls)}
             unknown = set(d) - known
             if unknown:
@@ -103,37 +114,3 @@ class ModelConfig:
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ArtifactError(f"model config is malformed: {e}") from None
 
-
-def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Logical shape of every weight the model has, by artifact name, in execution order."""
-    H, P, L = c.hidden_size, c.ple_dim, c.num_layers
-    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (c.vocab_size, H)}
-    if P:
-        shapes["embed_tokens_per_layer"] = (c.ple_vocab_size, L * P)
-        shapes["per_layer_model_projection"] = (L * P, H)
-        shapes["per_layer_projection_norm"] = (P,)
-    for i in range(L):
-        p = f"layers.{i}."
-        hd, kvh, inter = c.head_dims[i], c.kv_heads[i], c.intermediate_sizes[i]
-        shapes[p + "input_layernorm"] = (H,)
-        shapes[p + "self_attn.q_proj"] = (c.num_heads * hd, H)
-        shapes[p + "self_attn.q_norm"] = (hd,)
-        if c.has_own_kv(i):
-            shapes[p + "self_attn.k_proj"] = (kvh * hd, H)
-            if c.has_v_proj(i):
-                shapes[p + "self_attn.v_proj"] = (kvh * hd, H)
-            shapes[p + "self_attn.k_norm"] = (hd,)
-        shapes[p + "self_attn.o_proj"] = (H, c.num_heads * hd)
-        shapes[p + "post_attention_layernorm"] = (H,)
-        shapes[p + "pre_feedforward_layernorm"] = (H,)
-        shapes[p + "mlp.gate_proj"] = (inter, H)
-        shapes[p + "mlp.up_proj"] = (inter, H)
-        shapes[p + "mlp.down_proj"] = (H, inter)
-        shapes[p + "post_feedforward_layernorm"] = (H,)
-        if P:
-            shapes[p + "per_layer_input_gate"] = (P, H)
-            shapes[p + "per_layer_projection"] = (H, P)
-            shapes[p + "post_per_layer_input_norm"] = (H,)
-        shapes[p + "layer_scalar"] = (1,)
-    shapes["norm"] = (H,)
-    return shapes

@@ -17,6 +17,8 @@ import numpy as np
 
 from .encodings import ENCODINGS, packed_columns
 from .errors import ArtifactError
+from .model_config import ModelConfig
+from .schema import check_tensors
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP, digest
 
 _MIN_ALIGNMENT = 64  # what a reader demands; the writer uses ALIGNMENT
@@ -41,7 +43,10 @@ def stored_shape_of(encoding: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class Artifact:
-    """An open `.tern` file. `tensor(name)` and `document(name)` are views into its memory map."""
+    """An open, validated `.tern` file. `tensor(name)` and `document(name)` are views into its memory map;
+    `config` is its model config, with which every tensor's name, shape and encoding agrees."""
+
+    config: ModelConfig
 
     def __init__(self, path: Path, version: tuple[int, int], tensors: dict, documents: dict, buffer: mmap.mmap):
         self.path = path
@@ -52,7 +57,9 @@ class Artifact:
         self._bytes = np.frombuffer(buffer, dtype=np.uint8)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Artifact":
+    def open(cls, path: str | os.PathLike, check_model: bool = True) -> "Artifact":
+        """Open and validate. With `check_model` (always, but for tools and tests of the bare container)
+        the model config is parsed and every tensor checked against it."""
         path = Path(path)
         try:
             st = path.stat()
@@ -72,12 +79,27 @@ class Artifact:
         except ArtifactError:
             raise
         except OSError:
-            raise ArtifactError(f"{path} is not a .tern artifact (not a readable HDF5 file)") from None
+            raise ArtifactError(f"{path} is not a .tern artifact, or is damaged (HDF5 cannot read it)") from None
         except Exception as e:  # h5py raises many types on damaged files; all mean the same to a user
             raise ArtifactError(f"{path}: damaged artifact structure ({type(e).__name__}: {e})") from None
         with open(path, "rb") as f:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return cls(path, version, tensors, documents, buffer)
+        artifact = cls(path, version, tensors, documents, buffer)
+        if check_model:
+            try:
+                artifact.config = artifact._model_config()
+                check_tensors(path, tensors, artifact.config)
+            except BaseException:
+                artifact.close()
+                raise
+        return artifact
+
+    def _model_config(self) -> ModelConfig:
+        text = self.document("model_config.json")
+        try:
+            return ModelConfig.from_json(text)
+        except ArtifactError as e:
+            raise ArtifactError(f"{self.path}: {e}") from None
 
     def tensor(self, name: str) -> np.ndarray:
         """The stored data of tensor `name` (encoding's dtype, stored shape), read-only and zero-copy."""
@@ -124,10 +146,13 @@ class Artifact:
 
 
 def _check_header(path: Path, f: h5py.File) -> tuple[int, int]:
-    name = _str_attr(f.attrs, "format", "the root group")
+    name = f.attrs.get("format")
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
     if name != FORMAT_NAME:
-        raise ArtifactError(f"{path} is not a .tern artifact (format is {name!r})")
-    text = _str_attr(f.attrs, "format_version", "the root group")
+        what = "it has no format attribute" if name is None else f"its format is {name!r}"
+        raise ArtifactError(f"{path} is not a .tern artifact ({what})")
+    text = _str_attr(f.attrs, "format_version", f"{path}: the root group")
     try:
         major, minor = (int(p) for p in text.split("."))
     except ValueError:

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ferrisres.format import Artifact, ArtifactError, ModelConfig, RopeConfig, decode_f32, weight_shapes
+from ferrisres.format import HEAD, Artifact, RopeConfig, decode_f32
+from ferrisres.format.schema import SCALED_ENCODINGS
 
 from .kernels import Linear
 from .kv_cache import KVCache
-
-LINEAR_ENCODINGS = ("ternary", "int8", "bf16", "f16", "f32")
-FLOAT_ENCODINGS = ("bf16", "f16", "f32")
-SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 `<name>.scale`
-
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
     """Gemma 4's RMSNorm multiplies by `weight` itself (not 1 + weight, unlike Gemma 3)."""
@@ -72,72 +68,41 @@ def attention(q, keys, values, q_positions, k_positions, window: int | None) -> 
 
 
 class Gemma4:
-    """Weights and forward pass of one artifact's model."""
+    """Weights and forward pass of one artifact's model (already validated against its config on open)."""
 
-    def __init__(self, artifact: Artifact, config: ModelConfig):
-        self.config = c = config
+    def __init__(self, artifact: Artifact):
+        self.config = c = artifact.config
         self._artifact = artifact
-        self._loaded: set[str] = set()
-        shapes = weight_shapes(config)
-        self.embed_encoding, self.embed_tokens = self._table("embed_tokens", shapes)
+        self.embed_encoding, self.embed_tokens = self._table("embed_tokens")
         self.embed_scale = np.float32(np.sqrt(c.hidden_size))
         if c.ple_dim:
-            self.ple_encoding, self.ple_table = self._table("embed_tokens_per_layer", shapes)
-            self.ple_projection = self._linear("per_layer_model_projection", shapes)
-            self.ple_projection_norm = self._vector("per_layer_projection_norm", shapes)
-        self.layers = [self._layer(i, shapes) for i in range(c.num_layers)]
-        self.norm = self._vector("norm", shapes)
-        if "lm_head" in artifact.tensors:
-            self.head = self._linear("lm_head", {"lm_head": shapes["embed_tokens"]})
+            self.ple_encoding, self.ple_table = self._table("embed_tokens_per_layer")
+            self.ple_projection = self._linear("per_layer_model_projection")
+            self.ple_projection_norm = artifact.tensor("per_layer_projection_norm")
+        self.layers = [self._layer(i) for i in range(c.num_layers)]
+        self.norm = artifact.tensor("norm")
+        if HEAD in artifact.tensors:
+            self.head = self._linear(HEAD)
         else:  # tied: the embedding table is the output projection
-            self.head = Linear(self.embed_tokens, self.embed_encoding, shapes["embed_tokens"])
+            self.head = Linear(self.embed_tokens, self.embed_encoding, (c.vocab_size, c.hidden_size))
         self.inv_freq = {t: rope_inv_freq(c.rope[t], c.head_dims[i]) for i, t in enumerate(c.layer_types)}
-        unexpected = sorted(set(artifact.tensors) - self._loaded)
-        if unexpected:
-            raise ArtifactError(f"{artifact.path}: unexpected tensor {unexpected[0]} for this model config")
 
-    # -- loading, with every tensor checked against the shape the config implies --
+    def _table(self, name: str) -> tuple[str, np.ndarray]:
+        return self._artifact.tensors[name].encoding, self._artifact.tensor(name)
 
-    def _info(self, name: str, shape: tuple[int, ...], encodings: tuple[str, ...]):
-        info = self._artifact.tensors.get(name)
-        if info is None:
-            raise ArtifactError(f"{self._artifact.path}: tensor {name} is missing")
-        if info.shape != tuple(shape):
-            raise ArtifactError(f"{self._artifact.path}: tensor {name} has shape {list(info.shape)}, the config implies {list(shape)}")
-        if info.encoding not in encodings:
-            raise ArtifactError(f"{self._artifact.path}: tensor {name} has encoding {info.encoding}, expected one of {encodings}")
-        self._loaded.add(name)
-        return info
+    def _linear(self, name: str) -> Linear:
+        info = self._artifact.tensors[name]
+        scale = self._artifact.tensor(name + ".scale") if info.encoding in SCALED_ENCODINGS else None
+        return Linear(self._artifact.tensor(name), info.encoding, info.shape, scale)
 
-    def _vector(self, name: str, shapes) -> np.ndarray:
-        self._info(name, shapes[name], ("f32",))
-        return self._artifact.tensor(name)
-
-    def _table(self, name: str, shapes) -> tuple[str, np.ndarray]:
-        info = self._info(name, shapes[name], FLOAT_ENCODINGS)
-        return info.encoding, self._artifact.tensor(name)
-
-    def _linear(self, name: str, shapes) -> Linear:
-        info = self._info(name, shapes[name], LINEAR_ENCODINGS)
-        scale = None
-        if info.encoding in SCALED_ENCODINGS:
-            out = shapes[name][0]
-            scale_info = self._artifact.tensors.get(name + ".scale")
-            if scale_info is None or scale_info.encoding != "f32" or scale_info.shape not in ((out,), (1,)):
-                raise ArtifactError(f"{self._artifact.path}: tensor {name}.scale is missing or not float32 [{out}] or [1]")
-            scale = self._artifact.tensor(name + ".scale")
-            self._loaded.add(name + ".scale")
-        return Linear(self._artifact.tensor(name), info.encoding, shapes[name], scale)
-
-    def _layer(self, i: int, shapes) -> dict:
-        p = f"layers.{i}."
-        layer = {}
-        for name in shapes:
-            if name.startswith(p):
-                key = name[len(p):]
-                is_vector = len(shapes[name]) == 1
-                layer[key] = self._vector(name, shapes) if is_vector else self._linear(name, shapes)
-        return layer
+    def _layer(self, i: int) -> dict:
+        """Layer i's weights by their name within the layer: vectors as arrays, matrices as Linears."""
+        prefix = f"layers.{i}."
+        return {
+            name[len(prefix):]: self._artifact.tensor(name) if len(info.shape) == 1 else self._linear(name)
+            for name, info in self._artifact.tensors.items()
+            if name.startswith(prefix) and not name.endswith(".scale")
+        }
 
     # -- the forward pass --
 

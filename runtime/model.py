@@ -9,7 +9,7 @@ from functools import cached_property
 import numpy as np
 from tokenizers import Tokenizer
 
-from ferrisres.format import Artifact, ArtifactError, ModelConfig
+from ferrisres.format import Artifact, ArtifactError
 
 from .gemma4 import Gemma4
 from .generate import Generation
@@ -21,10 +21,10 @@ class Model:
 
     def __init__(self, artifact: Artifact):
         self.artifact = artifact
-        self.config = ModelConfig.from_json(artifact.document("model_config.json"))
+        self.config = artifact.config
         self.student_config = self._json("student_config.json")
         self.generation_config = self._json("generation_config.json") if "generation_config.json" in artifact.documents else {}
-        self.decoder = Gemma4(artifact, self.config)
+        self.decoder = Gemma4(artifact)
 
     def _json(self, name: str) -> dict:
         try:

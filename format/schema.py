@@ -1,0 +1,84 @@
+"""Which tensors an artifact of a given model config holds, their shapes, and how each may be encoded.
+
+The reader checks every artifact against this before any tensor is used, so a runtime can trust
+that names, shapes and encodings agree with the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ArtifactError
+from .model_config import ModelConfig
+
+TABLES = ("embed_tokens", "embed_tokens_per_layer")  # looked up by row, never multiplied whole
+TABLE_ENCODINGS = ("bf16", "f16", "f32")
+LINEAR_ENCODINGS = ("ternary", "int8", "bf16", "f16", "f32")
+SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.scale`, [out] or [1]
+HEAD = "lm_head"  # optional: the output head's own copy; without it the head is embed_tokens (tied)
+
+
+def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Logical shape of every weight the model has, by artifact name, in execution order."""
+    H, P, L = c.hidden_size, c.ple_dim, c.num_layers
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (c.vocab_size, H)}
+    if P:
+        shapes["embed_tokens_per_layer"] = (c.ple_vocab_size, L * P)
+        shapes["per_layer_model_projection"] = (L * P, H)
+        shapes["per_layer_projection_norm"] = (P,)
+    for i in range(L):
+        p = f"layers.{i}."
+        hd, kvh, inter = c.head_dims[i], c.kv_heads[i], c.intermediate_sizes[i]
+        shapes[p + "input_layernorm"] = (H,)
+        shapes[p + "self_attn.q_proj"] = (c.num_heads * hd, H)
+        shapes[p + "self_attn.q_norm"] = (hd,)
+        if c.has_own_kv(i):
+            shapes[p + "self_attn.k_proj"] = (kvh * hd, H)
+            if c.has_v_proj(i):
+                shapes[p + "self_attn.v_proj"] = (kvh * hd, H)
+            shapes[p + "self_attn.k_norm"] = (hd,)
+        shapes[p + "self_attn.o_proj"] = (H, c.num_heads * hd)
+        shapes[p + "post_attention_layernorm"] = (H,)
+        shapes[p + "pre_feedforward_layernorm"] = (H,)
+        shapes[p + "mlp.gate_proj"] = (inter, H)
+        shapes[p + "mlp.up_proj"] = (inter, H)
+        shapes[p + "mlp.down_proj"] = (H, inter)
+        shapes[p + "post_feedforward_layernorm"] = (H,)
+        if P:
+            shapes[p + "per_layer_input_gate"] = (P, H)
+            shapes[p + "per_layer_projection"] = (H, P)
+            shapes[p + "post_per_layer_input_norm"] = (H,)
+        shapes[p + "layer_scalar"] = (1,)
+    shapes["norm"] = (H,)
+    return shapes
+
+
+def allowed_encodings(name: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+    if len(shape) == 1:
+        return ("f32",)  # norms and layer scalars
+    return TABLE_ENCODINGS if name in TABLES else LINEAR_ENCODINGS
+
+
+def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
+    """Raise ArtifactError naming the first tensor that is missing, extra, misshapen or wrongly encoded."""
+    expected = weight_shapes(config)
+    if HEAD in tensors:
+        expected[HEAD] = expected["embed_tokens"]
+    scales = set()
+    for name, shape in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            raise ArtifactError(f"{path}: tensor {name} is missing")
+        if info.shape != shape:
+            raise ArtifactError(f"{path}: tensor {name} has shape {list(info.shape)}, the model config implies {list(shape)}")
+        allowed = allowed_encodings(name, shape)
+        if info.encoding not in allowed:
+            raise ArtifactError(f"{path}: tensor {name} has encoding {info.encoding}, expected one of {', '.join(allowed)}")
+        if info.encoding in SCALED_ENCODINGS:
+            scale = tensors.get(name + ".scale")
+            if scale is None or scale.encoding != "f32" or scale.shape not in ((shape[0],), (1,)):
+                raise ArtifactError(f"{path}: tensor {name}.scale is missing or not float32 [{shape[0]}] or [1]")
+            scales.add(name + ".scale")
+    extra = sorted(set(tensors) - set(expected) - scales)
+    if extra:
+        raise ArtifactError(f"{path}: unexpected tensor {extra[0]} for this model config")
