@@ -72,9 +72,9 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         writer.add_document("model_config.json", config.to_json())
         writer.add_document("student_config.json", _student_config(options))
         writer.add_document("tokenizer.json", tokenizer.read_text(encoding="utf-8"))
-        tokenizer_config = model_dir / "tokenizer_config.json"
-        if tokenizer_config.is_file():
-            writer.add_document("tokenizer_config.json", tokenizer_config.read_text(encoding="utf-8"))
+        for optional in ("tokenizer_config.json", "chat_template.jinja"):
+            if (model_dir / optional).is_file():
+                writer.add_document(optional, (model_dir / optional).read_text(encoding="utf-8"))
         if generation_config is not None:
             writer.add_document("generation_config.json", generation_config)
         writer.add_document("provenance.json", _provenance(model_dir, checkpoint, options, command_line))
@@ -161,7 +161,7 @@ def _student_config(options: Options) -> dict:
 
 
 def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options, command_line: list[str] | None) -> dict:
-    files = sorted({*checkpoint.files, *(p for p in model_dir.iterdir() if p.suffix == ".json" and p.is_file())})
+    files = sorted({*checkpoint.files, *(p for p in model_dir.iterdir() if p.suffix in (".json", ".jinja") and p.is_file())})
     provenance = {
         "converter": f"ferrisres {__version__}",
         "command_line": command_line,

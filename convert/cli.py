@@ -6,9 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from argparse_dataclass import ArgumentParser
-
-from ferrisres.format.cli import run_main
+from ferrisres.format.cli import parse_args, run_main
 
 from .build import QUANTS, Options, convert
 from .errors import ConversionError
@@ -34,7 +32,7 @@ class Args:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = ArgumentParser(Args, prog=PROG, description=__doc__).parse_args(argv)
+    args = parse_args(Args, PROG, __doc__, argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=f"{PROG}: %(message)s")
     return run_main(PROG, lambda: _convert(args, argv), (ConversionError,))
 

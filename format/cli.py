@@ -5,11 +5,36 @@ Exit codes: 0 success, 1 bad input or a failed check, 130 interrupted (Ctrl-C), 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
 
+from argparse_dataclass import ArgumentParser
+
 from .errors import ArtifactError
+
+
+def parse_args(options_class, prog: str, description: str, argv: list[str] | None, repeatable: str | None = None):
+    """Parse `argv` into the dataclass `options_class`. The flag `repeatable` (e.g. "--stop") may be
+    given many times; its values are returned as a list beside the options."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values, rest = [], []
+    i = 0
+    while i < len(argv):
+        if repeatable and argv[i] == repeatable and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if repeatable and argv[i].startswith(repeatable + "="):
+            values.append(argv[i].split("=", 1)[1])
+        else:
+            rest.append(argv[i])
+        i += 1
+    parser = ArgumentParser(options_class, prog=prog, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parser.parse_args(rest)
+    return (args, values) if repeatable else args
 
 
 def run_main(prog: str, body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:

@@ -5,9 +5,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from argparse_dataclass import ArgumentParser
-
-from .cli import run_main
+from .cli import parse_args, run_main
 from .errors import ArtifactError
 from .model_config import FULL
 from .reader import Artifact, TensorInfo
@@ -79,7 +77,7 @@ def describe(artifact: Artifact) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = ArgumentParser(Args, prog=PROG, description=__doc__).parse_args(argv)
+    args = parse_args(Args, PROG, __doc__, argv)
     return run_main(PROG, lambda: _inspect(args))
 
 

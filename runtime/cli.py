@@ -1,14 +1,24 @@
-"""`ferrisres-run MODEL.tern --prompt TEXT`: stream generated text to stdout, a summary to stderr."""
+"""`ferrisres-run MODEL.tern --prompt TEXT`: stream generated text to stdout, a summary to stderr.
 
+The prompt goes through the artifact's chat template when it has one (`--raw` sends it as is).
+Sampling defaults come from the artifact's generation config; flags override them.
+`--interactive` chats turn by turn, keeping the KV cache between turns.
+"""
+
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
-from argparse_dataclass import ArgumentParser
+from ferrisres.format.cli import parse_args, run_main
+from ferrisres.format.inspect import describe
 
-from ferrisres.format.cli import run_main
-
-from .model import load
+from .chat import ChatSession
+from .chat_template import ChatTemplateError
+from .generate import Generation
+from .model import Model, load
+from .sampling import SamplingParams
 
 PROG = "ferrisres-run"
 
@@ -16,45 +26,175 @@ PROG = "ferrisres-run"
 @dataclass
 class Args:
     model: str = field(metadata={"args": ["model"], "help": "the .tern artifact"})
-    prompt: str = field(metadata={"args": ["-p", "--prompt"], "help": "text to continue"})
-    max_tokens: int = field(default=256, metadata={"args": ["-n", "--max-tokens"], "help": "stop after this many new tokens (default 256)"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (default); higher = more random"})
+    prompt: Optional[str] = field(default=None, metadata={"args": ["-p", "--prompt"], "help": "the prompt; - reads it from stdin"})
+    prompt_file: Optional[str] = field(default=None, metadata={"help": "read the prompt from this UTF-8 file (- = stdin)"})
+    system: Optional[str] = field(default=None, metadata={"help": "system prompt (chat template only)"})
+    raw: bool = field(default=False, metadata={"help": "send the prompt as is (after one BOS), without the chat template"})
+    interactive: bool = field(default=False, metadata={"args": ["-i", "--interactive"], "help": "multi-turn chat; /reset, /exit"})
+    max_tokens: int = field(default=256, metadata={"args": ["-n", "--max-tokens"], "help": "most new tokens per reply (default 256)"})
+    temperature: Optional[float] = field(default=None, metadata={"help": "randomness, >= 0; 0 = greedy (default: generation config, else 0)"})
+    top_k: Optional[int] = field(default=None, metadata={"help": "sample from the k likeliest tokens (0 = all)"})
+    top_p: Optional[float] = field(default=None, metadata={"help": "sample from the smallest set reaching probability p, in (0, 1]"})
+    min_p: Optional[float] = field(default=None, metadata={"help": "drop tokens below min_p x the likeliest one's probability, in [0, 1)"})
+    repetition_penalty: Optional[float] = field(default=None, metadata={"help": "> 1 discourages repeating tokens (1 = off)"})
     seed: int = field(default=0, metadata={"help": "sampling seed (default 0): same seed, same text"})
+    greedy: bool = field(default=False, metadata={"help": "always pick the likeliest token (temperature 0)"})
+    stop: Optional[str] = field(default=None, metadata={"help": "stop when this text appears (not printed); repeatable"})
+    max_context: Optional[int] = field(default=None, metadata={"help": "context limit in tokens (default: the model's)"})
+    verbose: bool = field(default=False, metadata={"args": ["-v", "--verbose"], "help": "per-token log and memory diagnostic on stderr"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = ArgumentParser(Args, prog=PROG, description=__doc__).parse_args(argv)
-    return run_main(PROG, lambda: _run(args), (ValueError,))
+    args, stops = parse_args(Args, PROG, __doc__, argv, repeatable="--stop")
+    return run_main(PROG, lambda: _run(args, stops), (ValueError, ChatTemplateError, FloatingPointError))
 
 
-def _run(args: Args) -> int:
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.max_tokens < 0:
-        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+def _run(args: Args, stops: list[str]) -> int:
+    options = _generation_options(args, stops)
     start = time.perf_counter()
     model = load(args.model)
-    prompt_ids = model.encode(args.prompt)
     load_seconds = time.perf_counter() - start
-    generation = model.generate(prompt_ids, args.max_tokens, args.temperature, args.seed)
+    if args.verbose:
+        _print_memory(model)
+    if args.interactive:
+        return _chat(model, args, options, load_seconds)
+    prompt = _read_prompt(args)
+    if model.chat_template and not args.raw:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        ids = model.encode(model.render_chat(messages))
+    else:
+        if args.system:
+            raise ValueError("--system needs the chat template (this artifact has none, or --raw was given)")
+        ids = model.encode(prompt)
+    generation = model.generate(ids, args.max_tokens, **options)
+    _stream(generation, args.verbose, load_seconds)
+    return 0
+
+
+def _generation_options(args: Args, stops: list[str]) -> dict:
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.max_context is not None and args.max_context <= 0:
+        raise ValueError(f"--max-context must be > 0, got {args.max_context}")
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")}
+    if args.greedy:
+        sampling["temperature"] = 0.0
     try:
-        for _, piece in generation:
-            sys.stdout.write(piece)
+        SamplingParams(**{k: v for k, v in sampling.items() if v is not None})  # reject bad values before loading
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+    return {"stop": tuple(stops), "max_context": args.max_context, "top": args.verbose, **sampling}
+
+
+def _read_prompt(args: Args) -> str:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give exactly one of --prompt and --prompt-file (or --interactive)")
+    source = args.prompt_file if args.prompt is None else (args.prompt if args.prompt == "-" else None)
+    if source is None:
+        return args.prompt
+    data = sys.stdin.buffer.read() if source == "-" else open(source, "rb").read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = "stdin" if source == "-" else source
+        raise ValueError(f"prompt from {where} is not valid UTF-8 (byte {e.start})") from None
+
+
+def _stream(generation: Generation, verbose: bool, load_seconds: float | None) -> None:
+    """Print the generation as it comes, and its summary even when interrupted."""
+    try:
+        for step in generation:
+            sys.stdout.write(step.text)
             sys.stdout.flush()
+            if verbose:
+                _print_step(generation, step)
         sys.stdout.write("\n")
         sys.stdout.flush()
     finally:
         print(_summary(generation, load_seconds), file=sys.stderr)
-    return 0
 
 
-def _summary(g, load_seconds: float) -> str:
+def _chat(model: Model, args: Args, options: dict, load_seconds: float) -> int:
+    if model.chat_template is None or args.raw:
+        raise ValueError("--interactive needs the artifact's chat template (it has none, or --raw was given)")
+    session = ChatSession(model, args.system, options.pop("max_context"))
+    print(f"{PROG}: chatting with {model.artifact.path.name}. /reset starts over, /exit or Ctrl-D quits, "
+          "Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            session.reset()
+            print(f"{PROG}: conversation reset", file=sys.stderr)
+            continue
+        if not command:
+            continue
+        generation = session.reply(line, args.max_tokens, **options)
+        try:
+            _stream(generation, args.verbose, None)
+        except KeyboardInterrupt:
+            print(f"\n{PROG}: reply stopped", file=sys.stderr)
+        finally:
+            session.finish()
+
+
+def _summary(g: Generation, load_seconds: float | None) -> str:
     prompt_rate = len(g.prompt_ids) / g.prefill_seconds if g.prefill_seconds else 0.0
     decode_rate = g.decode_steps / g.decode_seconds if g.decode_seconds else 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    load = f"load {load_seconds:.2f} s | " if load_seconds is not None else ""
     return (
-        f"load {load_seconds:.2f} s | prompt {len(g.prompt_ids)} tokens, {prompt_rate:.1f} tok/s | "
-        f"generated {len(g.tokens)} tokens, {decode_rate:.1f} tok/s | stop: {g.stop_reason or 'interrupted'}"
+        f"{load}prompt {len(g.prompt_ids)} tokens, {prompt_rate:.1f} tok/s | "
+        f"generated {len(g.tokens)} tokens, {decode_rate:.1f} tok/s | "
+        f"stop: {g.stop_reason or 'interrupted'} | peak RSS {peak:.0f} MiB"
     )
+
+
+def _print_step(g: Generation, step) -> None:
+    tokenizer = g.model.tokenizer
+    top = ", ".join(f"{tokenizer.id_to_token(i)!r} {p:.3f}" for i, p in step.top or ())
+    print(f"[step {len(g.tokens):4d}] id {step.token:6d} {tokenizer.id_to_token(step.token)!r:>14} "
+          f"{step.seconds * 1000:8.1f} ms | top: {top}", file=sys.stderr)
+
+
+def _print_memory(model: Model) -> None:
+    report = describe(model.artifact)
+    print(f"{PROG}: {model.artifact.path} ({report['file_bytes'] / 1e6:.1f} MB), bytes by kind:", file=sys.stderr)
+    for kind, n in report["bytes_by_kind"].items():
+        print(f"  {kind:<40} {n:>15,}", file=sys.stderr)
+    mapped, resident = _mapping_sizes(str(model.artifact.path.resolve()))
+    if mapped is not None:
+        print(f"  mapped {mapped / 1e6:.1f} MB, resident now {resident / 1e6:.1f} MB "
+              "(pages are read as the layers first touch them)", file=sys.stderr)
+
+
+def _mapping_sizes(path: str) -> tuple[int | None, int]:
+    """Size and resident bytes of this process's mappings of `path` (Linux /proc; None elsewhere)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None, 0
+    mapped = resident = 0
+    current = False
+    for line in lines:
+        parts = line.split()
+        if "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
+            current = len(parts) >= 6 and parts[-1] == path
+        elif current and parts[0] in ("Size:", "Rss:"):
+            value = int(parts[1]) * 1024
+            mapped += value if parts[0] == "Size:" else 0
+            resident += value if parts[0] == "Rss:" else 0
+    return mapped, resident
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Token generation: prefill the prompt once, then one cached forward per new token, until a stop.
+"""Token generation: prefill the new tokens once, then one cached forward per generated token, until a stop.
 
-`Generation` is an iterator of (token id, text piece). Text pieces are what a terminal should print:
-a character split over several byte-fallback tokens is held back until it is complete.
+Iterating a `Generation` yields a `Step` per token whose `text` is what a terminal should print
+next: a character split over several byte-fallback tokens is held back until it is complete, and
+text that could be the start of a stop string is held back until it is clear that it is not.
 """
 
 from __future__ import annotations
@@ -9,70 +10,120 @@ from __future__ import annotations
 import codecs
 import re
 import time
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .kv_cache import KVCache
+from .sampling import SamplingParams, sample, token_probabilities
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
 
 
-def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0, else a draw from softmax(logits / temperature)."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    return int(rng.choice(len(p), p=p))
+class Step(NamedTuple):
+    token: int
+    text: str  # the new text to show (may be empty while a character or a possible stop string is incomplete)
+    seconds: float  # time of the forward pass that produced this token's logits
+    top: tuple[tuple[int, float], ...] | None  # the 5 likeliest tokens and probabilities, when asked for
 
 
-@dataclass
 class Generation:
-    """Iterate for (token id, text piece); afterwards the fields describe the run."""
+    """An iterator of `Step`s; afterwards `tokens`, `text`, `stop_reason` and the timings describe the run.
 
-    model: object
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    seed: int = 0
-    stop_ids: frozenset[int] = frozenset()
-    tokens: list[int] = field(default_factory=list)
-    stop_reason: str | None = None  # "eos" or "max_tokens"
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0  # time in the forward passes of decode steps
-    decode_steps: int = 0
+    `cache` and `context` continue an earlier conversation: the cache holds `context` (the token ids
+    already processed), and only `new_ids` are prefilled.
+    """
+
+    def __init__(self, model, new_ids: list[int], params: SamplingParams, max_tokens: int,
+                 stop_ids=frozenset(), stop_strings=(), cache: KVCache | None = None,
+                 context: list[int] | None = None, max_context: int | None = None, top: bool = False):
+        self.model = model
+        self.prompt_ids = list(new_ids)
+        self.params = params
+        self.max_tokens = max_tokens
+        self.stop_ids = frozenset(stop_ids)
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.cache = cache if cache is not None else KVCache(model.config)
+        self.context = list(context or [])  # every token id in the cache, for the repetition penalty
+        self.max_context = max_context or model.config.max_position_embeddings
+        self.want_top = top
+        self.tokens: list[int] = []
+        self.stop_reason: str | None = None  # "eos", "stop_string", "max_tokens", "context_full"; None while running
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0  # time in the forward passes of decode steps
+        self.decode_steps = 0
+        self._text = ""  # decoded text of `tokens`, cut at a stop string
+        self._shown = 0  # characters of it handed out so far
+        if self.cache.length + len(self.prompt_ids) > self.max_context:
+            raise ValueError(
+                f"the prompt needs {self.cache.length + len(self.prompt_ids)} tokens of context; "
+                f"the limit is {self.max_context}"
+            )
 
     def __iter__(self):
         if self.max_tokens <= 0:
             self.stop_reason = "max_tokens"
             return
-        rng = np.random.default_rng(self.seed)
-        cache = KVCache(self.model.config)
+        rng = np.random.default_rng(self.params.seed)
         start = time.perf_counter()
-        logits = self.model.forward(self.prompt_ids, cache, last_only=True)
-        self.prefill_seconds = time.perf_counter() - start
-        shown = ""  # the text handed out so far
+        logits = self._forward(self.prompt_ids)
+        self.prefill_seconds = seconds = time.perf_counter() - start
         while True:
-            token = sample(logits[-1], self.temperature, rng)
+            token = sample(logits[-1], self.params, np.asarray(self.context, dtype=np.int64), rng)
             if token in self.stop_ids:
                 self.stop_reason = "eos"
                 return
             self.tokens.append(token)
-            last = len(self.tokens) >= self.max_tokens
-            piece = ""
-            if last or not self._ends_in_partial_character():
-                text = self.text
-                piece, shown = text[len(shown) :], text
-            yield token, piece
-            if last:
+            self._update_text()
+            if self.stop_reason is None and len(self.tokens) >= self.max_tokens:
                 self.stop_reason = "max_tokens"
+            if self.stop_reason is None and self.cache.length >= self.max_context:
+                self.stop_reason = "context_full"
+            yield Step(token, self._take_text(final=self.stop_reason is not None), seconds,
+                       self._top(logits[-1]) if self.want_top else None)
+            if self.stop_reason is not None:
                 return
             start = time.perf_counter()
-            logits = self.model.forward([token], cache, last_only=True)
-            self.decode_seconds += time.perf_counter() - start
+            logits = self._forward([token])
+            seconds = time.perf_counter() - start
+            self.decode_seconds += seconds
             self.decode_steps += 1
+
+    @property
+    def text(self) -> str:
+        """All generated text (without the stop string or EOS)."""
+        return self._text
+
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        """A forward step that leaves the cache as it was if interrupted (Ctrl-C), so a chat can go on."""
+        state = self.cache.snapshot()
+        try:
+            logits = self.model.forward(ids, self.cache, last_only=True)
+        except BaseException:
+            self.cache.restore(state)
+            raise
+        self.context.extend(ids)
+        return logits
+
+    def _update_text(self) -> None:
+        text = self.model.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for stop in self.stop_strings:
+            at = text.find(stop, max(0, self._shown - len(stop)))
+            if at >= 0:
+                text = text[:at]
+                self.stop_reason = "stop_string"
+        self._text = text
+
+    def _take_text(self, final: bool) -> str:
+        """The part of the text that can be shown now."""
+        end = len(self._text)
+        if not final:
+            if self._ends_in_partial_character():
+                return ""
+            end -= max((_overlap(self._text, s) for s in self.stop_strings), default=0)
+        piece = self._text[self._shown : max(end, self._shown)]
+        self._shown += len(piece)
+        return piece
 
     def _ends_in_partial_character(self) -> bool:
         """Do the last tokens end in bytes that start a valid UTF-8 character (byte fallback) but not all of it?"""
@@ -86,6 +137,15 @@ class Generation:
         decoder.decode(tail, final=False)
         return bool(decoder.getstate()[0])  # bytes held back, waiting for the rest of a character
 
-    @property
-    def text(self) -> str:
-        return self.model.tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def _top(self, logits: np.ndarray) -> tuple[tuple[int, float], ...]:
+        p = token_probabilities(logits, SamplingParams(temperature=1.0), np.empty(0, np.int64))
+        best = np.argpartition(-p, 5)[:5]
+        return tuple((int(i), float(p[i])) for i in best[np.argsort(-p[best])])
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `stop`."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

@@ -35,6 +35,12 @@ class FullLayerCache:
         first = int(positions[-1]) - n + 1
         return self.keys[:n], self.values[:n], np.arange(first, first + n)
 
+    def snapshot(self):
+        return self.length
+
+    def restore(self, length) -> None:
+        self.length = length
+
 
 class SlidingLayerCache:
     """The last `window` keys/values in a ring; slot p % window holds position p."""
@@ -57,6 +63,12 @@ class SlidingLayerCache:
         self.positions[slots] = positions[keep]
         return all_keys, all_values, all_positions
 
+    def snapshot(self):
+        return self.keys.copy(), self.values.copy(), self.positions.copy()
+
+    def restore(self, state) -> None:
+        self.keys, self.values, self.positions = state
+
 
 class KVCache:
     """The caches of every layer that computes its own keys/values, and how many tokens they hold."""
@@ -70,6 +82,15 @@ class KVCache:
             if config.has_own_kv(i)
         }
         self.length = 0  # tokens seen: the position of the next token
+
+    def snapshot(self):
+        """What `restore` needs to undo the next forward step (a few MB: the sliding rings are copied)."""
+        return self.length, {i: layer.snapshot() for i, layer in self.layers.items()}
+
+    def restore(self, state) -> None:
+        self.length, layers = state
+        for i, layer_state in layers.items():
+            self.layers[i].restore(layer_state)
 
 
 def _grown(a: np.ndarray, capacity: int, used: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`load(path)`: an artifact, ready to compute logits and generate text."""
+"""`load(path)`: an artifact, ready to compute logits, generate text and chat."""
 
 from __future__ import annotations
 
@@ -11,22 +11,31 @@ from tokenizers import Tokenizer
 
 from ferrisres.format import Artifact, ArtifactError
 
+from .chat_template import render_chat, special_token_variables, template_of
 from .gemma4 import Gemma4
 from .generate import Generation
 from .kv_cache import KVCache
+from .sampling import SamplingParams
+
+# Sampling fields a generation_config.json may set, and the names SamplingParams gives them.
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty"}
 
 
 class Model:
-    """A loaded artifact: its config, tokenizer and Gemma 4 decoder over the memory-mapped weights."""
+    """A loaded artifact: config, tokenizer, and the Gemma 4 decoder over the memory-mapped weights."""
 
     def __init__(self, artifact: Artifact):
         self.artifact = artifact
         self.config = artifact.config
-        self.student_config = self._json("student_config.json")
-        self.generation_config = self._json("generation_config.json") if "generation_config.json" in artifact.documents else {}
+        self.student_config = self._json("student_config.json") or {}
+        self.generation_config = self._json("generation_config.json") or {}
+        self.tokenizer_config = self._json("tokenizer_config.json") or {}
         self.decoder = Gemma4(artifact)
 
-    def _json(self, name: str) -> dict:
+    def _json(self, name: str) -> dict | None:
+        if name not in self.artifact.documents:
+            return None
         try:
             value = json.loads(self.artifact.document(name))
         except ValueError:
@@ -43,13 +52,41 @@ class Model:
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             raise ArtifactError(f"{self.artifact.path}: tokenizer.json cannot be loaded ({e})") from None
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, starting with exactly one BOS (Gemma needs it; never doubled)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+    @cached_property
+    def chat_template(self) -> str | None:
+        """The checkpoint's Jinja chat template, if it has one."""
+        file = self.artifact.document("chat_template.jinja") if "chat_template.jinja" in self.artifact.documents else None
+        return template_of(self.tokenizer_config, file)
+
+    def default_sampling(self, **overrides) -> SamplingParams:
+        """The generation config's sampling settings (greedy unless it says do_sample), then `overrides`."""
+        g = self.generation_config
+        values = {}
+        if g.get("do_sample"):
+            values = {ours: g[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if g.get(theirs) is not None}
+            values.setdefault("temperature", 1.0)
+        elif g.get("repetition_penalty") is not None:
+            values["repetition_penalty"] = g["repetition_penalty"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**values)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text` as is. With `add_bos`, they start with exactly one BOS (never doubled)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         bos = self.config.bos_token_id
-        while ids[:2] == [bos, bos]:
-            ids = ids[1:]
-        return ids if ids[:1] == [bos] else [bos, *ids]
+        if add_bos:
+            while ids[:2] == [bos, bos]:
+                ids = ids[1:]
+            if ids[:1] != [bos]:
+                ids = [bos, *ids]
+        return ids
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages` by the artifact's chat template."""
+        if self.chat_template is None:
+            raise ValueError("this artifact has no chat template (use raw text prompts)")
+        return render_chat(self.chat_template, messages, add_generation_prompt,
+                           **special_token_variables(self.tokenizer_config))
 
     def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
         return self.decoder.forward(self._checked(ids), cache, last_only)
@@ -58,16 +95,21 @@ class Model:
         """float32 [T, vocab]: a full forward over `ids` with a fresh cache."""
         return self.forward(ids, KVCache(self.config))
 
-    def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float = 0.0,
-                 seed: int = 0) -> Generation:
-        """Iterator of (token id, text piece), stopping at an EOS id or after `max_tokens`.
+    def generate(self, prompt: str | list[int], max_tokens: int = 256, stop: tuple[str, ...] = (),
+                 max_context: int | None = None, top: bool = False, **sampling) -> Generation:
+        """Continue `prompt` (text, sent as is after one BOS, or token ids); iterate the result for `Step`s.
 
-        `prompt` is text (encoded with BOS) or token ids. Temperature 0 is greedy; `seed` makes sampling
-        reproducible. The returned object also reports tokens, stop reason and timings.
+        Stops at any EOS id of the generation config, at a `stop` string (not included in the text), after
+        `max_tokens`, or when the context limit is reached. `sampling`: temperature, top_k, top_p, min_p,
+        repetition_penalty, seed (defaults from the artifact's generation config; temperature 0 = greedy).
         """
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return Generation(self, self._checked(ids).tolist(), max_tokens, temperature, seed,
-                          frozenset(self.config.eos_token_ids))
+        return Generation(self, self._checked(ids).tolist(), self.default_sampling(**sampling), max_tokens,
+                          self.config.eos_token_ids, stop, max_context=max_context, top=top)
+
+    def chat(self, messages: list[dict], max_tokens: int = 256, **options) -> Generation:
+        """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) using the chat template."""
+        return self.generate(self.encode(self.render_chat(messages)), max_tokens, **options)
 
     def _checked(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

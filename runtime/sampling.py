@@ -1,0 +1,88 @@
+"""Next-token choice: repetition penalty, temperature, top-k, top-p (nucleus) and min-p, then a draw.
+
+The order is the one Hugging Face transformers and llama.cpp use: penalties on the raw logits, then
+temperature, then the truncations, each on the distribution the previous one left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. temperature 0 means greedy (the other fields are then ignored)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1 = all
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0 = none
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context; 1 = off
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = (
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+        )
+        for name, ok, expected in checks:
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not np.isfinite(value)):
+                raise ValueError(f"{name} must be {expected}, got {value}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, context: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's penalty as transformers applies it: seen tokens' positive logits / penalty, negative * penalty."""
+    if penalty == 1.0 or len(context) == 0:
+        return logits
+    logits = logits.copy()
+    seen = np.unique(context)
+    values = logits[seen]
+    logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def token_probabilities(logits: np.ndarray, params: SamplingParams, context: np.ndarray) -> np.ndarray:
+    """float64 [vocab]: the distribution the next token is drawn from (zeros for excluded tokens)."""
+    z = apply_repetition_penalty(logits.astype(np.float64), context, params.repetition_penalty)
+    if params.greedy:
+        p = np.zeros_like(z)
+        p[int(np.argmax(z))] = 1.0
+        return p
+    z = z / params.temperature
+    if 0 < params.top_k < len(z):
+        kth = np.partition(z, -params.top_k)[-params.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        keep = cumulative - p[order] < params.top_p  # every token needed to reach top_p, at least one
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+    if params.min_p > 0:
+        p = np.where(p >= params.min_p * p.max(), p, 0.0)
+    return p / p.sum()
+
+
+def sample(logits: np.ndarray, params: SamplingParams, context: np.ndarray, rng: np.random.Generator) -> int:
+    """The next token id."""
+    if not np.isfinite(logits).all():
+        raise FloatingPointError("the model produced non-finite logits (NaN or Inf): the artifact's weights are broken")
+    if params.greedy and params.repetition_penalty == 1.0:
+        return int(np.argmax(logits))
+    p = token_probabilities(logits, params, context)
+    if params.greedy:
+        return int(np.argmax(p))
+    return int(rng.choice(len(p), p=p))
