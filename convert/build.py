@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,16 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .hf_config import eos_token_ids, model_config, read_config
+from .lora import LoraAdapter
 from .quantize import int8_rows, ternarize
+from .student import Options, StudentWeights, student_config
 
 log = logging.getLogger("ferrisres.convert")
 
 QUANTS = ("ternary", "bf16", "f16", "f32")
 TERNARY_SUFFIXES = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "per_layer_input_gate", "per_layer_projection",
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "gate_proj", "up_proj",
+    "down_proj", "per_layer_input_gate", "per_layer_projection", "experts.gate_up_proj", "experts.down_proj",
 )
 TEXT_PREFIXES = ("model.language_model.", "model.")  # multimodal (as the real E2B) or text-only
 MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
@@ -41,36 +42,34 @@ SHARED_KV_SUFFIXES = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "sel
 _BLOCK_BYTES = 64 << 20  # float32 bytes per block of rows when streaming a big table
 
 
-@dataclass(frozen=True)
-class Options:
-    quant: str = "ternary"
-    scheme: str = "lsq-row"
-
-
 def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = False,
             command_line: list[str] | None = None, progress: bool = True) -> ModelConfig:
-    """Convert the checkpoint in `model_dir` into the artifact `out`; returns the model config written."""
+    """Convert the checkpoint in `model_dir` into the artifact `out`; returns the model config written.
+    Every input problem is found before anything is written."""
     if not model_dir.exists():
         raise ConversionError(f"{model_dir} does not exist")
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir} is not a folder")
     text_config, _ = read_config(model_dir)
     generation_config = _read_json(model_dir / "generation_config.json")
-    config = model_config(text_config, eos_token_ids(text_config, generation_config))
+    config = student_config(model_config(text_config, eos_token_ids(text_config, generation_config)), options)
     tokenizer = model_dir / "tokenizer.json"
     if not tokenizer.is_file():
         raise ConversionError(f"{model_dir} has no tokenizer.json")
+    lora = LoraAdapter(Path(options.lora)) if options.lora else None
     checkpoint = Checkpoint(model_dir)
-    prefix = _text_prefix(checkpoint, model_dir)
+    weights = StudentWeights(checkpoint, _text_prefix(checkpoint, model_dir), config, options, lora)
     shapes = weight_shapes(config)
-    sources = {name: prefix + name + ("" if name.endswith("layer_scalar") else ".weight") for name in shapes}
-    for name, shape in shapes.items():  # every input problem is found before any work is done
-        checkpoint.check(sources[name], shape)
-    _log_skipped(checkpoint, set(sources.values()))
+    sources = {weights.source_name(name): shape for name, shape in shapes.items() if weights.source_name(name)}
+    for source, shape in sources.items():
+        checkpoint.check(source, shape)
+    if lora is not None:
+        lora.check_targets(set(sources), checkpoint)
+    _log_skipped(checkpoint, set(sources))
 
     with ArtifactWriter(out, overwrite=overwrite) as writer:
         writer.add_document("model_config.json", config.to_json())
-        writer.add_document("student_config.json", _student_config(options))
+        writer.add_document("student_config.json", options.recorded())
         writer.add_document("tokenizer.json", tokenizer.read_text(encoding="utf-8"))
         for optional in ("tokenizer_config.json", "chat_template.jinja"):
             if (model_dir / optional).is_file():
@@ -80,28 +79,37 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         writer.add_document("provenance.json", _provenance(model_dir, checkpoint, options, command_line))
 
         for name, shape in _progress(shapes.items(), progress):
-            source = sources[name]
-            if name.endswith(TERNARY_SUFFIXES) and options.quant == "ternary":
-                codes, scale = ternarize(checkpoint.read_f32(source, shape), options.scheme)
-                writer.add_tensor(name, pack_ternary(codes), "ternary", shape=shape)
-                writer.add_tensor(name + ".scale", scale, "f32")
-            elif len(shape) == 1:  # norms and layer scalars
-                writer.add_tensor(name, checkpoint.read_f32(source, shape), "f32")
+            if options.quant == "ternary" and _is_projection(name):
+                codes, scale = ternarize(weights.read(name, shape).reshape(-1, shape[-1]), options.scheme)
+                writer.add_tensor(name, pack_ternary(codes).reshape(*shape[:-1], -1), "ternary", shape=shape)
+                writer.add_tensor(name + ".scale", scale.reshape(shape[:-1]) if scale.size > 1 else scale, "f32")
+            elif len(shape) == 1 or _is_router(name):  # norms, scalars, gates and routers stay float32
+                writer.add_tensor(name, weights.read(name, shape), "f32")
             else:
+                source = weights.source_name(name)
                 encoding = _float_encoding(checkpoint.tensors[source].dtype, options.quant)
-                blocks = (_encode(b, encoding) for b in _row_blocks(checkpoint, source, shape))
+                blocks = (_encode(b, encoding) for b in _row_blocks(weights, name, shape))
                 writer.add_tensor_rows(name, blocks, shape, encoding)
         if options.quant == "ternary":
-            _write_int8_head(writer, checkpoint, prefix + "embed_tokens.weight", shapes["embed_tokens"])
+            _write_int8_head(writer, weights, shapes["embed_tokens"])
     return config
 
 
-def _write_int8_head(writer: ArtifactWriter, checkpoint: Checkpoint, source: str, shape: tuple[int, int]) -> None:
+def _is_projection(name: str) -> bool:
+    """The decoder's linear maps: what a ternary student makes ternary."""
+    return name.endswith(TERNARY_SUFFIXES)
+
+
+def _is_router(name: str) -> bool:
+    return name.endswith(("mlp.router", "router.proj"))
+
+
+def _write_int8_head(writer: ArtifactWriter, weights: StudentWeights, shape: tuple[int, int]) -> None:
     """The tied head as its own int8 copy with per-row scales, written in blocks of rows."""
     scales = []
 
     def blocks():
-        for block in _row_blocks(checkpoint, source, shape):
+        for block in _row_blocks(weights, "embed_tokens", shape):
             q, s = int8_rows(block)
             scales.append(s)
             yield q
@@ -110,10 +118,13 @@ def _write_int8_head(writer: ArtifactWriter, checkpoint: Checkpoint, source: str
     writer.add_tensor(HEAD + ".scale", np.concatenate(scales), "f32")
 
 
-def _row_blocks(checkpoint: Checkpoint, source: str, shape: tuple[int, ...]):
-    rows = max(1, _BLOCK_BYTES // (4 * int(np.prod(shape[1:]))))
+def _row_blocks(weights: StudentWeights, name: str, shape: tuple[int, ...]):
+    if len(shape) != 2:
+        yield weights.read(name, shape)
+        return
+    rows = max(1, _BLOCK_BYTES // (4 * shape[1]))
     for r0 in range(0, shape[0], rows):
-        yield checkpoint.read_f32(source, shape, rows=(r0, min(r0 + rows, shape[0])))
+        yield weights.read(name, shape, rows=(r0, min(r0 + rows, shape[0])))
 
 
 def _float_encoding(source_dtype: str, quant: str) -> str:
@@ -154,18 +165,12 @@ def _log_skipped(checkpoint: Checkpoint, used: set[str]) -> None:
         log.warning("ignored %d tensors this model does not use, e.g. %s", len(other), other[0])
 
 
-def _student_config(options: Options) -> dict:
-    if options.quant == "ternary":
-        return {"quant": "ternary", "scheme": options.scheme, "head": "int8-row", "moe": None, "attnres": None}
-    return {"quant": options.quant, "scheme": None, "head": "tied", "moe": None, "attnres": None}
-
-
 def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options, command_line: list[str] | None) -> dict:
     files = sorted({*checkpoint.files, *(p for p in model_dir.iterdir() if p.suffix in (".json", ".jinja") and p.is_file())})
     provenance = {
         "converter": f"ferrisres {__version__}",
         "command_line": command_line,
-        "options": {"quant": options.quant, "scheme": options.scheme},
+        "options": options.recorded(),
         "source_files": {p.name: _file_digest(p) for p in files},
     }
     if "SOURCE_DATE_EPOCH" in os.environ:  # no wall-clock time otherwise: same input, same bytes

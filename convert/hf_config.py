@@ -56,7 +56,7 @@ def read_config(folder: Path) -> tuple[dict, dict]:
 def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
     """The resolved per-layer config; raises ConversionError for what the runtime cannot run."""
     c = text
-    for key, supported in (("enable_moe_block", False), ("attention_bias", False), ("tie_word_embeddings", True)):
+    for key, supported in (("attention_bias", False), ("tie_word_embeddings", True)):
         if bool(c.get(key)) != supported:
             raise ConversionError(f"config: {key}={c.get(key)} is not supported yet")
     if c["use_bidirectional_attention"] == "all":
@@ -104,9 +104,22 @@ def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
             bos_token_id=_int(c, "bos_token_id", minimum=0),
             eos_token_ids=tuple(eos_token_ids),
             pad_token_id=_int({**c, "pad_token_id": c["pad_token_id"] or 0}, "pad_token_id", minimum=0),
+            **_moe_block(c),
         )
     except ArtifactError as e:
         raise ConversionError(str(e)) from None
+
+
+def _moe_block(c: dict) -> dict:
+    """Gemma 4's own MoE block (26B-A4B) beside the dense MLP."""
+    if not c["enable_moe_block"]:
+        return {}
+    return {
+        "moe_block": True,
+        "num_experts": _int(c, "num_experts"),
+        "top_k_experts": _int(c, "top_k_experts"),
+        "moe_intermediate_size": _int(c, "moe_intermediate_size"),
+    }
 
 
 def _int(c: dict, key: str, minimum: int = 1) -> int:

@@ -49,6 +49,15 @@ class ModelConfig:
     pad_token_id: int
     architecture: str = "gemma4_text"
     activation: str = "gelu_pytorch_tanh"
+    # Gemma 4's own mixture-of-experts block (26B-A4B), which runs beside the dense MLP.
+    moe_block: bool = False
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    # The student's additions (design.md §2), recorded so a runtime needs no flags to run it.
+    mlp_experts: int = 0  # each dense MLP expanded into this many experts with a router; 0 = dense
+    mlp_top_k: int = 0  # experts each token uses
+    attnres: bool = False  # Block AttnRes across blocks that end at full-attention layers
 
     def __post_init__(self):
         problems = []
@@ -80,6 +89,10 @@ class ModelConfig:
         for t, r in self.rope.items():
             if r.rope_type not in ROPE_TYPES:
                 raise ArtifactError(f"model config: rope type {r.rope_type!r} of {t} is not supported")
+        if self.moe_block and not (0 < self.top_k_experts <= self.num_experts and self.moe_intermediate_size > 0):
+            raise ArtifactError("model config: the MoE block needs 0 < top_k_experts <= num_experts and moe_intermediate_size")
+        if self.mlp_experts and not (self.mlp_experts >= 2 and 0 < self.mlp_top_k <= self.mlp_experts):
+            raise ArtifactError("model config: an expert MLP needs mlp_experts >= 2 and 0 < mlp_top_k <= mlp_experts")
         if self.architecture != "gemma4_text" or self.activation != "gelu_pytorch_tanh":
             raise ArtifactError(f"model config: unsupported architecture {self.architecture}/{self.activation}")
 
@@ -91,6 +104,13 @@ class ModelConfig:
 
     def has_v_proj(self, i: int) -> bool:
         return not (self.k_eq_v and self.is_full(i))
+
+    def attnres_blocks(self) -> list[range]:
+        """Block AttnRes blocks: consecutive layers, each block ending at a full-attention layer."""
+        ends = [i for i in range(self.num_layers) if self.is_full(i)]
+        if not ends or ends[-1] != self.num_layers - 1:
+            ends.append(self.num_layers - 1)
+        return [range(start, end + 1) for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

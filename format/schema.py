@@ -40,17 +40,36 @@ def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.o_proj"] = (H, c.num_heads * hd)
         shapes[p + "post_attention_layernorm"] = (H,)
         shapes[p + "pre_feedforward_layernorm"] = (H,)
-        shapes[p + "mlp.gate_proj"] = (inter, H)
-        shapes[p + "mlp.up_proj"] = (inter, H)
-        shapes[p + "mlp.down_proj"] = (H, inter)
+        if c.mlp_experts:
+            shapes[p + "mlp.router"] = (c.mlp_experts, H)
+            for e in range(c.mlp_experts):
+                shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", inter, H))
+        else:
+            shapes.update(_mlp_shapes(p + "mlp.", inter, H))
+        if c.moe_block:
+            E, I = c.num_experts, c.moe_intermediate_size
+            shapes[p + "post_feedforward_layernorm_1"] = (H,)
+            shapes[p + "router.proj"] = (E, H)
+            shapes[p + "router.scale"] = (H,)
+            shapes[p + "router.per_expert_scale"] = (E,)
+            shapes[p + "pre_feedforward_layernorm_2"] = (H,)
+            shapes[p + "experts.gate_up_proj"] = (E, 2 * I, H)
+            shapes[p + "experts.down_proj"] = (E, H, I)
+            shapes[p + "post_feedforward_layernorm_2"] = (H,)
         shapes[p + "post_feedforward_layernorm"] = (H,)
         if P:
             shapes[p + "per_layer_input_gate"] = (P, H)
             shapes[p + "per_layer_projection"] = (H, P)
             shapes[p + "post_per_layer_input_norm"] = (H,)
         shapes[p + "layer_scalar"] = (1,)
+    if c.attnres:
+        shapes["attnres_gates"] = (len(c.attnres_blocks()),)
     shapes["norm"] = (H,)
     return shapes
+
+
+def _mlp_shapes(prefix: str, inter: int, H: int) -> dict[str, tuple[int, int]]:
+    return {prefix + "gate_proj": (inter, H), prefix + "up_proj": (inter, H), prefix + "down_proj": (H, inter)}
 
 
 def allowed_encodings(name: str, shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -76,8 +95,8 @@ def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
             raise ArtifactError(f"{path}: tensor {name} has encoding {info.encoding}, expected one of {', '.join(allowed)}")
         if info.encoding in SCALED_ENCODINGS:
             scale = tensors.get(name + ".scale")
-            if scale is None or scale.encoding != "f32" or scale.shape not in ((shape[0],), (1,)):
-                raise ArtifactError(f"{path}: tensor {name}.scale is missing or not float32 [{shape[0]}] or [1]")
+            if scale is None or scale.encoding != "f32" or scale.shape not in (shape[:-1], (1,)):
+                raise ArtifactError(f"{path}: tensor {name}.scale is missing or not float32 {list(shape[:-1])} or [1]")
             scales.add(name + ".scale")
     extra = sorted(set(tensors) - set(expected) - scales)
     if extra:

@@ -13,7 +13,9 @@ from datetime import datetime
 from functools import lru_cache
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -21,27 +23,60 @@ class ChatTemplateError(ValueError):
     """The template is malformed or refused the messages (its `raise_exception`)."""
 
 
+MAX_OUTPUT = 1 << 24  # characters: a template may not build strings or lists larger than this
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
     """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]); `variables` are what the
-    template may read besides (bos_token, eos_token, ... as transformers passes its special tokens)."""
+    template may read besides (bos_token, eos_token, enable_thinking, tools, ...)."""
+    variables.setdefault("tools", None)  # as transformers passes them: a template tests `tools is not none`
+    variables.setdefault("documents", None)
+    compiled = _compile(template)
     try:
-        return _compile(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables
-        )
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"chat template: {e}") from None
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    except Exception as e:  # a broken or hostile template fails in many ways (1/0, recursion, ...): all are its fault
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
 
 
 @lru_cache(maxsize=4)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"chat template does not compile: {e}") from None
+    except Exception as e:
+        raise ChatTemplateError(f"chat template does not compile: {type(e).__name__}: {e}") from e
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus a bound on `*` and `**` so a template cannot exhaust memory."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_OUTPUT:
+                    raise SecurityError("chat template builds a sequence too large")
+        if operator == "**" and isinstance(right, int) and abs(right) > 1000:
+            raise SecurityError("chat template raises to too large a power")
+        return super().call_binop(context, operator, left, right)
+
+
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` marks assistant text; rendering keeps the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:

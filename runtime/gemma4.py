@@ -86,6 +86,9 @@ class Gemma4:
         else:  # tied: the embedding table is the output projection
             self.head = Linear(self.embed_tokens, self.embed_encoding, (c.vocab_size, c.hidden_size))
         self.inv_freq = {t: rope_inv_freq(c.rope[t], c.head_dims[i]) for i, t in enumerate(c.layer_types)}
+        # Block AttnRes with every gate 0 adds exactly nothing: skip it then.
+        self.attnres_gates = artifact.tensor("attnres_gates") if c.attnres else None
+        self.attnres = self.attnres_gates is not None and bool(np.any(self.attnres_gates))
 
     def _table(self, name: str) -> tuple[str, np.ndarray]:
         return self._artifact.tensors[name].encoding, self._artifact.tensor(name)
@@ -95,14 +98,24 @@ class Gemma4:
         scale = self._artifact.tensor(name + ".scale") if info.encoding in SCALED_ENCODINGS else None
         return Linear(self._artifact.tensor(name), info.encoding, info.shape, scale)
 
+    def _stacked_linears(self, name: str) -> list[Linear]:
+        """A 3-D tensor [experts, out, in] (Gemma 4's MoE block) as one Linear per expert."""
+        info = self._artifact.tensors[name]
+        data = self._artifact.tensor(name)
+        scale = self._artifact.tensor(name + ".scale") if info.encoding in SCALED_ENCODINGS else None
+        per_row = scale is not None and scale.size > 1
+        return [Linear(data[e], info.encoding, info.shape[1:], scale[e] if per_row else scale)
+                for e in range(info.shape[0])]
+
     def _layer(self, i: int) -> dict:
         """Layer i's weights by their name within the layer: vectors as arrays, matrices as Linears."""
         prefix = f"layers.{i}."
-        return {
-            name[len(prefix):]: self._artifact.tensor(name) if len(info.shape) == 1 else self._linear(name)
-            for name, info in self._artifact.tensors.items()
-            if name.startswith(prefix) and not name.endswith(".scale")
-        }
+        weights = {}
+        for name, info in self._artifact.tensors.items():
+            if name.startswith(prefix) and not name.endswith(".scale"):
+                load = {1: self._artifact.tensor, 2: self._linear, 3: self._stacked_linears}[len(info.shape)]
+                weights[name[len(prefix):]] = load(name)
+        return weights
 
     # -- the forward pass --
 
@@ -124,8 +137,13 @@ class Gemma4:
             emb = np.concatenate([freqs, freqs], axis=-1)
             rope[t] = (np.cos(emb), np.sin(emb))
         shared_kv = {}  # layer index -> (keys, values, key positions) of this step
+        attnres = BlockAttnRes(c, cache, x) if self.attnres else None
         for i, layer in enumerate(self.layers):
             x = self._layer_forward(i, layer, x, positions, rope[c.layer_types[i]], ple, cache, shared_kv)
+            if attnres is not None:
+                x = attnres.after_layer(i, x, self.attnres_gates)
+        if attnres is not None:
+            cache.attnres_sums = attnres.sums
         cache.length += len(ids)
         if last_only:
             x = x[-1:]
@@ -163,10 +181,96 @@ class Gemma4:
         x = x + rms_norm(w["self_attn.o_proj"](att), w["post_attention_layernorm"], eps)
 
         h = rms_norm(x, w["pre_feedforward_layernorm"], eps)
-        h = w["mlp.down_proj"](gelu_tanh(w["mlp.gate_proj"](h)) * w["mlp.up_proj"](h))
+        h = self._expert_mlp(w, h) if c.mlp_experts else mlp(w, "mlp.", h)
+        if c.moe_block:
+            h = rms_norm(h, w["post_feedforward_layernorm_1"], eps) + rms_norm(
+                self._moe_block(w, x), w["post_feedforward_layernorm_2"], eps)
         x = x + rms_norm(h, w["post_feedforward_layernorm"], eps)
 
         if ple is not None:
             g = gelu_tanh(w["per_layer_input_gate"](x)) * ple[:, i, :]
             x = x + rms_norm(w["per_layer_projection"](g), w["post_per_layer_input_norm"], eps)
         return x * w["layer_scalar"]
+
+    def _expert_mlp(self, w: dict, h: np.ndarray) -> np.ndarray:
+        """The student's MoE expansion: softmax router over all experts, top-k renormalized to sum 1."""
+        c = self.config
+        probs = softmax(w["mlp.router"](h).astype(np.float64))
+        chosen = np.argsort(-probs, axis=-1, kind="stable")[:, : c.mlp_top_k]
+        weights = np.take_along_axis(probs, chosen, axis=-1)
+        weights /= weights.sum(axis=-1, keepdims=True)
+        return routed(h, chosen, weights, lambda e, x: mlp(w, f"mlp.experts.{e}.", x))
+
+    def _moe_block(self, w: dict, residual: np.ndarray) -> np.ndarray:
+        """Gemma 4's own MoE block (26B-A4B): routed on the post-attention residual stream."""
+        c = self.config
+        r = rms_norm(residual, None, c.rms_norm_eps) * w["router.scale"] * c.hidden_size**-0.5
+        probs = softmax(w["router.proj"](r).astype(np.float64))
+        chosen = np.argsort(-probs, axis=-1, kind="stable")[:, : c.top_k_experts]
+        weights = np.take_along_axis(probs, chosen, axis=-1)
+        weights = weights / weights.sum(axis=-1, keepdims=True) * w["router.per_expert_scale"][chosen]
+        xin = rms_norm(residual, w["pre_feedforward_layernorm_2"], c.rms_norm_eps)
+        gate_up, down = w["experts.gate_up_proj"], w["experts.down_proj"]
+
+        def expert(e: int, x: np.ndarray) -> np.ndarray:
+            gate, up = np.split(gate_up[e](x), 2, axis=-1)
+            return down[e](gelu_tanh(gate) * up)
+
+        return routed(xin, chosen, weights, expert)
+
+
+def mlp(w: dict, prefix: str, h: np.ndarray) -> np.ndarray:
+    """Gemma's gated MLP: down(gelu_tanh(gate(h)) * up(h))."""
+    return w[prefix + "down_proj"](gelu_tanh(w[prefix + "gate_proj"](h)) * w[prefix + "up_proj"](h))
+
+
+def routed(x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, expert) -> np.ndarray:
+    """Sum over each token's chosen experts of weight * expert(token). The tokens routed to an expert
+    are processed together, so in a prefill each expert's weights are unpacked once."""
+    out = np.zeros(x.shape, dtype=np.float64)
+    for e in np.unique(chosen):
+        tokens, slot = np.nonzero(chosen == e)
+        out[tokens] += weights[tokens, slot, None] * expert(int(e), x[tokens])
+    return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+class BlockAttnRes:
+    """Block AttnRes (design.md §2) over one forward step, made causal with prefix means.
+
+    r_0(t) is the mean over s <= t of the scaled input embedding; r_b(t), for block b, the mean over
+    s <= t of its layers' outputs, averaged over those layers. At the end of block b the hidden state
+    attends over R_i = rmsnorm(r_i), i = 0..b: h += g_b * sum_i softmax_i(h . R_i / sqrt(H)) R_i.
+    The sums over earlier positions come from the cache, so a decode step equals a full recompute.
+    """
+
+    def __init__(self, config, cache: KVCache, x0: np.ndarray):
+        self.config = config
+        self.block_of = {i: b for b, block in enumerate(config.attnres_blocks()) for i in block}
+        self.blocks = config.attnres_blocks()
+        self.counts = (cache.length + np.arange(1, len(x0) + 1))[:, None]  # positions s <= t
+        self.sums = cache.attnres_sums.copy()
+        self.reps = [self._rep(0, x0, 1)]
+        self.block_sum = None
+
+    def _rep(self, row: int, values: np.ndarray, layers: int) -> np.ndarray:
+        """rmsnorm of the prefix mean of `values` (summed over `layers` layers), continuing the cached sum."""
+        prefix = self.sums[row] + np.cumsum(values, axis=0)
+        self.sums[row] = prefix[-1]
+        return rms_norm(prefix / (self.counts * layers), None, self.config.rms_norm_eps)
+
+    def after_layer(self, i: int, x: np.ndarray, gates: np.ndarray) -> np.ndarray:
+        b = self.block_of[i]
+        block = self.blocks[b]
+        self.block_sum = x if i == block.start else self.block_sum + x
+        if i != block.stop - 1:
+            return x
+        self.reps.append(self._rep(b + 1, self.block_sum, len(block)))
+        reps = np.stack(self.reps)  # [b + 2, T, H]
+        scores = np.einsum("th,nth->tn", x, reps) / np.sqrt(self.config.hidden_size)
+        weights = softmax(scores)
+        return x + np.float64(gates[b]) * np.einsum("tn,nth->th", weights, reps)

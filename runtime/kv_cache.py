@@ -82,13 +82,17 @@ class KVCache:
             if config.has_own_kv(i)
         }
         self.length = 0  # tokens seen: the position of the next token
+        # Block AttnRes: sums over all positions so far of the scaled embeddings (row 0) and of each
+        # block's layer outputs (row b + 1); a prefix mean is a sum divided by the count of positions.
+        self.attnres_sums = np.zeros((len(config.attnres_blocks()) + 1, config.hidden_size)) if config.attnres else None
 
     def snapshot(self):
         """What `restore` needs to undo the next forward step (a few MB: the sliding rings are copied)."""
-        return self.length, {i: layer.snapshot() for i, layer in self.layers.items()}
+        sums = None if self.attnres_sums is None else self.attnres_sums.copy()
+        return self.length, {i: layer.snapshot() for i, layer in self.layers.items()}, sums
 
     def restore(self, state) -> None:
-        self.length, layers = state
+        self.length, layers, self.attnres_sums = state
         for i, layer_state in layers.items():
             self.layers[i].restore(layer_state)
 

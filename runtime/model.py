@@ -81,12 +81,13 @@ class Model:
                 ids = [bos, *ids]
         return ids
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` by the artifact's chat template."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_options) -> str:
+        """The prompt text for `messages` by the artifact's chat template; `template_options` are passed
+        to the template (Gemma 4's read e.g. `enable_thinking`, `tools`)."""
         if self.chat_template is None:
             raise ValueError("this artifact has no chat template (use raw text prompts)")
         return render_chat(self.chat_template, messages, add_generation_prompt,
-                           **special_token_variables(self.tokenizer_config))
+                           **{**special_token_variables(self.tokenizer_config), **template_options})
 
     def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
         return self.decoder.forward(self._checked(ids), cache, last_only)

@@ -29,6 +29,7 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("seed", isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
         )
         for name, ok, expected in checks:
             value = getattr(self, name)

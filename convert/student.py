@@ -1,0 +1,115 @@
+"""The student's float32 weights, by artifact name, before encoding (design.md §2).
+
+Most are the checkpoint's own tensors (with a LoRA adapter merged in, if given). The student's
+additions are made here, deterministically from the seed:
+- MoE expansion: expert 0 of each MLP is the dense MLP; expert e >= 1 is the dense MLP plus Gaussian
+  noise of `moe_noise` x the tensor's RMS; the router [experts, hidden] starts near uniform.
+- Block AttnRes: one gate per block, all `attnres_gate`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ferrisres.format import ModelConfig
+
+from .checkpoint import Checkpoint
+from .errors import ConversionError
+from .lora import LoraAdapter
+
+# Checkpoint parameters stored without a ".weight" suffix.
+BARE_PARAMETERS = ("layer_scalar", "router.scale", "router.per_expert_scale", "experts.gate_up_proj", "experts.down_proj")
+ROUTER_INIT_STD = 0.02  # x hidden**-0.5: router logits start with a std of ~0.02, so routing is near uniform
+_EXPERT = re.compile(r"(layers\.\d+\.mlp\.)experts\.(\d+)\.(\w+_proj)$")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything `ferrisres-convert` can be asked to do (the flags of the same names)."""
+
+    quant: str = "ternary"  # or "bf16" / "f16" / "f32": the unquantized teacher
+    scheme: str = "lsq-row"  # ternary scale scheme, see quantize.py
+    moe_experts: int = 0  # 0 = dense MLPs
+    moe_top_k: int = 2
+    moe_noise: float = 0.01
+    attnres: bool = False
+    attnres_gate: float = 0.0
+    seed: int = 0
+    lora: str | None = None  # PEFT adapter folder, merged before quantization
+
+    def recorded(self) -> dict:
+        """The options as the artifact's student_config.json and provenance record them."""
+        return {
+            "quant": self.quant,
+            "scheme": self.scheme if self.quant == "ternary" else None,
+            "head": "int8-row" if self.quant == "ternary" else "tied",
+            "moe": {"experts": self.moe_experts, "top_k": self.moe_top_k, "noise": self.moe_noise, "seed": self.seed}
+            if self.moe_experts else None,
+            "attnres": {"gate": self.attnres_gate} if self.attnres else None,
+            "lora": Path(self.lora).name if self.lora else None,
+        }
+
+
+class StudentWeights:
+    """float32 weights of the student by artifact name, read (and derived) one tensor at a time."""
+
+    def __init__(self, checkpoint: Checkpoint, prefix: str, config: ModelConfig, options: Options,
+                 lora: LoraAdapter | None = None):
+        self.checkpoint = checkpoint
+        self.prefix = prefix
+        self.config = config
+        self.options = options
+        self.lora = lora
+
+    def source_name(self, name: str) -> str | None:
+        """The checkpoint tensor an artifact tensor comes from (None: made by the converter)."""
+        expert = _EXPERT.match(name)
+        if expert:
+            name = expert.group(1) + expert.group(3)
+        elif name.endswith("mlp.router") or name == "attnres_gates":
+            return None
+        return self.prefix + name + ("" if name.endswith(BARE_PARAMETERS) else ".weight")
+
+    def read(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `name` (or its rows r0:r1, for the big tables) as float32."""
+        if name == "attnres_gates":
+            return np.full(shape, self.options.attnres_gate, dtype=np.float32)
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else -1
+        if name.endswith("mlp.router"):
+            rng = np.random.default_rng([self.options.seed, layer, 1 << 20])
+            std = ROUTER_INIT_STD * self.config.hidden_size**-0.5
+            return (rng.standard_normal(shape) * std).astype(np.float32)
+        source = self.source_name(name)
+        expert = _EXPERT.match(name)
+        w = self.checkpoint.read_f32(source, shape, rows)
+        if self.lora is not None and rows is None:  # adapters target projections, which are read whole
+            w = self.lora.merged(source, w)
+        if expert and int(expert.group(2)) > 0 and self.options.moe_noise:
+            kind = ("gate_proj", "up_proj", "down_proj").index(expert.group(3))
+            rng = np.random.default_rng([self.options.seed, layer, int(expert.group(2)), kind])
+            rms = np.sqrt(np.mean(np.square(w, dtype=np.float64)))
+            w = (w + rng.standard_normal(w.shape) * (self.options.moe_noise * rms)).astype(np.float32)
+        return w
+
+
+def student_config(base: ModelConfig, options: Options) -> ModelConfig:
+    """The model config of the student: the teacher's, with its MoE expansion and AttnRes."""
+    if options.moe_experts:
+        if base.moe_block:
+            raise ConversionError("--moe-experts: this model already has Gemma 4's own MoE block; its experts are kept as they are")
+        if options.moe_experts < 2:
+            raise ConversionError(f"--moe-experts must be >= 2, got {options.moe_experts}")
+        if not 1 <= options.moe_top_k <= options.moe_experts:
+            raise ConversionError(f"--moe-top-k must be between 1 and --moe-experts ({options.moe_experts}), got {options.moe_top_k}")
+        if options.moe_noise < 0:
+            raise ConversionError(f"--moe-noise must be >= 0, got {options.moe_noise}")
+    return replace(
+        base,
+        mlp_experts=options.moe_experts,
+        mlp_top_k=options.moe_top_k if options.moe_experts else 0,
+        attnres=options.attnres,
+    )
