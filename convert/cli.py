@@ -5,8 +5,11 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+from ferrisres.format import Artifact
 from ferrisres.format.cli import parse_args, run_main
+from ferrisres.format.memory import memory_summary
 
 from .build import QUANTS, Options, convert
 from .errors import ConversionError
@@ -26,6 +29,13 @@ class Args:
     scheme: str = field(
         default=DEFAULT_SCHEME, metadata={"choices": SCHEMES, "help": f"ternary scale scheme (default {DEFAULT_SCHEME})"}
     )
+    moe_experts: int = field(default=0, metadata={"help": "expand every dense MLP into N >= 2 experts with a router (default: dense)"})
+    moe_top_k: int = field(default=2, metadata={"help": "experts each token uses (default 2)"})
+    moe_noise: float = field(default=0.01, metadata={"help": "noise added to experts 1.. relative to each tensor's RMS (default 0.01)"})
+    seed: int = field(default=0, metadata={"help": "seed of the MoE noise and router init (default 0)"})
+    attnres: bool = field(default=False, metadata={"help": "add Block AttnRes between blocks ending at full-attention layers"})
+    attnres_gate: float = field(default=0.0, metadata={"help": "AttnRes gate of every block (default 0: the student equals the model without it; 1: FerrisRes's ungated form)"})
+    lora: Optional[str] = field(default=None, metadata={"help": "PEFT LoRA adapter folder, merged into the weights before quantization"})
     force: bool = field(default=False, metadata={"help": "replace OUTPUT if it exists"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar or log lines"})
 
@@ -44,11 +54,16 @@ def _convert(args: Args, argv: list[str]) -> int:
     if out.is_dir():
         raise ConversionError(f"{out} is a folder")
     convert(
-        Path(args.model_path), out, Options(quant=args.quant, scheme=args.scheme),
+        Path(args.model_path), out, Options(
+            quant=args.quant, scheme=args.scheme, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
+            moe_noise=args.moe_noise, seed=args.seed, attnres=args.attnres, attnres_gate=args.attnres_gate,
+            lora=args.lora),
         overwrite=args.force, command_line=[PROG, *_without_output_path(argv)], progress=not args.quiet,
     )
     size = out.stat().st_size
-    logging.getLogger("ferrisres.convert").info("wrote %s (%.1f MB, %s)", out, size / 1e6, args.quant)
+    with Artifact.open(out) as artifact:
+        summary = memory_summary(artifact)
+    logging.getLogger("ferrisres.convert").info("wrote %s (%.1f MB, %s):\n%s", out, size / 1e6, args.quant, summary)
     return 0
 
 

@@ -2,14 +2,13 @@
 
 import json
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .cli import parse_args, run_main
 from .errors import ArtifactError
 from .model_config import FULL
-from .reader import Artifact, TensorInfo
-from .schema import HEAD
+from .memory import bytes_by_kind, teacher_bf16_bytes
+from .reader import Artifact
 
 PROG = "ferrisres-inspect"
 
@@ -21,29 +20,8 @@ class Args:
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
 
 
-def tensor_kind(info: TensorInfo) -> str:
-    """The group a tensor's bytes are reported under: what it is, and how it is stored."""
-    name = info.name
-    if name.endswith(".scale"):
-        kind = "scales"
-    elif name == "embed_tokens":
-        kind = "token embedding"
-    elif name == "embed_tokens_per_layer":
-        kind = "per-layer embedding table"
-    elif name == HEAD:
-        kind = "output head copy"
-    elif len(info.shape) == 1:
-        kind = "norms and scalars"
-    else:
-        kind = "linear weights"
-    return f"{kind} ({info.encoding})"
-
-
 def describe(artifact: Artifact) -> dict:
     config = artifact.config
-    by_kind: dict[str, int] = defaultdict(int)
-    for info in artifact.tensors.values():
-        by_kind[tensor_kind(info)] += info.nbytes
     documents = {}
     for name in ("student_config.json", "provenance.json", "generation_config.json"):
         if name in artifact.documents:
@@ -70,7 +48,8 @@ def describe(artifact: Artifact) -> dict:
             "eos_token_ids": list(config.eos_token_ids),
         },
         "student": documents.get("student_config.json"),
-        "bytes_by_kind": dict(sorted(by_kind.items())),
+        "bytes_by_kind": bytes_by_kind(artifact),
+        "teacher_bf16_bytes": teacher_bf16_bytes(artifact),
         "tensors": len(artifact.tensors),
         "provenance": documents.get("provenance.json"),
     }
@@ -102,17 +81,29 @@ def _text(r: dict) -> str:
         f"hidden {m['hidden_size']}, {m['heads']} heads / {m['kv_heads']} kv, head dims {m['head_dims']}, "
         f"vocab {m['vocab_size']}, window {m['sliding_window']}, PLE {m['per_layer_embedding_dim']}, "
         f"{m['kv_shared_layers']} KV-shared layers, EOS {m['eos_token_ids']}",
-        f"student  quant {s.get('quant')}, scheme {s.get('scheme')}, head {s.get('head')}, "
-        f"MoE {s.get('moe') or 'no'}, AttnRes {s.get('attnres') or 'no'}",
+        f"student  quant {s.get('quant')}, scheme {s.get('scheme')}, head {s.get('head')}, {_moe(s.get('moe'))}, "
+        f"{_attnres(s.get('attnres'))}" + (f", LoRA {s['lora']} merged" if s.get("lora") else ""),
         "bytes by kind:",
     ]
     lines += [f"  {kind:<40} {n:>15,}" for kind, n in r["bytes_by_kind"].items()]
+    total = sum(r["bytes_by_kind"].values())
+    lines.append(f"  {'all weights':<40} {total:>15,}  (the bf16 teacher: {r['teacher_bf16_bytes']:,})")
     p = r["provenance"] or {}
     lines.append(f"made by  {p.get('converter')}: {' '.join(p.get('command_line') or [])}")
     if "verify" in r:
         v = r["verify"]
         lines.append(f"verify   {v['datasets']} datasets, " + ("all digests match" if not v["mismatched"] else f"{len(v['mismatched'])} MISMATCHED"))
     return "\n".join(lines)
+
+
+def _moe(moe: dict | None) -> str:
+    if not moe:
+        return "dense MLPs"
+    return f"MoE {moe['experts']} experts top-{moe['top_k']} (noise {moe['noise']}, seed {moe['seed']})"
+
+
+def _attnres(attnres: dict | None) -> str:
+    return f"Block AttnRes gate {attnres['gate']}" if attnres else "no AttnRes"
 
 
 if __name__ == "__main__":

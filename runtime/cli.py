@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ferrisres.format.cli import parse_args, run_main
-from ferrisres.format.inspect import describe
+from ferrisres.format.memory import memory_summary
 
 from .chat import ChatSession
 from .chat_template import ChatTemplateError
@@ -168,10 +168,7 @@ def _print_step(g: Generation, step) -> None:
 
 
 def _print_memory(model: Model) -> None:
-    report = describe(model.artifact)
-    print(f"{PROG}: {model.artifact.path} ({report['file_bytes'] / 1e6:.1f} MB), bytes by kind:", file=sys.stderr)
-    for kind, n in report["bytes_by_kind"].items():
-        print(f"  {kind:<40} {n:>15,}", file=sys.stderr)
+    print(f"{PROG}: {model.artifact.path}, weights by kind:\n{memory_summary(model.artifact)}", file=sys.stderr)
     mapped, resident = _mapping_sizes(str(model.artifact.path.resolve()))
     if mapped is not None:
         print(f"  mapped {mapped / 1e6:.1f} MB, resident now {resident / 1e6:.1f} MB "

@@ -21,6 +21,9 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback
 
 
 class Step(NamedTuple):
+    """One generated token. A run stopped by EOS ends with a step for the EOS token itself (not in
+    `Generation.tokens`), whose text is whatever was still held back."""
+
     token: int
     text: str  # the new text to show (may be empty while a character or a possible stop string is incomplete)
     seconds: float  # time of the forward pass that produced this token's logits
@@ -70,8 +73,9 @@ class Generation:
         self.prefill_seconds = seconds = time.perf_counter() - start
         while True:
             token = sample(logits[-1], self.params, np.asarray(self.context, dtype=np.int64), rng)
-            if token in self.stop_ids:
+            if token in self.stop_ids:  # a last step for the EOS token shows any text still held back
                 self.stop_reason = "eos"
+                yield Step(token, self._take_text(final=True), seconds, self._top(logits[-1]) if self.want_top else None)
                 return
             self.tokens.append(token)
             self._update_text()
