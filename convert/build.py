@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
+from ferrisres.format.schema import SCALE_SUFFIX
 
 from . import __version__
 from .checkpoint import Checkpoint
@@ -82,7 +83,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
             if options.quant == "ternary" and _is_projection(name):
                 codes, scale = ternarize(weights.read(name, shape).reshape(-1, shape[-1]), options.scheme)
                 writer.add_tensor(name, pack_ternary(codes).reshape(*shape[:-1], -1), "ternary", shape=shape)
-                writer.add_tensor(name + ".scale", scale.reshape(shape[:-1]) if scale.size > 1 else scale, "f32")
+                writer.add_tensor(name + SCALE_SUFFIX, scale.reshape(shape[:-1]) if scale.size > 1 else scale, "f32")
             elif len(shape) == 1 or _is_router(name):  # norms, scalars, gates and routers stay float32
                 writer.add_tensor(name, weights.read(name, shape), "f32")
             else:
@@ -115,7 +116,7 @@ def _write_int8_head(writer: ArtifactWriter, weights: StudentWeights, shape: tup
             yield q
 
     writer.add_tensor_rows(HEAD, blocks(), shape, "int8")
-    writer.add_tensor(HEAD + ".scale", np.concatenate(scales), "f32")
+    writer.add_tensor(HEAD + SCALE_SUFFIX, np.concatenate(scales), "f32")
 
 
 def _row_blocks(weights: StudentWeights, name: str, shape: tuple[int, ...]):

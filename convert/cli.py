@@ -1,7 +1,15 @@
-"""`ferrisres-convert MODEL_PATH -o OUT.tern`: a Gemma 4 checkpoint folder -> one `.tern` artifact."""
+"""`ferrisres-convert MODEL_PATH -o OUT.tern`: a Gemma 4 checkpoint folder -> one `.tern` artifact.
+
+The artifact is written to `.OUT.tern.<random>.partial` beside OUT.tern and renamed when complete,
+so OUT.tern is either the old file or the new, whole one. A failure (bad input, disk full, Ctrl-C
+or SIGTERM) removes the partial file; a SIGKILL or power loss cannot, so each run first removes
+the partial files of the same output that no running conversion holds (see format/writer.py).
+Exit codes: 0 done, 1 bad input or a failed write, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+"""
 
 
 import logging
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +18,7 @@ from typing import Optional
 from ferrisres.format import Artifact
 from ferrisres.format.cli import parse_args, run_main
 from ferrisres.format.memory import memory_summary
+from ferrisres.format.writer import remove_stale_partials
 
 from .build import QUANTS, Options, convert
 from .errors import ConversionError
@@ -44,7 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(Args, PROG, __doc__, argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=f"{PROG}: %(message)s")
-    return run_main(PROG, lambda: _convert(args, argv), (ConversionError,))
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run_main(PROG, lambda: _convert(args, argv), (ConversionError,))
+    except _Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the conversion is, so that the partial file is removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
 
 
 def _convert(args: Args, argv: list[str]) -> int:
@@ -53,6 +77,7 @@ def _convert(args: Args, argv: list[str]) -> int:
         raise ConversionError(f"{out} already exists (pass --force to replace it)")
     if out.is_dir():
         raise ConversionError(f"{out} is a folder")
+    _remove_stale_partials(out)
     convert(
         Path(args.model_path), out, Options(
             quant=args.quant, scheme=args.scheme, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
@@ -65,6 +90,16 @@ def _convert(args: Args, argv: list[str]) -> int:
         summary = memory_summary(artifact)
     logging.getLogger("ferrisres.convert").info("wrote %s (%.1f MB, %s):\n%s", out, size / 1e6, args.quant, summary)
     return 0
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Partial files of `out` left by conversions that were killed (their writer's lock is gone)."""
+    log = logging.getLogger("ferrisres.convert")
+    removed, in_use = remove_stale_partials(out)
+    for path in removed:
+        log.info("removed %s, left by an interrupted conversion", path)
+    for path in in_use:
+        log.warning("%s is being written by another conversion to the same output, or is locked", path)
 
 
 def _without_output_path(argv: list[str]) -> list[str]:

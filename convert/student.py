@@ -20,6 +20,7 @@ from ferrisres.format import ModelConfig
 from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .lora import LoraAdapter
+from .quantize import DEFAULT_SCHEME
 
 # Checkpoint parameters stored without a ".weight" suffix.
 BARE_PARAMETERS = ("layer_scalar", "router.scale", "router.per_expert_scale", "experts.gate_up_proj", "experts.down_proj")
@@ -32,7 +33,7 @@ class Options:
     """Everything `ferrisres-convert` can be asked to do (the flags of the same names)."""
 
     quant: str = "ternary"  # or "bf16" / "f16" / "f32": the unquantized teacher
-    scheme: str = "lsq-row"  # ternary scale scheme, see quantize.py
+    scheme: str = DEFAULT_SCHEME  # ternary scale scheme, see quantize.py
     moe_experts: int = 0  # 0 = dense MLPs
     moe_top_k: int = 2
     moe_noise: float = 0.01

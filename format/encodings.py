@@ -3,7 +3,7 @@
 Every tensor dataset carries an `encoding` attribute naming one of `ENCODINGS`; the value is the
 numpy dtype of the bytes on disk. numpy has no bfloat16, so bf16 tensors are stored as their raw
 uint16 bit patterns. Ternary weights are packed 4 to a byte (see `pack_ternary`); ternary and int8
-weights have a float32 companion dataset `<name>.scale` (per row `[out]` or per tensor `[1]`).
+weights have a float32 companion dataset `<name>.weight_scale` (per row, or `[1]` per tensor).
 """
 
 from __future__ import annotations

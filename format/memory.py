@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 
 from .reader import Artifact, TensorInfo
-from .schema import HEAD
+from .schema import HEAD, SCALE_SUFFIX
 
 _OTHER_EXPERT = re.compile(r"\.mlp\.experts\.[1-9]\d*\.")  # experts 1.. of an expanded MLP: copies of the dense one
 
@@ -17,7 +17,7 @@ _OTHER_EXPERT = re.compile(r"\.mlp\.experts\.[1-9]\d*\.")  # experts 1.. of an e
 def tensor_kind(info: TensorInfo) -> str:
     """The group a tensor's bytes are reported under: what it is, and how it is stored."""
     name = info.name
-    if name.endswith(".scale"):
+    if name.endswith(SCALE_SUFFIX):
         kind = "scales"
     elif name == "embed_tokens":
         kind = "token embedding"
@@ -46,7 +46,7 @@ def teacher_bf16_bytes(artifact: Artifact) -> int:
     student's additions (head copy, scales, routers, gates, experts beyond the dense one)."""
     params = 0
     for info in artifact.tensors.values():
-        if info.name == HEAD or info.name.endswith(".scale") or "mlp.router" in info.name:
+        if info.name == HEAD or info.name.endswith(SCALE_SUFFIX) or "mlp.router" in info.name:
             continue
         if info.name == "attnres_gates" or _OTHER_EXPERT.search(info.name):
             continue

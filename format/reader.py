@@ -2,17 +2,37 @@
 
 h5py is used only to walk the HDF5 structure at open time. Tensors are then zero-copy numpy views
 into one read-only memory map, so opening costs milliseconds and pages are read as they are used.
+
+An artifact may come from anyone, so nothing it declares is used before it is checked, and every
+failure is an `ArtifactError` whose message names the file and the dataset:
+- the root holds the groups /meta and /tensors and nothing else; /meta and /tensors hold datasets
+  only, reached by hard links (a soft or external link is refused, never followed);
+- every dataset is contiguous and unfiltered, stored in this file (external storage and virtual
+  datasets are refused: nothing is ever read outside the file), with a simple dataspace, the exact
+  little-endian datatype its encoding names, its bytes aligned and inside the file, clear of the
+  superblock, of every object header walked, and of every other dataset;
+- attributes are checked for their type and size before they are read (`shape`: a short integer
+  array; `encoding` and `blake2b`: text; `blake2b`: 64 hex digits), so memory stays bounded by the
+  file whatever a header declares; sizes are computed with Python integers (no overflow);
+- with `check_model`, the known JSON documents parse as JSON objects, the model config's values have
+  the types and ranges the runtime needs, and every tensor agrees with the config (`schema.py`).
+What open does not check is the data itself: `verify()` compares every dataset with its digest.
 """
 
 from __future__ import annotations
 
+import bisect
+import json
+import math
 import mmap
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 import numpy as np
 
 from .encodings import ENCODINGS, packed_columns
@@ -22,6 +42,14 @@ from .schema import check_tensors
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP, digest
 
 _MIN_ALIGNMENT = 64  # what a reader demands; the writer uses ALIGNMENT
+_SUPERBLOCK_BYTES = 100  # the largest HDF5 superblock with its root entry (version 1, 8-byte addresses)
+_MAX_RANK = 8  # dimensions of a dataset or of a `shape` attribute
+_MAX_TEXT_ATTR = 4096  # bytes of a fixed-length text attribute
+_DIGEST = re.compile(r"[0-9a-fA-F]{64}")  # BLAKE2b-256, hex
+_VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
+REQUIRED_DOCUMENTS = ("model_config.json", "tokenizer.json")
+JSON_DOCUMENTS = ("model_config.json", "student_config.json", "tokenizer_config.json", "generation_config.json",
+                  "provenance.json")  # each, when present, must be a JSON object
 
 
 @dataclass(frozen=True)
@@ -59,34 +87,27 @@ class Artifact:
     @classmethod
     def open(cls, path: str | os.PathLike, check_model: bool = True) -> "Artifact":
         """Open and validate. With `check_model` (always, but for tools and tests of the bare container)
-        the model config is parsed and every tensor checked against it."""
+        the documents and the model config are parsed and every tensor checked against the config."""
         path = Path(path)
+        st = _stat_regular_file(path)
         try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: no such file") from None
-        except OSError as e:
-            raise ArtifactError(f"{path}: cannot read ({e.strerror})") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{path} is not a regular file")
-        if not os.access(path, os.R_OK):
-            raise ArtifactError(f"{path}: permission denied")
-        try:
-            with h5py.File(path, "r") as f:
+            # locking="best-effort": a read-only open must work on file systems without locks too
+            with h5py.File(path, "r", locking="best-effort") as f:
                 version = _check_header(path, f)
-                documents = _walk_group(path, f, META_GROUP, st.st_size, tensors=False)
-                tensors = _walk_group(path, f, TENSOR_GROUP, st.st_size, tensors=True)
+                walk = _Walk(path, f, st.st_size)
+                documents = walk.group(META_GROUP, tensors=False)
+                tensors = walk.group(TENSOR_GROUP, tensors=True)
+                walk.check_overlaps()
         except ArtifactError:
             raise
         except OSError:
             raise ArtifactError(f"{path} is not a .tern artifact, or is damaged (HDF5 cannot read it)") from None
         except Exception as e:  # h5py raises many types on damaged files; all mean the same to a user
-            raise ArtifactError(f"{path}: damaged artifact structure ({type(e).__name__}: {e})") from None
-        with open(path, "rb") as f:
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        artifact = cls(path, version, tensors, documents, buffer)
+            raise ArtifactError(f"{path}: damaged artifact structure ({_one_line(e)})") from None
+        artifact = cls(path, version, tensors, documents, _map(path, st))
         if check_model:
             try:
+                artifact._check_documents()
                 artifact.config = artifact._model_config()
                 check_tensors(path, tensors, artifact.config)
             except BaseException:
@@ -94,12 +115,28 @@ class Artifact:
                 raise
         return artifact
 
+    def _check_documents(self) -> None:
+        for name in REQUIRED_DOCUMENTS:
+            if name not in self.documents:
+                raise ArtifactError(f"{self.path}: document {name} is missing")
+        for name in JSON_DOCUMENTS:
+            if name in self.documents:
+                text = self.document(name)
+                try:
+                    value = json.loads(text)
+                except (ValueError, RecursionError) as e:
+                    raise ArtifactError(f"{self.path}: document {name} is not valid JSON ({_one_line(e)})") from None
+                if not isinstance(value, dict):
+                    raise ArtifactError(f"{self.path}: document {name} is not a JSON object")
+
     def _model_config(self) -> ModelConfig:
         text = self.document("model_config.json")
         try:
-            return ModelConfig.from_json(text)
+            config = ModelConfig.from_json(text)
+            _check_config_values(config)
         except ArtifactError as e:
             raise ArtifactError(f"{self.path}: {e}") from None
+        return config
 
     def tensor(self, name: str) -> np.ndarray:
         """The stored data of tensor `name` (encoding's dtype, stored shape), read-only and zero-copy."""
@@ -145,18 +182,49 @@ class Artifact:
         self.close()
 
 
-def _check_header(path: Path, f: h5py.File) -> tuple[int, int]:
-    name = f.attrs.get("format")
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    if name != FORMAT_NAME:
-        what = "it has no format attribute" if name is None else f"its format is {name!r}"
-        raise ArtifactError(f"{path} is not a .tern artifact ({what})")
-    text = _str_attr(f.attrs, "format_version", f"{path}: the root group")
+def _stat_regular_file(path: Path) -> os.stat_result:
     try:
-        major, minor = (int(p) for p in text.split("."))
-    except ValueError:
-        raise ArtifactError(f"{path}: malformed format_version {text!r}") from None
+        st = path.stat()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO (opening it would block), a device
+        raise ArtifactError(f"{path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ArtifactError(f"{path}: permission denied")
+    return st
+
+
+def _map(path: Path, before: os.stat_result) -> mmap.mmap:
+    """The whole file, mapped read-only; it must be the very file that was walked."""
+    try:
+        with open(path, "rb") as f:
+            now = os.fstat(f.fileno())
+            if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
+                before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns
+            ):
+                raise ArtifactError(f"{path} changed while it was being opened (replaced or rewritten); open it again")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: cannot map the file ({_one_line(e)})") from None
+
+
+def _check_header(path: Path, f: h5py.File) -> tuple[int, int]:
+    root = f"{path}: the root group"
+    try:
+        name = _text_attr(f.id, "format", root, required=False)
+    except ArtifactError:
+        raise ArtifactError(f"{path} is not a .tern artifact (its format attribute is not text)") from None
+    if name != FORMAT_NAME:
+        what = "it has no format attribute" if name is None else f"its format is {name[:100]!r}"
+        raise ArtifactError(f"{path} is not a .tern artifact ({what})")
+    text = _text_attr(f.id, "format_version", root)
+    match = _VERSION.fullmatch(text)
+    try:
+        major, minor = int(match.group(1)), int(match.group(2))
+    except (AttributeError, ValueError):  # no match, or more digits than int() parses
+        raise ArtifactError(f"{path}: malformed format_version {text[:100]!r} (expected MAJOR.MINOR)") from None
     if major > FORMAT_VERSION[0]:
         raise ArtifactError(
             f"{path} uses .tern format {major}.{minor}, newer than this ferrisres reads "
@@ -167,44 +235,249 @@ def _check_header(path: Path, f: h5py.File) -> tuple[int, int]:
     return major, minor
 
 
-def _walk_group(path: Path, f: h5py.File, group: str, file_size: int, *, tensors: bool) -> dict[str, TensorInfo]:
-    g = f.get(group)
-    if not isinstance(g, h5py.Group):
-        raise ArtifactError(f"{path}: group /{group} is missing")
-    out = {}
-    for name, ds in g.items():
-        where = f"{path}: dataset /{group}/{name}"
-        if not isinstance(ds, h5py.Dataset):
-            raise ArtifactError(f"{where} is not a dataset")
-        encoding = _str_attr(ds.attrs, "encoding", where) if tensors else "bytes"
+class _Walk:
+    """One pass over the file's objects: checks each, remembers where data and object headers lie."""
+
+    def __init__(self, path: Path, f: h5py.File, file_size: int):
+        self.path, self.f, self.file_size = path, f, file_size
+        self.base = int(f.id.get_create_plist().get_userblock())  # where the superblock is; addresses count from it
+        self.spans: list[tuple[int, int, str]] = []  # data: (start, end, dataset)
+        self.headers: list[tuple[int, str]] = [(self.base + _header_address(f.id), "the root group")]
+        for name in f:
+            if name not in (META_GROUP, TENSOR_GROUP):
+                raise ArtifactError(f"{path}: unexpected object /{name} (a .tern file holds only /meta and /tensors)")
+
+    def group(self, group: str, *, tensors: bool) -> dict[str, TensorInfo]:
+        path = self.path
+        gid = _open_hard_link(self.f.id, group, f"{path}: /{group}")
+        if gid is None:
+            raise ArtifactError(f"{path}: group /{group} is missing")
+        if not isinstance(gid, h5g.GroupID):
+            raise ArtifactError(f"{path}: /{group} is not a group")
+        self.headers.append((self.base + _header_address(gid), f"group /{group}"))
+        out = {}
+        for name in h5py.Group(gid):
+            where = f"{path}: dataset /{group}/{name}"
+            try:
+                oid = _open_hard_link(gid, name, where)
+                if not isinstance(oid, h5d.DatasetID):
+                    raise ArtifactError(f"{where} is not a dataset")
+                info = self._dataset(oid, name, where, tensors)
+                self.headers.append((self.base + _header_address(oid), f"dataset /{group}/{name}"))
+            except ArtifactError:
+                raise
+            except Exception as e:  # HDF5 cannot read this object: say which one
+                raise ArtifactError(f"{where} is damaged ({_one_line(e)})") from None
+            self.spans.append((info.offset, info.offset + info.nbytes, f"/{group}/{name}"))
+            out[name] = info
+        return out
+
+    def _dataset(self, ds: h5d.DatasetID, name: str, where: str, tensors: bool) -> TensorInfo:
+        # Where the data is: in this file, in one contiguous run of raw bytes.
+        dcpl = ds.get_create_plist()
+        if dcpl.get_external_count():
+            raise ArtifactError(f"{where} keeps its data in external files; an artifact is read only from itself")
+        layout = dcpl.get_layout()
+        if layout == h5d.VIRTUAL:
+            raise ArtifactError(f"{where} is a virtual dataset (its data would come from other files)")
+        if layout == h5d.CHUNKED or dcpl.get_nfilters():
+            raise ArtifactError(f"{where} is chunked or filtered (compressed); the format needs contiguous raw data")
+        if layout != h5d.CONTIGUOUS:
+            raise ArtifactError(f"{where} is stored compact, inside its object header; the format needs contiguous raw data")
+
+        # What it holds: a simple dataspace, the exact datatype of its encoding.
+        space = ds.get_space()
+        if space.get_simple_extent_type() != h5s.SIMPLE:
+            raise ArtifactError(f"{where} has a scalar or null dataspace; the format needs an array")
+        stored = tuple(int(n) for n in space.shape)
+        if not 1 <= len(stored) <= (_MAX_RANK if tensors else 1):
+            raise ArtifactError(f"{where} has {len(stored)} dimensions")
+        if min(stored) < 1:
+            raise ArtifactError(f"{where} is empty (shape {list(stored)})")
+        encoding = _text_attr(ds, "encoding", where) if tensors else _text_attr(ds, "encoding", where, required=False)
+        if not tensors and encoding not in (None, "bytes"):
+            raise ArtifactError(f"{where} has encoding {encoding[:50]!r}; documents are bytes")
+        encoding = encoding or "bytes"
         if encoding not in ENCODINGS:
-            raise ArtifactError(f"{where} has unknown encoding {encoding!r}")
-        if ds.dtype != ENCODINGS[encoding]:
-            raise ArtifactError(f"{where} has dtype {ds.dtype}, encoding {encoding} needs {ENCODINGS[encoding]}")
-        stored = tuple(int(n) for n in ds.shape)
+            raise ArtifactError(f"{where} has unknown encoding {encoding[:50]!r}")
+        expected = ENCODINGS[encoding]
+        tid = ds.get_type()
+        if not tid.equal(h5t.py_create(expected)):
+            raise ArtifactError(f"{where} has datatype {_describe_type(tid)}, encoding {encoding} needs {_describe_dtype(expected)}")
+
+        # Where its bytes are, computed from the declared shape with Python integers and checked
+        # against the file before anything is read.
+        nbytes = math.prod(stored) * expected.itemsize
+        offset = ds.get_offset()
+        if offset is None:
+            raise ArtifactError(f"{where} has no data (its storage was never allocated)")
+        offset = int(offset)
+        if offset + nbytes > self.file_size:
+            raise ArtifactError(
+                f"{where} lies outside the file (offset {offset}, {nbytes} bytes, file of {self.file_size} bytes)"
+            )
+        if offset < self.base + _SUPERBLOCK_BYTES:
+            raise ArtifactError(f"{where} overlaps the HDF5 superblock (offset {offset})")
+        if offset % _MIN_ALIGNMENT:
+            raise ArtifactError(f"{where} is misaligned (offset {offset} is not a multiple of {_MIN_ALIGNMENT})")
+        storage = int(ds.get_storage_size())
+        if storage != nbytes:
+            raise ArtifactError(f"{where} has {storage} bytes of storage for {nbytes} bytes of data")
+
         if tensors:
-            shape = tuple(int(n) for n in np.asarray(ds.attrs.get("shape", ()), dtype=np.int64).reshape(-1))
+            shape = _shape_attr(ds, where)
             if stored_shape_of(encoding, shape) != stored:
-                raise ArtifactError(f"{where} is stored as {stored}, which does not hold logical shape {shape}")
+                raise ArtifactError(f"{where} is stored as {list(stored)}, which does not hold logical shape {list(shape)}")
         else:
             shape = stored
-        if ds.chunks is not None or ds.id.get_create_plist().get_nfilters():
-            raise ArtifactError(f"{where} is chunked or filtered; the format needs contiguous raw data")
-        offset = ds.id.get_offset()
-        nbytes = int(np.prod(stored, dtype=np.int64)) * ds.dtype.itemsize
-        if offset is None or nbytes == 0:
-            raise ArtifactError(f"{where} has no data")
-        if offset % _MIN_ALIGNMENT or offset + nbytes > file_size:
-            raise ArtifactError(f"{where} lies outside the file or is misaligned (offset {offset}, {nbytes} bytes)")
-        out[name] = TensorInfo(name, encoding, shape, stored, offset, nbytes, _str_attr(ds.attrs, DIGEST_ATTR, where))
-    return out
+        value = _text_attr(ds, DIGEST_ATTR, where)
+        if not _DIGEST.fullmatch(value):
+            raise ArtifactError(f"{where}: attribute {DIGEST_ATTR!r} is not a BLAKE2b-256 digest (64 hex digits)")
+        return TensorInfo(name, encoding, shape, stored, offset, nbytes, value.lower())
+
+    def check_overlaps(self) -> None:
+        """No two datasets share a byte, and no dataset covers an object header the walk went through."""
+        spans = sorted(self.spans)
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise ArtifactError(
+                    f"{self.path}: dataset {second} overlaps dataset {first}: every dataset must have its own bytes"
+                )
+        starts = [s[0] for s in spans]
+        for address, what in self.headers:
+            i = bisect.bisect_right(starts, address) - 1
+            if i >= 0 and address < spans[i][1]:
+                raise ArtifactError(f"{self.path}: dataset {spans[i][2]} overlaps HDF5 metadata (the object header of {what})")
 
 
-def _str_attr(attrs, key: str, where: str) -> str:
-    value = attrs.get(key)
+def _open_hard_link(gid, name: str, where: str):
+    """The object `name` of group `gid` (None if there is none), opened only if it is a hard link:
+    a soft link could alias another dataset, an external one would open another file."""
+    key = name.encode("utf-8")
+    try:
+        kind = gid.links.get_info(key).type
+    except KeyError:
+        return None
+    if kind != h5l.TYPE_HARD:
+        what = {h5l.TYPE_SOFT: "a soft", h5l.TYPE_EXTERNAL: "an external"}.get(kind, "a user-defined")
+        raise ArtifactError(f"{where} is {what} link; a .tern file has none (nothing outside it is ever read)")
+    return h5o.open(gid, key)
+
+
+def _header_address(oid) -> int:
+    return int(h5o.get_info(oid).addr)
+
+
+def _open_attr(oid, key: str):
+    name = key.encode("utf-8")
+    return h5a.open(oid, name) if h5a.exists(oid, name) else None
+
+
+def _text_attr(oid, key: str, where: str, required: bool = True) -> str | None:
+    """A scalar text attribute (variable or fixed length, UTF-8), its type checked before it is read."""
+    aid = _open_attr(oid, key)
+    if aid is None:
+        if required:
+            raise ArtifactError(f"{where} lacks the text attribute {key!r}")
+        return None
+    tid = aid.get_type()
+    if tid.get_class() != h5t.STRING or aid.get_space().get_simple_extent_type() != h5s.SCALAR:
+        raise ArtifactError(f"{where}: attribute {key!r} is not a text string")
+    if tid.is_variable_str():
+        value = np.empty((), dtype=h5py.string_dtype())
+        aid.read(value, mtype=h5t.py_create(value.dtype))
+    else:
+        if tid.get_size() > _MAX_TEXT_ATTR:
+            raise ArtifactError(f"{where}: attribute {key!r} is too long")
+        value = np.empty((), dtype=f"S{tid.get_size()}")
+        aid.read(value, mtype=tid)
+    value = value[()]
     if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ArtifactError(f"{where}: attribute {key!r} is not valid UTF-8") from None
     if not isinstance(value, str):
-        raise ArtifactError(f"{where} lacks the text attribute {key!r}")
+        raise ArtifactError(f"{where}: attribute {key!r} is not a text string")
     return value
 
+
+def _shape_attr(oid, where: str) -> tuple[int, ...]:
+    """The `shape` attribute: 1 to _MAX_RANK positive integers (its size is checked before it is read)."""
+    aid = _open_attr(oid, "shape")
+    if aid is None:
+        raise ArtifactError(f"{where} lacks the attribute 'shape'")
+    space = aid.get_space()
+    if (
+        aid.get_type().get_class() != h5t.INTEGER
+        or space.get_simple_extent_type() != h5s.SIMPLE
+        or len(space.shape) != 1
+        or not 1 <= space.shape[0] <= _MAX_RANK
+    ):
+        raise ArtifactError(f"{where}: attribute 'shape' is not an array of 1 to {_MAX_RANK} integers")
+    value = np.empty(space.shape, dtype=np.int64)
+    aid.read(value)
+    shape = tuple(int(n) for n in value)
+    if min(shape) < 1:
+        raise ArtifactError(f"{where}: attribute 'shape' {list(shape)} has a dimension below 1")
+    return shape
+
+
+def _describe_type(tid) -> str:
+    cls = tid.get_class()
+    if cls in (h5t.INTEGER, h5t.FLOAT) and tid.get_size() > 1 and tid.get_order() == h5t.ORDER_BE:
+        return f"big-endian {'float' if cls == h5t.FLOAT else 'integer'} of {tid.get_size()} bytes"
+    try:
+        return _describe_dtype(tid.dtype)
+    except Exception:
+        return f"HDF5 class {cls}"
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    return f"{dtype.name} ({dtype.str})" if dtype.kind in "iuf" else str(dtype)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _check_config_values(c: ModelConfig) -> None:
+    """Types and ranges of the model config's values that its constructor leaves unchecked and the
+    runtime computes with (a string, NaN or 0 there would fail deep inside a forward pass)."""
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def bad(name: str, expected: str, value) -> ArtifactError:
+        return ArtifactError(f"model config: {name} must be {expected}, got {str(value)[:50]!r}")
+
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "sliding_window", "max_position_embeddings",
+                 "ple_vocab_size"):
+        if not is_int(getattr(c, name)) or getattr(c, name) <= 0:
+            raise bad(name, "a positive integer", getattr(c, name))
+    for name in ("ple_dim", "bos_token_id", "pad_token_id"):
+        if not is_int(getattr(c, name)) or getattr(c, name) < 0:
+            raise bad(name, "an integer >= 0", getattr(c, name))
+    if c.bos_token_id >= c.vocab_size:
+        raise bad("bos_token_id", f"below vocab_size {c.vocab_size}", c.bos_token_id)
+    for name in ("head_dims", "kv_heads", "intermediate_sizes", "kv_sources", "eos_token_ids"):
+        for v in getattr(c, name):
+            if not is_int(v) or v < 0:
+                raise bad(f"every entry of {name}", "an integer >= 0", v)
+    if not isinstance(c.k_eq_v, bool):
+        raise bad("k_eq_v", "true or false", c.k_eq_v)
+    if not is_number(c.rms_norm_eps) or c.rms_norm_eps < 0:
+        raise bad("rms_norm_eps", "a finite number >= 0", c.rms_norm_eps)
+    if c.final_logit_softcapping is not None and not (is_number(c.final_logit_softcapping) and c.final_logit_softcapping > 0):
+        raise bad("final_logit_softcapping", "null or a finite number > 0", c.final_logit_softcapping)
+    for t, r in c.rope.items():
+        if not is_number(r.theta) or r.theta <= 0:
+            raise bad(f"rope {t} theta", "a finite number > 0", r.theta)
+        if not is_number(r.partial_rotary_factor) or not 0 <= r.partial_rotary_factor <= 1:
+            raise bad(f"rope {t} partial_rotary_factor", "a number in [0, 1]", r.partial_rotary_factor)
+        if not is_number(r.factor) or r.factor <= 0:
+            raise bad(f"rope {t} factor", "a finite number > 0", r.factor)

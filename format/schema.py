@@ -14,7 +14,8 @@ from .model_config import ModelConfig
 TABLES = ("embed_tokens", "embed_tokens_per_layer")  # looked up by row, never multiplied whole
 TABLE_ENCODINGS = ("bf16", "f16", "f32")
 LINEAR_ENCODINGS = ("ternary", "int8", "bf16", "f16", "f32")
-SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.scale`, [out] or [1]
+SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.weight_scale`
+SCALE_SUFFIX = ".weight_scale"  # per row (the tensor's shape without its last axis) or [1] for the whole tensor
 HEAD = "lm_head"  # optional: the output head's own copy; without it the head is embed_tokens (tied)
 
 
@@ -94,10 +95,10 @@ def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
         if info.encoding not in allowed:
             raise ArtifactError(f"{path}: tensor {name} has encoding {info.encoding}, expected one of {', '.join(allowed)}")
         if info.encoding in SCALED_ENCODINGS:
-            scale = tensors.get(name + ".scale")
+            scale = tensors.get(name + SCALE_SUFFIX)
             if scale is None or scale.encoding != "f32" or scale.shape not in (shape[:-1], (1,)):
                 raise ArtifactError(f"{path}: tensor {name}.scale is missing or not float32 {list(shape[:-1])} or [1]")
-            scales.add(name + ".scale")
+            scales.add(name + SCALE_SUFFIX)
     extra = sorted(set(tensors) - set(expected) - scales)
     if extra:
         raise ArtifactError(f"{path}: unexpected tensor {extra[0]} for this model config")

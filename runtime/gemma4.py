@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferrisres.format import HEAD, Artifact, RopeConfig, decode_f32
-from ferrisres.format.schema import SCALED_ENCODINGS
+from ferrisres.format.schema import SCALE_SUFFIX, SCALED_ENCODINGS
 
 from .kernels import Linear
 from .kv_cache import KVCache
@@ -95,14 +95,14 @@ class Gemma4:
 
     def _linear(self, name: str) -> Linear:
         info = self._artifact.tensors[name]
-        scale = self._artifact.tensor(name + ".scale") if info.encoding in SCALED_ENCODINGS else None
+        scale = self._artifact.tensor(name + SCALE_SUFFIX) if info.encoding in SCALED_ENCODINGS else None
         return Linear(self._artifact.tensor(name), info.encoding, info.shape, scale)
 
     def _stacked_linears(self, name: str) -> list[Linear]:
         """A 3-D tensor [experts, out, in] (Gemma 4's MoE block) as one Linear per expert."""
         info = self._artifact.tensors[name]
         data = self._artifact.tensor(name)
-        scale = self._artifact.tensor(name + ".scale") if info.encoding in SCALED_ENCODINGS else None
+        scale = self._artifact.tensor(name + SCALE_SUFFIX) if info.encoding in SCALED_ENCODINGS else None
         per_row = scale is not None and scale.size > 1
         return [Linear(data[e], info.encoding, info.shape[1:], scale[e] if per_row else scale)
                 for e in range(info.shape[0])]
@@ -112,17 +112,19 @@ class Gemma4:
         prefix = f"layers.{i}."
         weights = {}
         for name, info in self._artifact.tensors.items():
-            if name.startswith(prefix) and not name.endswith(".scale"):
+            if name.startswith(prefix) and not name.endswith(SCALE_SUFFIX):
                 load = {1: self._artifact.tensor, 2: self._linear, 3: self._stacked_linears}[len(info.shape)]
                 weights[name[len(prefix):]] = load(name)
         return weights
 
     # -- the forward pass --
 
-    def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+    def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False,
+                hidden_states: list | None = None) -> np.ndarray:
         """Logits float32 [T, vocab] for `ids` following the tokens already in `cache` (which is extended).
 
         With `last_only`, only the last position's logits are computed ([1, vocab]): all decoding needs.
+        `hidden_states`, if given, receives each layer's output [T, hidden] (for evaluation tools).
         """
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
@@ -142,6 +144,8 @@ class Gemma4:
             x = self._layer_forward(i, layer, x, positions, rope[c.layer_types[i]], ple, cache, shared_kv)
             if attnres is not None:
                 x = attnres.after_layer(i, x, self.attnres_gates)
+            if hidden_states is not None:
+                hidden_states.append(x)
         if attnres is not None:
             cache.attnres_sums = attnres.sums
         cache.length += len(ids)

@@ -1,0 +1,84 @@
+"""Measure each ternary scheme against its teacher: `make quality` (writes bench/quality.json and QUALITY.md).
+
+For every checkpoint, the f32 teacher and one student per scheme are converted, then compared with
+`ferrisres.runtime.evaluate.compare` on fixed token sequences: relative weight error, KL(teacher ||
+student) of the next-token distributions, top-1 agreement. The tiny checkpoints have random weights,
+so their numbers measure how faithfully each scheme reproduces a network, not language quality.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ferrisres.convert.build import convert
+from ferrisres.convert.quantize import SCHEMES
+from ferrisres.convert.student import Options
+from ferrisres.runtime import load
+from ferrisres.runtime.evaluate import compare
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS = ["tiny_gemma4", "tiny_gemma4_bf16", "tiny_gemma4_e4b", "tiny_gemma4_26b", "tiny_gemma4_31b"]
+SEQUENCES = 4  # random token sequences of 64 tokens each, plus the fixture's own prompt
+
+
+def sequences(vocab: int, fixture_ids: np.ndarray) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [fixture_ids.tolist()] + [[2, *rng.integers(5, vocab, 63).tolist()] for _ in range(SEQUENCES)]
+
+
+def measure(folder: Path, work: Path) -> dict[str, dict]:
+    teacher_path = work / f"{folder.name}-f32.tern"
+    convert(folder, teacher_path, Options(quant="f32"), progress=False)
+    teacher = load(teacher_path)
+    ids = np.load(ROOT / "tests/fixtures/reference" / f"{folder.name}.npz")["ids"]
+    results = {}
+    for scheme in SCHEMES:
+        path = work / f"{folder.name}-{scheme}.tern"
+        convert(folder, path, Options(scheme=scheme), progress=False)
+        runs = [compare(teacher, load(path), seq) for seq in sequences(teacher.config.vocab_size, ids)]
+        results[scheme] = {
+            "weight_relative_error": runs[0]["weight_relative_error"],
+            "kl_teacher_student": float(np.mean([r["kl_teacher_student"] for r in runs])),
+            "top1_agreement": float(np.mean([r["top1_agreement"] for r in runs])),
+            "last_layer_cosine": float(np.mean([r["layer_cosine"][-1] for r in runs])),
+        }
+    return results
+
+
+def main() -> int:
+    table = {}
+    with tempfile.TemporaryDirectory() as work:
+        for name in CHECKPOINTS:
+            folder = ROOT / "tests/fixtures" / name
+            if folder.is_dir():
+                table[name] = measure(folder, Path(work))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    (ROOT / "bench/quality.json").write_text(json.dumps({"commit": commit, "results": table}, indent=2) + "\n")
+    lines = ["| checkpoint | scheme | weight rel. error | KL(teacher‖student) | top-1 agreement | last-layer cosine |",
+             "|---|---|---|---|---|---|"]
+    for name, schemes in table.items():
+        best = min(schemes, key=lambda s: schemes[s]["kl_teacher_student"])
+        for scheme, r in schemes.items():
+            mark = " **(lowest KL)**" if scheme == best else ""
+            lines.append(f"| {name} | {scheme}{mark} | {r['weight_relative_error']:.4f} | {r['kl_teacher_student']:.4f} "
+                         f"| {r['top1_agreement']:.3f} | {r['last_layer_cosine']:.3f} |")
+    means = {s: np.mean([table[n][s]["kl_teacher_student"] for n in table]) for s in SCHEMES}
+    lines += ["", "Mean KL over checkpoints: " + ", ".join(f"{s} {v:.4f}" for s, v in sorted(means.items(), key=lambda kv: kv[1]))]
+    report = "\n".join(lines)
+    (ROOT / "QUALITY.md").write_text(
+        f"# Ternary schemes against their teacher\n\nMeasured by `make quality` (bench/quality.py) at commit {commit} "
+        f"on {platform.machine()} / Python {platform.python_version()}. {__doc__.split(chr(10))[2].strip()}\n\n"
+        + report + "\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`ferrisres-eval TEACHER.tern STUDENT.tern`: how much of the teacher a student keeps.
+
+On one token sequence: each model's perplexity, KL(teacher || student) of the next-token
+distributions, top-1 agreement, the cosine of every layer's hidden states, and the relative error
+of the student's projection weights against the teacher's.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ferrisres.format import decode_f32, unpack_ternary
+from ferrisres.format.cli import parse_args, run_main
+from ferrisres.format.schema import SCALE_SUFFIX
+
+from .kv_cache import KVCache
+from .model import Model, load
+
+PROG = "ferrisres-eval"
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def dequantized(model: Model, name: str) -> np.ndarray:
+    """A weight of the artifact as float32 with its scale applied (whole tensor: for evaluation only)."""
+    info = model.artifact.tensors[name]
+    data = model.artifact.tensor(name)
+    if info.encoding in ("ternary", "int8"):
+        w = unpack_ternary(data.reshape(-1, data.shape[-1]), info.shape[-1]) if info.encoding == "ternary" else data.astype(np.float32)
+        scale = model.artifact.tensor(name + SCALE_SUFFIX).reshape(-1)
+        return (w.reshape(-1, info.shape[-1]) * (scale[:, None] if scale.size > 1 else scale[0])).reshape(info.shape)
+    return decode_f32(data, info.encoding)
+
+
+def compare(teacher: Model, student: Model, ids: list[int]) -> dict:
+    """Quality numbers of `student` against `teacher` on `ids` (both artifacts of the same model)."""
+    outputs = {}
+    for role, model in (("teacher", teacher), ("student", student)):
+        hidden: list = []
+        logits = model.decoder.forward(np.asarray(ids), KVCache(model.config), hidden_states=hidden)
+        outputs[role] = (log_softmax(logits), hidden)
+    (t_logp, t_hidden), (s_logp, s_hidden) = outputs["teacher"], outputs["student"]
+    targets = np.asarray(ids[1:])
+    positions = np.arange(len(targets))
+    kl = np.sum(np.exp(t_logp) * (t_logp - s_logp), axis=-1)
+    return {
+        "tokens": len(ids),
+        "teacher_perplexity": float(np.exp(-t_logp[positions, targets].mean())),
+        "student_perplexity": float(np.exp(-s_logp[positions, targets].mean())),
+        "kl_teacher_student": float(kl.mean()),
+        "top1_agreement": float(np.mean(t_logp.argmax(-1) == s_logp.argmax(-1))),
+        "layer_cosine": [float(np.mean(_cosine(t, s))) for t, s in zip(t_hidden, s_hidden)],
+        "weight_relative_error": _weight_error(teacher, student),
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def _weight_error(teacher: Model, student: Model) -> float | None:
+    """||W_student - W_teacher|| / ||W_teacher|| over all ternary projections both artifacts hold."""
+    error = norm = 0.0
+    for name, info in student.artifact.tensors.items():
+        if info.encoding != "ternary" or name not in teacher.artifact.tensors:
+            continue
+        t = dequantized(teacher, name).astype(np.float64)
+        error += float(np.sum((dequantized(student, name) - t) ** 2))
+        norm += float(np.sum(t**2))
+    return float(np.sqrt(error / norm)) if norm else None
+
+
+@dataclass
+class Args:
+    teacher: str = field(metadata={"args": ["teacher"], "help": "the unquantized artifact (ferrisres-convert --quant f32)"})
+    student: str = field(metadata={"args": ["student"], "help": "the student artifact of the same checkpoint"})
+    text: Optional[str] = field(default=None, metadata={"help": "UTF-8 text file to evaluate on (default: --ids)"})
+    ids: Optional[str] = field(default=None, metadata={"help": "comma-separated token ids to evaluate on"})
+    json: bool = field(default=False, metadata={"help": "print JSON"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(Args, PROG, __doc__, argv)
+    return run_main(PROG, lambda: _evaluate(args), (ValueError,))
+
+
+def _evaluate(args: Args) -> int:
+    teacher, student = load(args.teacher), load(args.student)
+    if teacher.config.to_json() != student.config.to_json() and teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError("the two artifacts are not of the same model")
+    if (args.text is None) == (args.ids is None):
+        raise ValueError("give exactly one of --text and --ids")
+    if args.text is not None:
+        ids = teacher.encode(open(args.text, encoding="utf-8").read())
+    else:
+        ids = [int(t) for t in args.ids.split(",") if t.strip()]
+    report = compare(teacher, student, ids)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"tokens {report['tokens']}: perplexity teacher {report['teacher_perplexity']:.3f}, "
+              f"student {report['student_perplexity']:.3f}; KL(teacher||student) {report['kl_teacher_student']:.4f}; "
+              f"top-1 agreement {report['top1_agreement']:.3f}; weight error {report['weight_relative_error']}")
+        print("layer cosine: " + " ".join(f"{c:.3f}" for c in report["layer_cosine"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
