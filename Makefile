@@ -7,7 +7,7 @@ OUT ?= out/$(notdir $(MODEL)).tern
 PROMPT ?= The quick brown fox
 ARGS ?=
 
-.PHONY: demo test convert clean
+.PHONY: demo test convert quality clean
 
 # The bundled model is a tiny Gemma 4 with random weights (no real weights can be bundled): it shows
 # the whole path, teacher and ternary student side by side, not sensible text.
@@ -27,6 +27,10 @@ test: $(VENV)/.installed
 convert: $(VENV)/.installed
 	@mkdir -p $(dir $(OUT))
 	$(BIN)/ferrisres-convert $(MODEL) -o $(OUT) $(ARGS)
+
+# Each ternary scheme against its f32 teacher on the tiny checkpoints: writes QUALITY.md.
+quality: $(VENV)/.installed
+	$(BIN)/python bench/quality.py
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
