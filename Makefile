@@ -35,7 +35,7 @@ quality: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[convert,test]"
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e ".[convert,test]"
 	touch $@
 
 clean:

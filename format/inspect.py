@@ -65,7 +65,7 @@ def _inspect(args: Args) -> int:
         report = describe(artifact)
         bad = artifact.verify() if args.verify else None
     if args.verify:
-        report["verify"] = {"datasets": len(artifact.tensors) + len(artifact.documents), "mismatched": bad}
+        report["verify"] = {"tensors": len(artifact.tensors), "documents": len(artifact.documents), "mismatched": bad}
     print(json.dumps(report, indent=2) if args.json else _text(report))
     if bad:
         print(f"{PROG}: error: digest mismatch in {', '.join(bad)}: the file is corrupt", file=sys.stderr)
@@ -92,7 +92,8 @@ def _text(r: dict) -> str:
     lines.append(f"made by  {p.get('converter')}: {' '.join(p.get('command_line') or [])}")
     if "verify" in r:
         v = r["verify"]
-        lines.append(f"verify   {v['datasets']} datasets, " + ("all digests match" if not v["mismatched"] else f"{len(v['mismatched'])} MISMATCHED"))
+        lines.append(f"verify   {v['tensors']} tensors and {v['documents']} documents: "
+                     + ("all digests match" if not v["mismatched"] else f"{len(v['mismatched'])} MISMATCHED"))
     return "\n".join(lines)
 
 

@@ -2,8 +2,8 @@
 
     from ferrisres.runtime import load
     model = load("model.tern")
-    for token, text in model.generate("The capital of France is", max_tokens=32):
-        print(text, end="", flush=True)
+    for step in model.generate("The capital of France is", max_tokens=32):
+        print(step.text, end="", flush=True)
 
 Needs only numpy, h5py and tokenizers.
 """

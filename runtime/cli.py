@@ -102,17 +102,29 @@ def _read_prompt(args: Args) -> str:
 
 
 def _stream(generation: Generation, verbose: bool, load_seconds: float | None) -> None:
-    """Print the generation as it comes, and its summary even when interrupted."""
+    """Print the generation as it comes; then, also when Ctrl-C stops it, the summary line."""
+    line_open = False  # generated text on the terminal's current line
     try:
         for step in generation:
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
             if verbose:
-                _print_step(generation, step)
+                _print_step(generation, step, line_open)
+                line_open = False
+            if step.text:
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+                line_open = True
+    except KeyboardInterrupt:
+        _end_line(line_open)
+        print(_summary(generation, load_seconds), file=sys.stderr)
+        raise
+    _end_line(line_open)
+    print(_summary(generation, load_seconds), file=sys.stderr)
+
+
+def _end_line(line_open: bool) -> None:
+    if line_open:
         sys.stdout.write("\n")
         sys.stdout.flush()
-    finally:
-        print(_summary(generation, load_seconds), file=sys.stderr)
 
 
 def _chat(model: Model, args: Args, options: dict, load_seconds: float) -> int:
@@ -143,27 +155,29 @@ def _chat(model: Model, args: Args, options: dict, load_seconds: float) -> int:
         try:
             _stream(generation, args.verbose, None)
         except KeyboardInterrupt:
-            print(f"\n{PROG}: reply stopped", file=sys.stderr)
+            print(f"{PROG}: reply stopped", file=sys.stderr)
         finally:
             session.finish()
 
 
 def _summary(g: Generation, load_seconds: float | None) -> str:
-    prompt_rate = len(g.prompt_ids) / g.prefill_seconds if g.prefill_seconds else 0.0
-    decode_rate = g.decode_steps / g.decode_seconds if g.decode_seconds else 0.0
+    def rate(tokens: int, seconds: float) -> str:
+        return f"{tokens / seconds:.1f} tok/s" if seconds else "- tok/s"
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     load = f"load {load_seconds:.2f} s | " if load_seconds is not None else ""
     return (
-        f"{load}prompt {len(g.prompt_ids)} tokens, {prompt_rate:.1f} tok/s | "
-        f"generated {len(g.tokens)} tokens, {decode_rate:.1f} tok/s | "
+        f"{load}prompt {len(g.prompt_ids)} tokens, {rate(len(g.prompt_ids), g.prefill_seconds)} | "
+        f"generated {len(g.tokens)} tokens, {rate(g.decode_steps, g.decode_seconds)} | "
         f"stop: {g.stop_reason or 'interrupted'} | peak RSS {peak:.0f} MiB"
     )
 
 
-def _print_step(g: Generation, step) -> None:
+def _print_step(g: Generation, step, line_open: bool) -> None:
     tokenizer = g.model.tokenizer
+    what = "eos" if step.token in g.stop_ids else f"{len(g.tokens):4d}"
     top = ", ".join(f"{tokenizer.id_to_token(i)!r} {p:.3f}" for i, p in step.top or ())
-    print(f"[step {len(g.tokens):4d}] id {step.token:6d} {tokenizer.id_to_token(step.token)!r:>14} "
+    print(("\n" if line_open else "") + f"[step {what}] id {step.token:6d} {tokenizer.id_to_token(step.token)!r:>14} "
           f"{step.seconds * 1000:8.1f} ms | top: {top}", file=sys.stderr)
 
 

@@ -111,11 +111,10 @@ class Generation:
 
     def _update_text(self) -> None:
         text = self.model.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        for stop in self.stop_strings:
-            at = text.find(stop, max(0, self._shown - len(stop)))
-            if at >= 0:
-                text = text[:at]
-                self.stop_reason = "stop_string"
+        found = [at for stop in self.stop_strings if (at := text.find(stop, max(0, self._shown - len(stop) + 1))) >= 0]
+        if found:  # the earliest stop string wins, whatever the order they were given in
+            text = text[: min(found)]
+            self.stop_reason = "stop_string"
         self._text = text
 
     def _take_text(self, final: bool) -> str:
@@ -142,7 +141,8 @@ class Generation:
         return bool(decoder.getstate()[0])  # bytes held back, waiting for the rest of a character
 
     def _top(self, logits: np.ndarray) -> tuple[tuple[int, float], ...]:
-        p = token_probabilities(logits, SamplingParams(temperature=1.0), np.empty(0, np.int64))
+        """The 5 likeliest tokens at the sampling temperature (the model's own distribution when greedy)."""
+        p = token_probabilities(logits, SamplingParams(temperature=self.params.temperature or 1.0), np.empty(0, np.int64))
         best = np.argpartition(-p, 5)[:5]
         return tuple((int(i), float(p[i])) for i in best[np.argsort(-p[best])])
 
