@@ -1,0 +1,23 @@
+"""Dequantize an artifact's weights with plain numpy, independently of the runtime's kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrisres.format import Artifact, decode_f32, unpack_ternary
+
+
+def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
+    """float32 weights by artifact name (scales applied), the input `reference_logits` takes."""
+    out = {}
+    for name, info in artifact.tensors.items():
+        if name.endswith(".weight_scale"):
+            continue
+        data = artifact.tensor(name)
+        if info.encoding in ("ternary", "int8"):
+            w = unpack_ternary(data, info.shape[-1]) if info.encoding == "ternary" else data.astype(np.float32)
+            scale = artifact.tensor(name + ".weight_scale")
+            out[name] = w * (scale[:, None] if scale.size > 1 else scale[0])
+        else:
+            out[name] = decode_f32(data, info.encoding)
+    return out

@@ -1,0 +1,49 @@
+"""Shared test fixtures: the tiny Gemma 4 checkpoints (made with transformers, see fixtures/) and
+artifacts converted from them once per test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ferrisres.convert.build import Options, convert
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CHECKPOINTS = ("tiny_gemma4", "tiny_gemma4_mm", "tiny_gemma4_bf16")
+
+
+def reference(name: str) -> dict[str, np.ndarray]:
+    """transformers' outputs for checkpoint `name`: ids, logits, greedy, greedy_logits, inter_*."""
+    with np.load(FIXTURES / "reference" / f"{name}.npz") as f:
+        return dict(f)
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def converted(artifact_dir):
+    """converted(checkpoint, quant="ternary", scheme=...) -> path of the artifact, converted once per session."""
+    cache: dict[tuple, Path] = {}
+
+    def get(checkpoint: str, quant: str = "ternary", **options) -> Path:
+        key = (checkpoint, quant, tuple(sorted(options.items())))
+        if key not in cache:
+            out = artifact_dir / ("-".join([checkpoint, quant, *map(str, options.values())]) + ".tern")
+            convert(FIXTURES / checkpoint, out, Options(quant=quant, **options), progress=False)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def run_tool(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Run a console script (ferrisres-run, -convert, -inspect) from this venv; text output."""
+    tool = Path(sys.executable).parent / args[0]
+    return subprocess.run([str(tool), *args[1:]], capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -1,0 +1,99 @@
+"""Converter inputs and outputs: checkpoint layouts it must accept, and reproducible artifacts (rung 5)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from artifact_weights import dequantized_weights
+from conftest import FIXTURES, reference, run_tool
+from reference_forward import reference_logits
+from safetensors.numpy import load_file, save_file
+
+from ferrisres.convert.build import Options, convert
+from ferrisres.runtime import load
+
+
+def test_same_input_gives_byte_identical_artifacts(tmp_path):
+    """Two conversions, to different folders, through the real CLI."""
+    outputs = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        out = tmp_path / folder / "model.tern"
+        result = run_tool("ferrisres-convert", str(FIXTURES / "tiny_gemma4"), "-o", str(out), "--quiet")
+        assert result.returncode == 0, result.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_sharded_f16_checkpoint_converts(tmp_path):
+    """model.safetensors.index.json with two shards, f16 tensors: same weights as the f16-rounded source."""
+    source = FIXTURES / "tiny_gemma4"
+    tensors = load_file(source / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for shard, members in shards.items():
+        save_file({n: tensors[n].astype(np.float16) for n in members}, folder / shard)
+    weight_map = {n: shard for shard, members in shards.items() for n in members}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / f, folder / f)
+    convert(folder, tmp_path / "sharded.tern", Options(quant="f32"), progress=False)
+    model = load(tmp_path / "sharded.tern")
+    ids = reference("tiny_gemma4")["ids"]
+    weights = dequantized_weights(model.artifact)
+    assert np.array_equal(weights["layers.0.mlp.up_proj"], tensors["model.layers.0.mlp.up_proj.weight"].astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(model.logits(ids), reference_logits(weights, model.config, ids), rtol=0, atol=1e-3)
+
+
+def test_multimodal_and_text_only_names_give_the_same_model(converted):
+    """The real E2B stores text weights under model.language_model.*; towers are dropped."""
+    text = load(converted("tiny_gemma4", "ternary"))
+    multimodal = load(converted("tiny_gemma4_mm", "ternary"))
+    assert set(text.artifact.tensors) == set(multimodal.artifact.tensors)
+    for name in text.artifact.tensors:
+        assert np.array_equal(text.artifact.tensor(name), multimodal.artifact.tensor(name)), name
+
+
+def test_artifact_embeds_tokenizer_generation_config_and_provenance(converted):
+    model = load(converted("tiny_gemma4", "ternary"))
+    docs = model.artifact.documents
+    assert {"model_config.json", "student_config.json", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "provenance.json"} <= set(docs)
+    assert model.artifact.document("tokenizer.json") == (FIXTURES / "tiny_gemma4" / "tokenizer.json").read_text()
+    provenance = json.loads(model.artifact.document("provenance.json"))
+    assert set(provenance["source_files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert provenance["options"]["quant"] == "ternary" and provenance["options"]["scheme"] == "optimal-row"
+    assert provenance["options"]["moe"] is None and provenance["options"]["attnres"] is None
+    assert model.config.eos_token_ids == (1,)
+
+
+def test_bf16_source_keeps_bf16_embeddings_in_the_student(converted):
+    model = load(converted("tiny_gemma4_bf16", "ternary"))
+    assert model.artifact.tensors["embed_tokens"].encoding == "bf16"
+    assert model.artifact.tensors["embed_tokens_per_layer"].encoding == "bf16"
+
+
+def test_generating_imports_no_converter_dependency(converted):
+    """A machine that only runs artifacts needs numpy, h5py and tokenizers: nothing else is imported."""
+    code = (
+        "import sys\nfrom ferrisres.runtime import load\n"
+        f"model = load({str(converted('tiny_gemma4', 'ternary'))!r})\n"
+        "list(model.generate('Hello', max_tokens=4))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('safetensors', 'tqdm', 'torch') or m.startswith('ferrisres.convert')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("quant", ["ternary", "f32"])
+def test_run_prints_text_and_summary(converted, quant):
+    result = run_tool("ferrisres-run", str(converted("tiny_gemma4", quant)), "--prompt", "Hello world", "-n", "12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "prompt 7 tokens" in summary and "generated 12 tokens" in summary and "tok/s" in summary
