@@ -1,8 +1,8 @@
-"""Resolve a Hugging Face Gemma 4 `config.json` into the artifact's explicit `ModelConfig`.
+"""Resolve a Hugging Face Gemma 4 (or Gemma 3) `config.json` into the artifact's explicit `ModelConfig`.
 
 Follows transformers' `Gemma4TextConfig` (5.24): its defaults, both serialisations of per-layer
 values (the published `global_head_dim` / `num_global_key_value_heads`, and `per_layer_config`
-as 5.24 writes it), and its KV-sharing rule.
+as 5.24 writes it), and its KV-sharing rule; and `Gemma3TextConfig` for Gemma 3.
 """
 
 from __future__ import annotations
@@ -28,6 +28,14 @@ _DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
 }
+# Gemma3TextConfig's defaults: no per-layer embeddings, KV sharing, V norm or layer scalars.
+_GEMMA3_DEFAULTS = {
+    **_DEFAULTS, "vocab_size": 262208, "num_hidden_layers": 26, "sliding_window": 4096,
+    "hidden_size_per_layer_input": 0, "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
+    "sliding_window_pattern": 6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+}
+_FAMILIES = {"gemma4": ("gemma4_text", _DEFAULTS), "gemma4_text": ("gemma4_text", _DEFAULTS),
+             "gemma3": ("gemma3_text", _GEMMA3_DEFAULTS), "gemma3_text": ("gemma3_text", _GEMMA3_DEFAULTS)}
 
 
 def read_config(folder: Path) -> tuple[dict, dict]:
@@ -42,15 +50,18 @@ def read_config(folder: Path) -> tuple[dict, dict]:
     if not isinstance(whole, dict):
         raise ConversionError(f"{path} is not a JSON object")
     model_type = whole.get("model_type")
-    if model_type == "gemma4":
-        text = whole.get("text_config")
-        if not isinstance(text, dict):
-            raise ConversionError(f"{path}: a gemma4 config needs a text_config object")
-    elif model_type == "gemma4_text":
-        text = whole
-    else:
-        raise ConversionError(f"{path}: model_type {model_type!r} is not Gemma 4 (expected gemma4 or gemma4_text)")
-    return {**_DEFAULTS, **text}, whole
+    if model_type not in _FAMILIES:
+        raise ConversionError(f"{path}: model_type {model_type!r} is not Gemma 4 (or Gemma 3): expected one of {sorted(_FAMILIES)}")
+    text = whole if model_type.endswith("_text") else whole.get("text_config")
+    if not isinstance(text, dict):
+        raise ConversionError(f"{path}: a {model_type} config needs a text_config object")
+    return text_config_with_defaults({**text, "model_type": _FAMILIES[model_type][0]}), whole
+
+
+def text_config_with_defaults(text: dict) -> dict:
+    """A text config (model_type gemma4_text or gemma3_text) with transformers' defaults filled in."""
+    architecture, defaults = _FAMILIES[text.get("model_type", "gemma4_text")]
+    return {**defaults, **text, "model_type": architecture}
 
 
 def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
@@ -63,19 +74,22 @@ def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
         raise ConversionError("config: use_bidirectional_attention='all' (a non-causal model) is not supported")
     if c["hidden_activation"] != "gelu_pytorch_tanh":
         raise ConversionError(f"config: hidden_activation {c['hidden_activation']!r} is not supported")
+    gemma3 = c["model_type"] == "gemma3_text"
     L = _int(c, "num_hidden_layers")
-    layer_types = list(c.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(L)])
+    pattern = _int(c, "sliding_window_pattern") if gemma3 else 6
+    layer_types = list(c.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(L)])
     if len(layer_types) != L:
         raise ConversionError(f"config: layer_types has {len(layer_types)} entries for {L} layers")
-    layer_types[-1] = FULL  # as transformers does: the last layer is always full attention
-    overrides = _per_layer_overrides(c, layer_types)
+    if not gemma3:
+        layer_types[-1] = FULL  # as Gemma4TextConfig does: its last layer is always full attention
+    overrides = [{}] * L if gemma3 else _per_layer_overrides(c, layer_types)
     head_dims = tuple(_int({**c, **overrides[i]}, "head_dim") for i in range(L))
     kv_heads = tuple(_int({**c, **overrides[i]}, "num_key_value_heads") for i in range(L))
     kv_sources = _kv_sources(layer_types, _int(c, "num_kv_shared_layers", minimum=0))
     inter = _int(c, "intermediate_size")
     wide = bool(c["use_double_wide_mlp"])
     intermediate = tuple(2 * inter if wide and kv_sources[i] != i else inter for i in range(L))
-    rope_params = c.get("rope_parameters") or _DEFAULT_ROPE
+    rope_params = c.get("rope_parameters") or (_gemma3_rope(c) if gemma3 else _DEFAULT_ROPE)
     try:
         rope = {t: _rope(rope_params[t]) for t in sorted(set(layer_types))}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -105,9 +119,28 @@ def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
             eos_token_ids=tuple(eos_token_ids),
             pad_token_id=_int({**c, "pad_token_id": c["pad_token_id"] or 0}, "pad_token_id", minimum=0),
             **_moe_block(c),
+            **(_gemma3_differences(c) if gemma3 else {}),
         )
     except ArtifactError as e:
         raise ConversionError(str(e)) from None
+
+
+def _gemma3_rope(c: dict) -> dict:
+    """Gemma 3 (older config spelling): local layers use rope_local_base_freq, global ones rope_theta
+    with the optional rope_scaling (e.g. linear, factor 8 on the larger models)."""
+    full = {"rope_type": "default", "rope_theta": c["rope_theta"], **(c.get("rope_scaling") or {})}
+    return {SLIDING: {"rope_type": "default", "rope_theta": c["rope_local_base_freq"]}, FULL: full}
+
+
+def _gemma3_differences(c: dict) -> dict:
+    softcap = c.get("attn_logit_softcapping")
+    return {
+        "architecture": "gemma3_text",
+        "attention_scale": _float(c, "query_pre_attn_scalar") ** -0.5,
+        "attn_logit_softcapping": _float(c, "attn_logit_softcapping") if softcap else None,
+        "value_norm": False,
+        "layer_scalars": False,
+    }
 
 
 def _moe_block(c: dict) -> dict:
@@ -143,7 +176,7 @@ def _rope(params: dict) -> RopeConfig:
         rope_type=rope_type,
         theta=float(params["rope_theta"]),
         partial_rotary_factor=float(params.get("partial_rotary_factor", 1.0)),
-        factor=float(params.get("factor", 1.0)) if rope_type == "proportional" else 1.0,  # "default" ignores it
+        factor=float(params.get("factor", 1.0)) if rope_type != "default" else 1.0,  # "default" ignores it
     )
 
 

@@ -60,9 +60,12 @@ class LoraAdapter:
             if shape_a[1:] != (in_dim,) or shape_b[:1] != (out_dim,) or shape_a[0] != shape_b[1]:
                 raise ConversionError(f"--lora: {a} {list(shape_a)} / {b} {list(shape_b)} do not fit {target} {[out_dim, in_dim]}")
 
-    def merged(self, source: str, w: np.ndarray) -> np.ndarray:
+    def merged(self, source: str, w: np.ndarray, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """`w` (the weight `source`, or its rows r0:r1) with the adapter's update added, in float32."""
         pair = self.modules.get(source)
         if pair is None:
             return w
         a, b = (self.weights.read_f32(n, self.weights.tensors[n].shape) for n in pair)
+        if rows is not None:
+            b = b[rows[0] : rows[1]]
         return (w + np.float32(self.scale) * (b @ a)).astype(np.float32)

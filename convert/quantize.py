@@ -20,8 +20,10 @@ FERRISRES_ABSMEAN_NORM = np.float32(0.7978845608)  # sqrt(2/pi): mean|w| / sigma
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:
-    """Rust's f32::round (np.round rounds half to even)."""
-    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+    """Rust's f32::round, exactly (np.round rounds half to even; floor(|x| + 0.5) rounds 0.49999997 up,
+    because the addition itself rounds): the fractional part x - trunc(x) is exact."""
+    whole = np.trunc(x)
+    return np.where(np.abs(x - whole) >= 0.5, whole + np.sign(x), whole)
 
 
 def ternarize(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:

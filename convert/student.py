@@ -87,8 +87,10 @@ class StudentWeights:
         source = self.source_name(name)
         expert = _EXPERT.match(name)
         w = self.checkpoint.read_f32(source, shape, rows)
-        if self.lora is not None and rows is None:  # adapters target projections, which are read whole
-            w = self.lora.merged(source, w)
+        if self.lora is not None:
+            w = self.lora.merged(source, w, rows)
+        if self.config.architecture == "gemma3_text" and len(shape) == 1:
+            w = w + np.float32(1)  # Gemma 3's RMSNorm multiplies by (1 + w); the artifact stores that factor
         if expert and int(expert.group(2)) > 0 and self.options.moe_noise:
             kind = ("gate_proj", "up_proj", "down_proj").index(expert.group(3))
             rng = np.random.default_rng([self.options.seed, layer, int(expert.group(2)), kind])

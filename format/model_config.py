@@ -12,14 +12,15 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import ArtifactError
 
+ARCHITECTURES = ("gemma4_text", "gemma3_text")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
-ROPE_TYPES = ("default", "proportional")
+ROPE_TYPES = ("default", "linear", "proportional")
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    rope_type: str  # "default" (every pair rotates) or "proportional" (only the first partial pairs)
+    rope_type: str  # "default"/"linear" (every pair rotates; linear divides by factor) or "proportional"
     theta: float
     partial_rotary_factor: float = 1.0
     factor: float = 1.0
@@ -47,8 +48,12 @@ class ModelConfig:
     bos_token_id: int
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
-    architecture: str = "gemma4_text"
+    architecture: str = "gemma4_text"  # or "gemma3_text": the same decoder with the differences below
     activation: str = "gelu_pytorch_tanh"
+    attention_scale: float = 1.0  # Gemma 3: query_pre_attn_scalar ** -0.5
+    attn_logit_softcapping: float | None = None
+    value_norm: bool = True  # Gemma 4 RMS-normalizes V (no weight); Gemma 3 does not
+    layer_scalars: bool = True  # Gemma 4 scales each layer's output; Gemma 3 has no such tensor
     # Gemma 4's own mixture-of-experts block (26B-A4B), which runs beside the dense MLP.
     moe_block: bool = False
     num_experts: int = 0
@@ -93,7 +98,7 @@ class ModelConfig:
             raise ArtifactError("model config: the MoE block needs 0 < top_k_experts <= num_experts and moe_intermediate_size")
         if self.mlp_experts and not (self.mlp_experts >= 2 and 0 < self.mlp_top_k <= self.mlp_experts):
             raise ArtifactError("model config: an expert MLP needs mlp_experts >= 2 and 0 < mlp_top_k <= mlp_experts")
-        if self.architecture != "gemma4_text" or self.activation != "gelu_pytorch_tanh":
+        if self.architecture not in ARCHITECTURES or self.activation != "gelu_pytorch_tanh":
             raise ArtifactError(f"model config: unsupported architecture {self.architecture}/{self.activation}")
 
     def is_full(self, i: int) -> bool:

@@ -62,7 +62,8 @@ def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "per_layer_input_gate"] = (P, H)
             shapes[p + "per_layer_projection"] = (H, P)
             shapes[p + "post_per_layer_input_norm"] = (H,)
-        shapes[p + "layer_scalar"] = (1,)
+        if c.layer_scalars:
+            shapes[p + "layer_scalar"] = (1,)
     if c.attnres:
         shapes["attnres_gates"] = (len(c.attnres_blocks()),)
     shapes["norm"] = (H,)

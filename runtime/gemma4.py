@@ -1,4 +1,5 @@
-"""The Gemma 4 text decoder in numpy, float32, exactly as Hugging Face transformers computes it.
+"""The Gemma 4 text decoder in numpy, exactly as Hugging Face transformers computes it (and Gemma 3's,
+which is the same decoder without per-layer embeddings, KV sharing, V norm and layer scalars).
 
 Reference: transformers 5.24 `models/gemma4/modeling_gemma4.py`, summarised with line numbers in
 ../shared/reference/gemma4-transformers.md §4. Weights are views into the memory-mapped artifact;
@@ -17,12 +18,12 @@ from .kv_cache import KVCache
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
     """Gemma 4's RMSNorm multiplies by `weight` itself (not 1 + weight, unlike Gemma 3)."""
-    y = x * (np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps)) ** np.float32(-0.5)
+    y = x * (np.mean(np.square(x), axis=-1, keepdims=True) + eps) ** -0.5
     return y if weight is None else y * weight
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return np.float32(0.5) * x * (1 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -32,11 +33,11 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     exponents over the whole head_dim; the other pairs get frequency 0 and pass through unrotated.
     """
     half = head_dim // 2
-    rotated = half if rope.rope_type == "default" else int(rope.partial_rotary_factor * head_dim // 2)
+    rotated = int(rope.partial_rotary_factor * head_dim // 2) if rope.rope_type == "proportional" else half
     exponents = np.arange(0, 2 * rotated, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = np.zeros(half, dtype=np.float32)
     inv_freq[:rotated] = np.float32(1) / np.float32(rope.theta) ** exponents
-    return inv_freq / np.float32(rope.factor)
+    return inv_freq / np.float32(rope.factor)  # factor is 1 unless "linear" or "proportional" scaling sets it
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -46,8 +47,10 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def attention(q, keys, values, q_positions, k_positions, window: int | None) -> np.ndarray:
-    """Causal (optionally sliding-window) grouped-query attention with scale 1.0 (Gemma 4 has q/k norms).
+def attention(q, keys, values, q_positions, k_positions, window: int | None, scale: float = 1.0,
+              softcap: float | None = None) -> np.ndarray:
+    """Causal (optionally sliding-window) grouped-query attention. Gemma 4's scale is 1.0 (its q/k norms
+    fix the scores' size); Gemma 3's is query_pre_attn_scalar ** -0.5.
 
     q [T, nH, hd]; keys/values [S, kvh, hd]; query head j reads kv head j // (nH // kvh). Returns [T, nH*hd].
     """
@@ -55,11 +58,13 @@ def attention(q, keys, values, q_positions, k_positions, window: int | None) -> 
     kv_heads = keys.shape[1]
     group = n_heads // kv_heads
     qg = q.reshape(T, kv_heads, group, hd).transpose(1, 2, 0, 3).reshape(kv_heads, group * T, hd)
-    scores = qg @ keys.transpose(1, 2, 0)  # [kvh, group*T, S]
+    scores = (qg @ keys.transpose(1, 2, 0)) * scale  # [kvh, group*T, S]
+    if softcap:
+        scores = softcap * np.tanh(scores / softcap)
     visible = (k_positions[None, :] <= q_positions[:, None]) & (k_positions[None, :] >= 0)
     if window is not None:
         visible &= k_positions[None, :] > q_positions[:, None] - window
-    scores = np.where(np.tile(visible, (group, 1)), scores, np.float32(-np.inf))
+    scores = np.where(np.tile(visible, (group, 1)), scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -86,6 +91,9 @@ class Gemma4:
         else:  # tied: the embedding table is the output projection
             self.head = Linear(self.embed_tokens, self.embed_encoding, (c.vocab_size, c.hidden_size))
         self.inv_freq = {t: rope_inv_freq(c.rope[t], c.head_dims[i]) for i, t in enumerate(c.layer_types)}
+        # Layers from here to the last only read earlier layers' keys/values (None: no such tail).
+        tail = [i for i in range(c.num_layers) if all(not c.has_own_kv(j) for j in range(i, c.num_layers))]
+        self.first_shared_layer = tail[0] if tail else None
         # Block AttnRes with every gate 0 adds exactly nothing: skip it then.
         self.attnres_gates = artifact.tensor("attnres_gates") if c.attnres else None
         self.attnres = self.attnres_gates is not None and bool(np.any(self.attnres_gates))
@@ -129,8 +137,8 @@ class Gemma4:
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
         positions = np.arange(cache.length, cache.length + len(ids))
-        # The residual stream is only [T, hidden]: keeping it in float64 costs nothing measurable and
-        # stops float32 rounding from compounding over the layers (the matmuls stay float32).
+        # Activations are float64 (Linear returns float64): they are vectors, so this costs little, and it
+        # keeps float32 rounding from compounding over the layers. The matrix products stay float32.
         x = (decode_f32(self.embed_tokens[ids], self.embed_encoding) * self.embed_scale).astype(np.float64)
         ple = self._per_layer_inputs(ids, x) if c.ple_dim else None
         rope = {}
@@ -140,7 +148,14 @@ class Gemma4:
             rope[t] = (np.cos(emb), np.sin(emb))
         shared_kv = {}  # layer index -> (keys, values, key positions) of this step
         attnres = BlockAttnRes(c, cache, x) if self.attnres else None
+        # From the first KV-shared layer on no layer writes the cache, so when only the last position's
+        # logits are wanted the other positions can be dropped there: exact, and it skips most of a
+        # prefill's work (E2B: layers 15-34, the double-wide ones). AttnRes needs every position.
+        shortcut = last_only and attnres is None and hidden_states is None and len(ids) > 1
         for i, layer in enumerate(self.layers):
+            if shortcut and i == self.first_shared_layer:
+                x, positions, ple = x[-1:], positions[-1:], None if ple is None else ple[-1:]
+                rope = {t: (cos[-1:], sin[-1:]) for t, (cos, sin) in rope.items()}
             x = self._layer_forward(i, layer, x, positions, rope[c.layer_types[i]], ple, cache, shared_kv)
             if attnres is not None:
                 x = attnres.after_layer(i, x, self.attnres_gates)
@@ -153,18 +168,18 @@ class Gemma4:
             x = x[-1:]
         logits = self.head(rms_norm(x, self.norm, c.rms_norm_eps))
         if c.final_logit_softcapping:
-            cap = np.float32(c.final_logit_softcapping)
+            cap = c.final_logit_softcapping
             logits = cap * np.tanh(logits / cap)
-        return logits
+        return logits.astype(np.float32)
 
     def _per_layer_inputs(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Per-layer embeddings (PLE): [T, L, P], layer i's input in [:, i]."""
         c = self.config
         T, L, P = len(ids), c.num_layers, c.ple_dim
-        tokens = decode_f32(self.ple_table[ids], self.ple_encoding).reshape(T, L, P) * np.float32(np.sqrt(P))
-        projected = self.ple_projection(x) * np.float32(c.hidden_size**-0.5)
+        tokens = decode_f32(self.ple_table[ids], self.ple_encoding).reshape(T, L, P) * np.sqrt(P)
+        projected = self.ple_projection(x) * c.hidden_size**-0.5
         projected = rms_norm(projected.reshape(T, L, P), self.ple_projection_norm, c.rms_norm_eps)
-        return (projected + tokens) * np.float32(2**-0.5)
+        return (projected + tokens) * 2**-0.5
 
     def _layer_forward(self, i, w, x, positions, rope, ple, cache, shared_kv) -> np.ndarray:
         c = self.config
@@ -178,10 +193,10 @@ class Gemma4:
             k_raw = w["self_attn.k_proj"](h).reshape(T, c.kv_heads[i], hd)
             v = w["self_attn.v_proj"](h).reshape(T, c.kv_heads[i], hd) if c.has_v_proj(i) else k_raw
             k = apply_rope(rms_norm(k_raw, w["self_attn.k_norm"], eps), cos, sin)
-            shared_kv[i] = cache.layers[i].update(k, rms_norm(v, None, eps), positions)
+            shared_kv[i] = cache.layers[i].update(k, rms_norm(v, None, eps) if c.value_norm else v, positions)
         keys, values, key_positions = shared_kv[c.kv_sources[i]]
         window = None if c.is_full(i) else c.sliding_window
-        att = attention(q, keys, values, positions, key_positions, window)
+        att = attention(q, keys, values, positions, key_positions, window, c.attention_scale, c.attn_logit_softcapping)
         x = x + rms_norm(w["self_attn.o_proj"](att), w["post_attention_layernorm"], eps)
 
         h = rms_norm(x, w["pre_feedforward_layernorm"], eps)
@@ -194,7 +209,7 @@ class Gemma4:
         if ple is not None:
             g = gelu_tanh(w["per_layer_input_gate"](x)) * ple[:, i, :]
             x = x + rms_norm(w["per_layer_projection"](g), w["post_per_layer_input_norm"], eps)
-        return x * w["layer_scalar"]
+        return x * w["layer_scalar"] if c.layer_scalars else x
 
     def _expert_mlp(self, w: dict, h: np.ndarray) -> np.ndarray:
         """The student's MoE expansion: softmax router over all experts, top-k renormalized to sum 1."""

@@ -15,9 +15,10 @@ def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
             continue
         data = artifact.tensor(name)
         if info.encoding in ("ternary", "int8"):
-            w = unpack_ternary(data, info.shape[-1]) if info.encoding == "ternary" else data.astype(np.float32)
+            flat = data.reshape(-1, data.shape[-1])  # 3-D (experts) tensors unpack as rows too
+            w = (unpack_ternary(flat, info.shape[-1]) if info.encoding == "ternary" else flat.astype(np.float32)).reshape(info.shape)
             scale = artifact.tensor(name + ".weight_scale")
-            out[name] = w * (scale[:, None] if scale.size > 1 else scale[0])
+            out[name] = w * (scale[..., None] if scale.size > 1 else scale[0])
         else:
             out[name] = decode_f32(data, info.encoding)
     return out

@@ -84,9 +84,9 @@ def llama_config(ck: Path) -> tuple[str, ...]:
     return (str(ck / "config.json"), "llama", "Gemma 4")
 
 
-def gemma3_config(ck: Path) -> tuple[str, ...]:
-    _edit_config(ck, model_type="gemma3_text")
-    return (str(ck / "config.json"), "gemma3_text", "Gemma 4")
+def gemma2_config(ck: Path) -> tuple[str, ...]:
+    _edit_config(ck, model_type="gemma2")
+    return (str(ck / "config.json"), "gemma2", "Gemma 4")
 
 
 def config_not_json(ck: Path) -> tuple[str, ...]:
@@ -144,7 +144,7 @@ def no_safetensors(ck: Path) -> tuple[str, ...]:
 
 
 BAD_CHECKPOINTS = [
-    no_config, llama_config, gemma3_config, config_not_json, missing_tensor, transposed_tensor,
+    no_config, llama_config, gemma2_config, config_not_json, missing_tensor, transposed_tensor,
     truncated_tensor, wrong_embedding_shape, truncated_safetensors_data, truncated_safetensors_header,
     no_safetensors,
 ]
