@@ -25,7 +25,8 @@ from ferrisres.format.schema import SCALE_SUFFIX
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import ConversionError
-from .hf_config import eos_token_ids, model_config, read_config
+from .gguf_source import GGUFSource, is_gguf
+from .hf_config import eos_token_ids, model_config, read_config, text_config_with_defaults
 from .lora import LoraAdapter
 from .quantize import int8_rows, ternarize
 from .student import Options, StudentWeights, student_config
@@ -49,16 +50,20 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
     Every input problem is found before anything is written."""
     if not model_dir.exists():
         raise ConversionError(f"{model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise ConversionError(f"{model_dir} is not a folder")
-    text_config, _ = read_config(model_dir)
-    generation_config = _read_json(model_dir / "generation_config.json")
+    # ---- input: a checkpoint folder, or a GGUF file standing in for one (gguf_source.py) ----
+    gguf_input = GGUFSource(model_dir) if model_dir.is_file() and is_gguf(model_dir) else None
+    if gguf_input is None and not model_dir.is_dir():
+        raise ConversionError(f"{model_dir} is not a folder (nor a GGUF file)")
+    if gguf_input is not None:
+        text_config, generation_config = text_config_with_defaults(gguf_input.text_config), gguf_input.generation_config
+    else:
+        text_config, _ = read_config(model_dir)
+        generation_config = _read_json(model_dir / "generation_config.json")
     config = student_config(model_config(text_config, eos_token_ids(text_config, generation_config)), options)
-    tokenizer = model_dir / "tokenizer.json"
-    if not tokenizer.is_file():
-        raise ConversionError(f"{model_dir} has no tokenizer.json")
+    documents = gguf_input.documents() if gguf_input is not None else _folder_documents(model_dir, generation_config)
+    # ---- end of input ----
     lora = LoraAdapter(Path(options.lora)) if options.lora else None
-    checkpoint = Checkpoint(model_dir)
+    checkpoint = gguf_input if gguf_input is not None else Checkpoint(model_dir)
     weights = StudentWeights(checkpoint, _text_prefix(checkpoint, model_dir), config, options, lora)
     shapes = weight_shapes(config)
     sources = {weights.source_name(name): shape for name, shape in shapes.items() if weights.source_name(name)}
@@ -71,12 +76,8 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
     with ArtifactWriter(out, overwrite=overwrite) as writer:
         writer.add_document("model_config.json", config.to_json())
         writer.add_document("student_config.json", options.recorded())
-        writer.add_document("tokenizer.json", tokenizer.read_text(encoding="utf-8"))
-        for optional in ("tokenizer_config.json", "chat_template.jinja"):
-            if (model_dir / optional).is_file():
-                writer.add_document(optional, (model_dir / optional).read_text(encoding="utf-8"))
-        if generation_config is not None:
-            writer.add_document("generation_config.json", generation_config)
+        for document, content in documents.items():  # tokenizer.json, tokenizer_config.json, ...
+            writer.add_document(document, content)
         writer.add_document("provenance.json", _provenance(model_dir, checkpoint, options, command_line))
 
         for name, shape in _progress(shapes.items(), progress):
@@ -94,6 +95,20 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         if options.quant == "ternary":
             _write_int8_head(writer, weights, shapes["embed_tokens"])
     return config
+
+
+def _folder_documents(model_dir: Path, generation_config: dict | None) -> dict[str, str | dict]:
+    """The tokenizer and generation documents of a checkpoint folder, as the artifact embeds them."""
+    tokenizer = model_dir / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise ConversionError(f"{model_dir} has no tokenizer.json")
+    documents: dict[str, str | dict] = {"tokenizer.json": tokenizer.read_text(encoding="utf-8")}
+    for optional in ("tokenizer_config.json", "chat_template.jinja"):
+        if (model_dir / optional).is_file():
+            documents[optional] = (model_dir / optional).read_text(encoding="utf-8")
+    if generation_config is not None:
+        documents["generation_config.json"] = generation_config
+    return documents
 
 
 def _is_projection(name: str) -> bool:
@@ -167,7 +182,8 @@ def _log_skipped(checkpoint: Checkpoint, used: set[str]) -> None:
 
 
 def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options, command_line: list[str] | None) -> dict:
-    files = sorted({*checkpoint.files, *(p for p in model_dir.iterdir() if p.suffix in (".json", ".jinja") and p.is_file())})
+    extra = model_dir.iterdir() if model_dir.is_dir() else ()  # a GGUF file is its own only source
+    files = sorted({*checkpoint.files, *(p for p in extra if p.suffix in (".json", ".jinja") and p.is_file())})
     provenance = {
         "converter": f"ferrisres {__version__}",
         "command_line": command_line,

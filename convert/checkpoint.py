@@ -9,6 +9,7 @@ bf16, hence this small reader.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class Checkpoint:
     def read_f32(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
         """Tensor `name` (or its rows r0:r1) as a float32 array, checked against `shape`."""
         t = self.check(name, shape)
-        raw = np.frombuffer(self._map(t.file), dtype=SOURCE_DTYPES[t.dtype], count=int(np.prod(t.shape)), offset=t.begin)
+        raw = np.frombuffer(self._map(t.file), dtype=SOURCE_DTYPES[t.dtype], count=math.prod(t.shape), offset=t.begin)
         raw = raw.reshape(t.shape)
         if rows is not None:
             raw = raw[rows[0] : rows[1]]
@@ -125,15 +126,29 @@ def _read_header(file: Path) -> list[SourceTensor]:
         if name == "__metadata__":
             continue
         try:
-            begin, end = (int(v) for v in meta["data_offsets"])
-            shape = tuple(int(v) for v in meta["shape"])
-            dtype = str(meta["dtype"])
+            begin, end = (_integer(v) for v in meta["data_offsets"])
+            shape = tuple(_integer(v) for v in meta["shape"])
+            dtype = meta["dtype"]
+            if not isinstance(dtype, str):
+                raise TypeError(dtype)
         except (KeyError, TypeError, ValueError):
             raise ConversionError(f"{file}: corrupt header entry for tensor {name}") from None
         itemsize = SOURCE_DTYPES[dtype].itemsize if dtype in SOURCE_DTYPES else None
+        # Python integers: a corrupt header cannot overflow the size computation into a plausible value.
         if not 0 <= begin <= end or data_start + end > size or (
-            itemsize is not None and end - begin != itemsize * int(np.prod(shape, dtype=np.int64))
+            itemsize is not None and end - begin != itemsize * math.prod(shape)
         ):
             raise ConversionError(f"{file}: tensor {name} lies outside the file (truncated or corrupt)")
         tensors.append(SourceTensor(name, file, dtype, shape, data_start + begin, data_start + end))
+    spans = sorted((t.begin, t.end, t.name) for t in tensors if t.end > t.begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ConversionError(f"{file}: tensors {first} and {second} overlap (corrupt header)")
     return tensors
+
+
+def _integer(value) -> int:
+    """A non-negative JSON integer (not a float, string or boolean)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(value)
+    return value

@@ -9,6 +9,7 @@ additions are made here, deterministically from the seed:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,6 +102,23 @@ class StudentWeights:
 
 def student_config(base: ModelConfig, options: Options) -> ModelConfig:
     """The model config of the student: the teacher's, with its MoE expansion and AttnRes."""
+    if not isinstance(options.seed, int) or options.seed < 0:
+        raise ConversionError(f"--seed must be an integer >= 0, got {options.seed}")
+    if not math.isfinite(options.moe_noise) or options.moe_noise < 0:
+        raise ConversionError(f"--moe-noise must be a finite number >= 0, got {options.moe_noise}")
+    if not math.isfinite(options.attnres_gate):
+        raise ConversionError(f"--attnres-gate must be a finite number, got {options.attnres_gate}")
+    defaults = Options()
+    for flag, given, needs, default in (
+        ("--attnres-gate", options.attnres_gate, "--attnres", defaults.attnres_gate),
+        ("--moe-top-k", options.moe_top_k, "--moe-experts", defaults.moe_top_k),
+        ("--moe-noise", options.moe_noise, "--moe-experts", defaults.moe_noise),
+    ):
+        enabled = options.attnres if needs == "--attnres" else options.moe_experts
+        if given != default and not enabled:
+            raise ConversionError(f"{flag} has no effect without {needs}")
+    if options.quant != "ternary" and options.scheme != defaults.scheme:
+        raise ConversionError(f"--scheme applies to ternary students, not to --quant {options.quant}")
     if options.moe_experts:
         if base.moe_block:
             raise ConversionError("--moe-experts: this model already has Gemma 4's own MoE block; its experts are kept as they are")
@@ -108,8 +126,6 @@ def student_config(base: ModelConfig, options: Options) -> ModelConfig:
             raise ConversionError(f"--moe-experts must be >= 2, got {options.moe_experts}")
         if not 1 <= options.moe_top_k <= options.moe_experts:
             raise ConversionError(f"--moe-top-k must be between 1 and --moe-experts ({options.moe_experts}), got {options.moe_top_k}")
-        if options.moe_noise < 0:
-            raise ConversionError(f"--moe-noise must be >= 0, got {options.moe_noise}")
     return replace(
         base,
         mlp_experts=options.moe_experts,

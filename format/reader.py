@@ -354,10 +354,9 @@ def _open_hard_link(gid, name: str, where: str):
     """The object `name` of group `gid` (None if there is none), opened only if it is a hard link:
     a soft link could alias another dataset, an external one would open another file."""
     key = name.encode("utf-8")
-    try:
-        kind = gid.links.get_info(key).type
-    except KeyError:
+    if not gid.links.exists(key):
         return None
+    kind = gid.links.get_info(key).type
     if kind != h5l.TYPE_HARD:
         what = {h5l.TYPE_SOFT: "a soft", h5l.TYPE_EXTERNAL: "an external"}.get(kind, "a user-defined")
         raise ArtifactError(f"{where} is {what} link; a .tern file has none (nothing outside it is ever read)")

@@ -98,7 +98,7 @@ def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
         if info.encoding in SCALED_ENCODINGS:
             scale = tensors.get(name + SCALE_SUFFIX)
             if scale is None or scale.encoding != "f32" or scale.shape not in (shape[:-1], (1,)):
-                raise ArtifactError(f"{path}: tensor {name}.scale is missing or not float32 {list(shape[:-1])} or [1]")
+                raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not float32 {list(shape[:-1])} or [1]")
             scales.add(name + SCALE_SUFFIX)
     extra = sorted(set(tensors) - set(expected) - scales)
     if extra:

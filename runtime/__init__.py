@@ -8,6 +8,7 @@
 Needs only numpy, h5py and tokenizers.
 """
 
+from .kernels import set_threads
 from .model import Model, load
 
-__all__ = ["Model", "load"]
+__all__ = ["Model", "load", "set_threads"]

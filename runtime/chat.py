@@ -23,7 +23,8 @@ class ChatSession:
         self.cached_text = ""  # the text those ids spell, as the template rendered it
         self._turn = None
 
-    def reply(self, user_text: str, max_tokens: int = 256, stop=(), top: bool = False, **sampling) -> Generation:
+    def reply(self, user_text: str, max_tokens: int = 256, stop=(), top: bool = False, draft: str | None = None,
+              **sampling) -> Generation:
         """The assistant's reply to `user_text`, as a Generation to iterate; call `finish()` afterwards."""
         messages = [*self.messages, {"role": "user", "content": user_text}]
         prompt = self.model.render_chat(messages)
@@ -35,7 +36,7 @@ class ChatSession:
         generation = Generation(
             self.model, new_ids, self.model.default_sampling(**sampling), max_tokens,
             self.model.config.eos_token_ids, stop, cache=self.cache, context=self.context,
-            max_context=self.max_context, top=top,
+            max_context=self.max_context, top=top, draft=draft,
         )
         self._turn = (generation, messages, prompt, len(self.context) + len(new_ids))
         return generation

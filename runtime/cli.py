@@ -17,6 +17,7 @@ from ferrisres.format.memory import memory_summary
 from .chat import ChatSession
 from .chat_template import ChatTemplateError
 from .generate import Generation
+from .kernels import set_threads
 from .model import Model, load
 from .sampling import SamplingParams
 
@@ -41,6 +42,8 @@ class Args:
     greedy: bool = field(default=False, metadata={"help": "always pick the likeliest token (temperature 0)"})
     stop: Optional[str] = field(default=None, metadata={"help": "stop when this text appears (not printed); repeatable"})
     max_context: Optional[int] = field(default=None, metadata={"help": "context limit in tokens (default: the model's)"})
+    draft: Optional[str] = field(default=None, metadata={"choices": ["ngram"], "help": "speculative decoding: 'ngram' drafts tokens by prompt lookup and verifies them in one pass (greedy only; same text, faster on text that repeats)"})
+    threads: int = field(default=1, metadata={"help": "threads that split each matrix's rows (default 1)"})
     verbose: bool = field(default=False, metadata={"args": ["-v", "--verbose"], "help": "per-token log and memory diagnostic on stderr"})
 
 
@@ -84,7 +87,10 @@ def _generation_options(args: Args, stops: list[str]) -> dict:
     except ValueError as e:
         name, rest = str(e).split(" ", 1)
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
-    return {"stop": tuple(stops), "max_context": args.max_context, "top": args.verbose, **sampling}
+    if args.draft and not args.greedy and args.temperature is None:
+        sampling["temperature"] = 0.0  # drafting verifies greedy choices: make greedy the default for it
+    set_threads(args.threads)
+    return {"stop": tuple(stops), "max_context": args.max_context, "top": args.verbose, "draft": args.draft, **sampling}
 
 
 def _read_prompt(args: Args) -> str:
@@ -168,8 +174,9 @@ def _summary(g: Generation, load_seconds: float | None) -> str:
     load = f"load {load_seconds:.2f} s | " if load_seconds is not None else ""
     return (
         f"{load}prompt {len(g.prompt_ids)} tokens, {rate(len(g.prompt_ids), g.prefill_seconds)} | "
-        f"generated {len(g.tokens)} tokens, {rate(g.decode_steps, g.decode_seconds)} | "
-        f"stop: {g.stop_reason or 'interrupted'} | peak RSS {peak:.0f} MiB"
+        f"generated {len(g.tokens)} tokens, {rate(g.decode_tokens, g.decode_seconds)} | "
+        + (f"drafts accepted {g.acceptance_rate:.0%} | " if g.acceptance_rate is not None else "")
+        + f"stop: {g.stop_reason or 'interrupted'} | peak RSS {peak:.0f} MiB"
     )
 
 

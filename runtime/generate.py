@@ -14,10 +14,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .kv_cache import KVCache
+from .kv_cache import SLACK, KVCache
 from .sampling import SamplingParams, sample, token_probabilities
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
+MAX_NGRAM = 3  # prompt lookup matches the last 3, 2 or 1 tokens
+DRAFT_TOKENS = min(10, SLACK - 1)  # drafts verified per forward pass; the cache can take back SLACK
 
 
 class Step(NamedTuple):
@@ -39,7 +41,8 @@ class Generation:
 
     def __init__(self, model, new_ids: list[int], params: SamplingParams, max_tokens: int,
                  stop_ids=frozenset(), stop_strings=(), cache: KVCache | None = None,
-                 context: list[int] | None = None, max_context: int | None = None, top: bool = False):
+                 context: list[int] | None = None, max_context: int | None = None, top: bool = False,
+                 draft: str | None = None):
         self.model = model
         self.prompt_ids = list(new_ids)
         self.params = params
@@ -50,18 +53,24 @@ class Generation:
         self.context = list(context or [])  # every token id in the cache, for the repetition penalty
         self.max_context = max_context or model.config.max_position_embeddings
         self.want_top = top
+        self.draft = draft
         self.tokens: list[int] = []
         self.stop_reason: str | None = None  # "eos", "stop_string", "max_tokens", "context_full"; None while running
         self.prefill_seconds = 0.0
-        self.decode_seconds = 0.0  # time in the forward passes of decode steps
-        self.decode_steps = 0
+        self.decode_seconds = 0.0  # time in the forward passes after the prefill
+        self.decode_tokens = 0  # tokens (EOS included) chosen from those passes' logits
+        self.drafted = self.accepted = 0  # speculative decoding: draft tokens proposed, and confirmed
         self._text = ""  # decoded text of `tokens`, cut at a stop string
         self._shown = 0  # characters of it handed out so far
-        if self.cache.length + len(self.prompt_ids) > self.max_context:
-            raise ValueError(
-                f"the prompt needs {self.cache.length + len(self.prompt_ids)} tokens of context; "
-                f"the limit is {self.max_context}"
-            )
+        self._start = len(self.context) + len(self.prompt_ids)  # position of the first generated token
+        if self._start > self.max_context:
+            raise ValueError(f"the prompt needs {self._start} tokens of context; the limit is {self.max_context}")
+        if draft not in (None, "ngram"):
+            raise ValueError(f"unknown draft method {draft!r} (known: ngram)")
+        if draft and not params.greedy:
+            raise ValueError("speculative decoding (--draft) gives exactly greedy decoding's text: it needs temperature 0")
+        if draft and self.cache.attnres_sums is not None:
+            raise ValueError("speculative decoding cannot take back Block AttnRes positions: use it without --draft")
 
     def __iter__(self):
         if self.max_tokens <= 0:
@@ -69,45 +78,89 @@ class Generation:
             return
         rng = np.random.default_rng(self.params.seed)
         start = time.perf_counter()
-        logits = self._forward(self.prompt_ids)
+        logits = self._forward(self.prompt_ids, all_positions=False)
         self.prefill_seconds = seconds = time.perf_counter() - start
         while True:
             token = sample(logits[-1], self.params, np.asarray(self.context, dtype=np.int64), rng)
-            if token in self.stop_ids:  # a last step for the EOS token shows any text still held back
-                self.stop_reason = "eos"
-                yield Step(token, self._take_text(final=True), seconds, self._top(logits[-1]) if self.want_top else None)
-                return
-            self.tokens.append(token)
-            self._update_text()
-            if self.stop_reason is None and len(self.tokens) >= self.max_tokens:
-                self.stop_reason = "max_tokens"
-            if self.stop_reason is None and self.cache.length >= self.max_context:
-                self.stop_reason = "context_full"
-            yield Step(token, self._take_text(final=self.stop_reason is not None), seconds,
-                       self._top(logits[-1]) if self.want_top else None)
+            yield from self._emit(token, logits[-1], seconds)
             if self.stop_reason is not None:
                 return
+            drafts = self._drafts(token) if self.draft else []
             start = time.perf_counter()
-            logits = self._forward([token])
+            logits = self._forward([token, *drafts], all_positions=bool(drafts))
             seconds = time.perf_counter() - start
             self.decode_seconds += seconds
-            self.decode_steps += 1
+            for j, proposed in enumerate(drafts):  # greedy verification: keep drafts while they are what greedy picks
+                fed = len(self.context) - len(drafts) + j  # context length when draft j is chosen
+                if sample(logits[j], self.params, np.asarray(self.context[:fed], dtype=np.int64), rng) != proposed:
+                    self._take_back(len(drafts) - j)
+                    logits = logits[j : j + 1]
+                    break
+                self.accepted += 1
+                yield from self._emit(proposed, logits[j], seconds)
+                if self.stop_reason is not None:
+                    self._take_back(len(drafts) - j - 1)
+                    return
+            else:
+                logits = logits[-1:]
+
+    def _emit(self, token: int, logits: np.ndarray, seconds: float):
+        """Hand out the step of one chosen token, and decide whether generation stops here."""
+        self.decode_tokens += 1 if self.tokens or self.stop_reason else 0
+        top = self._top(logits) if self.want_top else None
+        if token in self.stop_ids:  # a last step for the EOS token shows any text still held back
+            self.stop_reason = "eos"
+            yield Step(token, self._take_text(final=True), seconds, top)
+            return
+        self.tokens.append(token)
+        self._update_text()
+        if self.stop_reason is None and len(self.tokens) >= self.max_tokens:
+            self.stop_reason = "max_tokens"
+        if self.stop_reason is None and self._start + len(self.tokens) >= self.max_context:
+            self.stop_reason = "context_full"
+        yield Step(token, self._take_text(final=self.stop_reason is not None), seconds, top)
+
+    def _drafts(self, token: int) -> list[int]:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the last n-gram."""
+        room = min(DRAFT_TOKENS, self.max_tokens - len(self.tokens), self.max_context - self._start - len(self.tokens))
+        sequence = np.asarray([*self.context, token])
+        for n in range(MAX_NGRAM, 0, -1):
+            if room <= 0 or len(sequence) <= n:
+                break
+            tail = sequence[-n:]
+            windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
+            starts = np.flatnonzero((windows == tail).all(axis=1))
+            if len(starts):
+                follow = sequence[starts[-1] + n : starts[-1] + n + room]
+                self.drafted += len(follow)
+                return follow.tolist()
+        return []
 
     @property
     def text(self) -> str:
         """All generated text (without the stop string or EOS)."""
         return self._text
 
-    def _forward(self, ids: list[int]) -> np.ndarray:
+    def _forward(self, ids: list[int], all_positions: bool) -> np.ndarray:
         """A forward step that leaves the cache as it was if interrupted (Ctrl-C), so a chat can go on."""
         state = self.cache.snapshot()
         try:
-            logits = self.model.forward(ids, self.cache, last_only=True)
+            logits = self.model.forward(ids, self.cache, last_only=not all_positions)
         except BaseException:
             self.cache.restore(state)
             raise
         self.context.extend(ids)
         return logits
+
+    def _take_back(self, n: int) -> None:
+        """Forget the last `n` tokens fed (rejected drafts)."""
+        if n:
+            self.cache.truncate(self.cache.length - n)
+            del self.context[-n:]
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
     def _update_text(self) -> None:
         text = self.model.tokenizer.decode(self.tokens, skip_special_tokens=True)

@@ -13,6 +13,8 @@ import numpy as np
 
 from ferrisres.format import ModelConfig
 
+SLACK = 16  # positions a sliding ring keeps beyond its window, so the last ones can be taken back
+
 
 class FullLayerCache:
     """Every key/value so far, in a buffer that grows by doubling."""
@@ -41,23 +43,26 @@ class FullLayerCache:
     def restore(self, length) -> None:
         self.length = length
 
+    truncate = restore
+
 
 class SlidingLayerCache:
-    """The last `window` keys/values in a ring; slot p % window holds position p."""
+    """The last `window + SLACK` keys/values in a ring; slot p % size holds position p. The slack keeps
+    the window's keys intact when the last few positions are taken back (`truncate`)."""
 
     def __init__(self, window: int, kv_heads: int, head_dim: int):
-        self.window = window
-        self.keys = np.zeros((window, kv_heads, head_dim), dtype=np.float32)
+        self.size = window + SLACK
+        self.keys = np.zeros((self.size, kv_heads, head_dim), dtype=np.float32)
         self.values = np.zeros_like(self.keys)
-        self.positions = np.full(window, -1, dtype=np.int64)  # -1: empty slot, never visible
+        self.positions = np.full(self.size, -1, dtype=np.int64)  # -1: empty slot, never visible
 
     def update(self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray):
         """Returns the ring's earlier tokens followed by the new ones, then stores the newest in the ring."""
         all_keys = np.concatenate([self.keys, keys])
         all_values = np.concatenate([self.values, values])
         all_positions = np.concatenate([self.positions, positions])
-        keep = slice(max(0, len(keys) - self.window), len(keys))
-        slots = positions[keep] % self.window
+        keep = slice(max(0, len(keys) - self.size), len(keys))
+        slots = positions[keep] % self.size
         self.keys[slots] = keys[keep]
         self.values[slots] = values[keep]
         self.positions[slots] = positions[keep]
@@ -68,6 +73,9 @@ class SlidingLayerCache:
 
     def restore(self, state) -> None:
         self.keys, self.values, self.positions = state
+
+    def truncate(self, length: int) -> None:
+        self.positions[self.positions >= length] = -1
 
 
 class KVCache:
@@ -95,6 +103,16 @@ class KVCache:
         self.length, layers, self.attnres_sums = state
         for i, layer_state in layers.items():
             self.layers[i].restore(layer_state)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position >= `length` (at most SLACK back: speculative decoding's rejected drafts)."""
+        if self.attnres_sums is not None:
+            raise ValueError("a cache with Block AttnRes sums cannot be truncated")
+        if not self.length - SLACK <= length <= self.length:
+            raise ValueError(f"can truncate {self.length} tokens to {self.length - SLACK}..{self.length}, not {length}")
+        for layer in self.layers.values():
+            layer.truncate(length)
+        self.length = length
 
 
 def _grown(a: np.ndarray, capacity: int, used: int) -> np.ndarray:

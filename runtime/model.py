@@ -97,16 +97,19 @@ class Model:
         return self.forward(ids, KVCache(self.config))
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, stop: tuple[str, ...] = (),
-                 max_context: int | None = None, top: bool = False, **sampling) -> Generation:
+                 max_context: int | None = None, top: bool = False, draft: str | None = None,
+                 **sampling) -> Generation:
         """Continue `prompt` (text, sent as is after one BOS, or token ids); iterate the result for `Step`s.
 
         Stops at any EOS id of the generation config, at a `stop` string (not included in the text), after
         `max_tokens`, or when the context limit is reached. `sampling`: temperature, top_k, top_p, min_p,
         repetition_penalty, seed (defaults from the artifact's generation config; temperature 0 = greedy).
+        `draft="ngram"`: speculative decoding by prompt lookup (greedy only; the same text, in fewer passes).
+        `top=True` fills each step's 5 likeliest tokens.
         """
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return Generation(self, self._checked(ids).tolist(), self.default_sampling(**sampling), max_tokens,
-                          self.config.eos_token_ids, stop, max_context=max_context, top=top)
+                          self.config.eos_token_ids, stop, max_context=max_context, top=top, draft=draft)
 
     def chat(self, messages: list[dict], max_tokens: int = 256, **options) -> Generation:
         """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) using the chat template."""

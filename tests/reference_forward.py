@@ -38,30 +38,35 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 def rope_inv_freq(rope, head_dim: int) -> np.ndarray:
-    """The head_dim/2 rotation frequencies of one layer type."""
-    if rope.rope_type == "default":
-        # every pair (j, j + hd/2) rotates
-        return (1.0 / rope.theta ** (np.arange(0, head_dim, 2, dtype=f64) / head_dim)).astype(f64)
+    """The head_dim/2 rotation frequencies of one layer type, in float32 as transformers computes them."""
+    f32 = np.float32
+    if rope.rope_type in ("default", "linear"):
+        # every pair (j, j + hd/2) rotates; "linear" scaling divides the frequencies by its factor
+        inv = f32(1) / f32(rope.theta) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
+        return inv / f32(rope.factor if rope.rope_type == "linear" else 1)
     if rope.rope_type == "proportional":
         # only the first n pairs rotate; the exponent's denominator is the FULL head_dim; the rest do not rotate
         n = int(rope.partial_rotary_factor * head_dim // 2)
-        rotated = 1.0 / rope.theta ** (np.arange(0, 2 * n, 2, dtype=f64) / head_dim) / rope.factor
-        return np.concatenate([rotated, np.zeros(head_dim // 2 - n)]).astype(f64)
+        rotated = f32(1) / f32(rope.theta) ** (np.arange(0, 2 * n, 2, dtype=f32) / f32(head_dim)) / f32(rope.factor)
+        return np.concatenate([rotated, np.zeros(head_dim // 2 - n, dtype=f32)])
     raise ValueError(f"rope type {rope.rope_type!r}")
 
 
 def rope(x: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-    """NeoX half-split rotary embedding of x [T, heads, hd] at positions 0..T-1."""
+    """NeoX half-split rotary embedding of x [T, heads, hd] at positions 0..T-1. The cos/sin tables are
+    float32, as transformers builds them (gemma4-transformers.md §4); the rotation itself is exact."""
     T, half = x.shape[0], x.shape[-1] // 2
-    angles = np.arange(T, dtype=f64)[:, None] * inv_freq[None, :]  # [T, hd/2]
-    cos = np.cos(np.concatenate([angles, angles], axis=-1))[:, None, :]  # [T, 1, hd]
-    sin = np.sin(np.concatenate([angles, angles], axis=-1))[:, None, :]
+    angles = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]  # [T, hd/2], float32
+    cos = np.cos(np.concatenate([angles, angles], axis=-1)).astype(f64)[:, None, :]  # [T, 1, hd]
+    sin = np.sin(np.concatenate([angles, angles], axis=-1)).astype(f64)[:, None, :]
     rotate_half = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos + rotate_half * sin).astype(f64)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None) -> np.ndarray:
-    """Causal softmax(q k^T) v with scaling 1.0; q [T, nH, hd], k/v [T, kvh, hd] -> [T, nH, hd].
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, scale: float = 1.0,
+              softcap: float | None = None) -> np.ndarray:
+    """Causal softmax(scale * q k^T) v (Gemma 4: scale 1.0; Gemma 3: query_pre_attn_scalar**-0.5, optional
+    soft-cap of the scores); q [T, nH, hd], k/v [T, kvh, hd] -> [T, nH, hd].
 
     Key j is visible to query i iff j <= i (and j > i - window on sliding layers). GQA: query head h
     uses kv head h // (nH // kvh).
@@ -75,7 +80,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None) -
         visible &= j > i - window
     out = np.empty_like(q)
     for h in range(nH):
-        scores = q[:, h, :] @ k[:, h // group, :].T  # [T, T]
+        scores = scale * (q[:, h, :] @ k[:, h // group, :].T)  # [T, T]
+        if softcap:
+            scores = softcap * np.tanh(scores / softcap)
         scores = np.where(visible, scores, -np.inf)
         p = np.exp(scores - scores.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
@@ -90,7 +97,7 @@ def own_kv(w, c: ModelConfig, i: int, h: np.ndarray) -> tuple[np.ndarray, np.nda
     k_raw = (h @ w(p + "k_proj").T).reshape(T, kvh, hd)
     v_raw = (h @ w(p + "v_proj").T).reshape(T, kvh, hd) if c.has_v_proj(i) else k_raw  # k_eq_v: V = raw K
     k = rope(rms_norm(k_raw, w(p + "k_norm"), c.rms_norm_eps), rope_inv_freq(c.rope[c.layer_types[i]], hd))
-    v = rms_norm(v_raw, None, c.rms_norm_eps)
+    v = rms_norm(v_raw, None, c.rms_norm_eps) if c.value_norm else v_raw  # Gemma 3 has no V norm
     return k, v
 
 
@@ -107,7 +114,8 @@ def layer(w, c: ModelConfig, i: int, x: np.ndarray, ple_i: np.ndarray | None, kv
     if c.kv_sources[i] == i:
         kv[i] = own_kv(w, c, i, h)
     k, v = kv[c.kv_sources[i]]
-    att = attention(q, k, v, None if full else c.sliding_window).reshape(T, c.num_heads * hd)
+    att = attention(q, k, v, None if full else c.sliding_window, c.attention_scale, c.attn_logit_softcapping)
+    att = att.reshape(T, c.num_heads * hd)
     x = x + rms_norm(att @ w(p + "self_attn.o_proj").T, w(p + "post_attention_layernorm"), eps)
 
     # MLP (the double-wide MLP of KV-shared layers is just a wider matrix), or the student's experts
@@ -124,7 +132,7 @@ def layer(w, c: ModelConfig, i: int, x: np.ndarray, ple_i: np.ndarray | None, kv
         g = gelu_tanh(x @ w(p + "per_layer_input_gate").T) * ple_i
         x = x + rms_norm(g @ w(p + "per_layer_projection").T, w(p + "post_per_layer_input_norm"), eps)
 
-    return x * w(p + "layer_scalar")  # scales the whole stream, residual included
+    return x * w(p + "layer_scalar") if c.layer_scalars else x  # scales the whole stream, residual included
 
 
 def mlp(w, prefix: str, h: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 from conftest import reference
 
 from ferrisres.runtime import load
-from ferrisres.runtime.kv_cache import KVCache
+from ferrisres.runtime.kv_cache import SLACK, KVCache
 
 ATOL = 1e-4
 
@@ -45,7 +45,7 @@ def test_sliding_cache_memory_is_bounded(converted):
     model.forward(list(range(5, 105)), cache)
     window = model.config.sliding_window
     sliding = [c for i, c in cache.layers.items() if not model.config.is_full(i)]
-    assert sliding and all(c.keys.shape[0] == window for c in sliding)
+    assert sliding and all(c.keys.shape[0] == window + SLACK for c in sliding)
     assert cache.length == 100
 
 

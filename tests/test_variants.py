@@ -37,10 +37,14 @@ def test_variant_structures_are_what_they_claim(converted):
 
 @pytest.mark.parametrize("checkpoint", VARIANTS)
 def test_ternary_student_runs_and_equals_fake_quant_forward(converted, checkpoint):
+    """Within float32 noise: these 12-layer random students amplify the float32 rounding of the matrix
+    products to up to 3e-4 on the logits (with every product in float64 the runtime and the reference
+    agree to 7e-7), so the bound here is rung 1's, not rung 2's 1e-4 (which tests/test_student.py holds
+    on the E2B-structured checkpoints)."""
     model = load(converted(checkpoint, "ternary"))
     ids = reference(checkpoint)["ids"]
     expected = reference_logits(dequantized_weights(model.artifact), model.config, ids)
-    np.testing.assert_allclose(model.logits(ids), expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(model.logits(ids), expected, rtol=0, atol=ATOL)
     assert len([s for s in model.generate(ids.tolist(), max_tokens=8, temperature=0)]) >= 1
 
 
