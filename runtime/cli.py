@@ -44,6 +44,7 @@ class Args:
     max_context: Optional[int] = field(default=None, metadata={"help": "context limit in tokens (default: the model's)"})
     draft: Optional[str] = field(default=None, metadata={"choices": ["ngram"], "help": "speculative decoding: 'ngram' drafts tokens by prompt lookup and verifies them in one pass (greedy only; same text, faster on text that repeats)"})
     threads: int = field(default=1, metadata={"help": "threads that split each matrix's rows (default 1)"})
+    cache: Optional[str] = field(default=None, metadata={"choices": ["int8"], "help": "int8: unpack the ternary weights once into RAM (4x their size) for faster decoding"})
     verbose: bool = field(default=False, metadata={"args": ["-v", "--verbose"], "help": "per-token log and memory diagnostic on stderr"})
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: Args, stops: list[str]) -> int:
     options = _generation_options(args, stops)
     start = time.perf_counter()
-    model = load(args.model)
+    model = load(args.model, cache=args.cache)
     load_seconds = time.perf_counter() - start
     if args.verbose:
         _print_memory(model)

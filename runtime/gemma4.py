@@ -98,6 +98,14 @@ class Gemma4:
         self.attnres_gates = artifact.tensor("attnres_gates") if c.attnres else None
         self.attnres = self.attnres_gates is not None and bool(np.any(self.attnres_gates))
 
+    def linears(self):
+        """Every Linear of the model (for options that change how they are kept, e.g. --cache int8)."""
+        for layer in self.layers:
+            for value in layer.values():
+                yield from (value if isinstance(value, list) else [value] if isinstance(value, Linear) else [])
+        if self.config.ple_dim:
+            yield self.ple_projection
+
     def _table(self, name: str) -> tuple[str, np.ndarray]:
         return self._artifact.tensors[name].encoding, self._artifact.tensor(name)
 

@@ -61,6 +61,14 @@ class Linear:
             y *= self.scale if self.scale.size > 1 else self.scale[0]
         return y
 
+    def keep_int8(self) -> None:
+        """Unpack a ternary matrix once into resident int8 codes (4x its packed size in RAM): each use
+        then only casts them, skipping the table lookup (numpy-ternary-perf.md "d1": ~1.4x faster)."""
+        if self.encoding == "ternary":
+            lut8 = ternary_lut().astype(np.int8).view(np.int32).reshape(256)  # one packed byte -> 4 int8
+            self.data = np.take(lut8, self.data).view(np.int8)
+            self.encoding = "int8"
+
     def dequantize(self) -> np.ndarray:
         """The whole matrix as float32 (scale applied): for tests and tools, not for inference."""
         w = np.empty((self.out_features, self.width), dtype=np.float32)

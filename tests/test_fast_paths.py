@@ -65,3 +65,11 @@ def test_prefill_shortcut_equals_the_full_last_position(converted):
     assert model.decoder.first_shared_layer == 5
     last = model.forward(ids, KVCache(model.config), last_only=True)
     np.testing.assert_allclose(last[-1], model.logits(ids)[-1], rtol=0, atol=1e-4)
+
+
+def test_resident_int8_cache_gives_the_same_logits(converted):
+    path = converted("tiny_gemma4", "ternary")
+    ids = reference("tiny_gemma4")["ids"]
+    cached = load(path, cache="int8")
+    assert all(linear.encoding != "ternary" for linear in cached.decoder.linears())
+    np.testing.assert_array_equal(cached.logits(ids), load(path).logits(ids))
