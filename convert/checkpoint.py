@@ -1,8 +1,8 @@
 """Read a Hugging Face checkpoint folder's safetensors files, one tensor at a time.
 
 The safetensors format is parsed directly (8-byte header length, JSON header, raw little-endian
-data) and each file is memory-mapped: a tensor is read only when asked for, so memory holds one
-tensor at a time. The `safetensors` package cannot hand numpy a bfloat16 tensor, and Gemma ships
+data); a tensor, or a block of its rows, is read only when asked for, so memory holds one block at
+a time. The `safetensors` package cannot hand numpy a bfloat16 tensor, and Gemma ships
 bf16, hence this small reader.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ class Checkpoint:
                 if t.name in self.tensors:
                     raise ConversionError(f"tensor {t.name} appears in both {self.tensors[t.name].file.name} and {file.name}")
                 self.tensors[t.name] = t
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -64,23 +64,33 @@ class Checkpoint:
         return t
 
     def read_f32(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
-        """Tensor `name` (or its rows r0:r1) as a float32 array, checked against `shape`."""
+        """Tensor `name` (or its rows r0:r1) as a float32 array, checked against `shape`.
+
+        Read with plain file reads into a fresh buffer, not through a memory map: mapped pages would stay
+        in this process's resident memory, which would then grow to the whole checkpoint's size."""
         t = self.check(name, shape)
-        raw = np.frombuffer(self._map(t.file), dtype=SOURCE_DTYPES[t.dtype], count=math.prod(t.shape), offset=t.begin)
-        raw = raw.reshape(t.shape)
-        if rows is not None:
-            raw = raw[rows[0] : rows[1]]
+        dtype = SOURCE_DTYPES[t.dtype]
+        r0, r1 = rows if rows is not None else (0, t.shape[0])
+        row_items = math.prod(t.shape[1:])
+        raw = np.empty((r1 - r0, *t.shape[1:]), dtype=dtype)
+        view = memoryview(raw).cast("B")
+        offset = t.begin + r0 * row_items * dtype.itemsize
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd(t.file), [view[done:]], offset + done)
+            if n == 0:
+                raise ConversionError(f"{t.file} is truncated inside tensor {name}")
+            done += n
         data = bf16_to_f32(raw) if t.dtype == "BF16" else raw.astype(np.float32)
         if not np.isfinite(data).all():
-            where = f" (rows {rows[0]}-{rows[1]})" if rows else ""
+            where = f" (rows {r0}-{r1})" if rows else ""
             raise ConversionError(f"tensor {name} contains NaN or Inf{where}")
         return data
 
-    def _map(self, file: Path) -> mmap.mmap:
-        if file not in self._maps:
-            with open(file, "rb") as f:
-                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[file]
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
