@@ -144,10 +144,11 @@ def _row_blocks(weights: StudentWeights, name: str, shape: tuple[int, ...]):
 
 
 def _float_encoding(source_dtype: str, quant: str) -> str:
-    """A teacher is written in the dtype asked for; a ternary student keeps bf16 as bf16, else float32."""
+    """A teacher is written in the dtype asked for. A ternary student keeps float32 sources in float32
+    and stores everything else (bf16, f16, a GGUF's quantized types) as bf16, as precise as needed."""
     if quant != "ternary":
         return quant
-    return "bf16" if source_dtype == "BF16" else "f32"
+    return "f32" if source_dtype == "F32" else "bf16"
 
 
 def _encode(block: np.ndarray, encoding: str) -> np.ndarray:

@@ -29,7 +29,7 @@ PROG = "ferrisres-convert"
 
 @dataclass
 class Args:
-    model_path: str = field(metadata={"args": ["model_path"], "help": "Hugging Face Gemma 4 checkpoint folder"})
+    model_path: str = field(metadata={"args": ["model_path"], "help": "Hugging Face checkpoint folder, or a GGUF file"})
     output: str = field(metadata={"args": ["-o", "--output"], "help": "artifact to write (.tern)"})
     quant: str = field(
         default="ternary",

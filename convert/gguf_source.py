@@ -112,12 +112,14 @@ class GGUFSource:
         try:
             self.reader = gguf.GGUFReader(path, "r")
         except (ValueError, OSError, KeyError, IndexError, EOFError) as e:
-            raise ConversionError(f"{path} is not a readable GGUF file ({e})") from None
+            detail = " ".join(str(e).split())
+            raise ConversionError(f"{path} is not a readable GGUF file (truncated or corrupt? {detail})") from None
         self.metadata = {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
         arch = self.metadata.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
+            hint = "; convert the Hugging Face checkpoint folder instead" if arch == "gemma4" else ""
             raise ConversionError(
-                f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+                f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)}{hint})"
             )
         self.architecture = arch
         self.tensors: dict[str, GGUFTensor] = {}
@@ -128,7 +130,10 @@ class GGUFSource:
         if "model.embed_tokens.weight" not in self.tensors:
             raise ConversionError(f"{path.name}: GGUF file has no token_embd.weight")
         context = self._meta("context_length", int, None)
-        self.vocab = GGUFVocab.from_metadata(self.metadata, model_max_length=context, tokenizer_class="GemmaTokenizer")
+        try:
+            self.vocab = GGUFVocab.from_metadata(self.metadata, model_max_length=context, tokenizer_class="GemmaTokenizer")
+        except ConversionError as e:
+            raise ConversionError(f"{path.name}: {e}") from None
         self.text_config = self._gemma3_config()
         ids = {"bos_token_id": self.vocab.bos_id, "eos_token_id": eos_token_ids(self.vocab), "pad_token_id": self.vocab.pad_id}
         self.generation_config = {k: v for k, v in ids.items() if v is not None}
@@ -200,7 +205,8 @@ class GGUFSource:
     def _gemma3_config(self) -> dict:
         """The text config as transformers' Gemma3TextConfig (config.json of a Gemma3ForCausalLM) holds it."""
         m, name = self._meta, self.path.name
-        required = {key: m(key, int, None) for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")}
+        keys = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+        required = {key: m(key, int, None) for key in keys}
         missing = [k for k, v in required.items() if v is None]
         if missing:
             raise ConversionError(f"{name}: GGUF metadata lacks {self.architecture}.{missing[0]}")
