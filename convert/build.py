@@ -102,10 +102,10 @@ def _folder_documents(model_dir: Path, generation_config: dict | None) -> dict[s
     tokenizer = model_dir / "tokenizer.json"
     if not tokenizer.is_file():
         raise ConversionError(f"{model_dir} has no tokenizer.json")
-    documents: dict[str, str | dict] = {"tokenizer.json": tokenizer.read_text(encoding="utf-8")}
+    documents: dict[str, str | dict] = {"tokenizer.json": _read_text(tokenizer)}
     for optional in ("tokenizer_config.json", "chat_template.jinja"):
         if (model_dir / optional).is_file():
-            documents[optional] = (model_dir / optional).read_text(encoding="utf-8")
+            documents[optional] = _read_text(model_dir / optional)
     if generation_config is not None:
         documents["generation_config.json"] = generation_config
     return documents
@@ -199,6 +199,13 @@ def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options, comma
 def _file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return "blake2b-256:" + hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=32)).hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path} is not valid UTF-8 (byte {e.start})") from None
 
 
 def _read_json(path: Path) -> dict | None:

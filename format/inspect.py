@@ -74,7 +74,7 @@ def _inspect(args: Args) -> int:
 
 
 def _text(r: dict) -> str:
-    m, s = r["model"], r["student"] or {}
+    m, s = r["model"], r["student"] if isinstance(r["student"], dict) else {}
     lines = [
         f"{r['path']}: .tern {r['format_version']}, {r['file_bytes'] / 1e6:.1f} MB, {r['tensors']} tensors",
         f"model    {m['architecture']}: {m['layers']} layers (full attention at {m['full_attention_layers']}), "
@@ -88,8 +88,9 @@ def _text(r: dict) -> str:
     lines += [f"  {kind:<40} {n:>15,}" for kind, n in r["bytes_by_kind"].items()]
     total = sum(r["bytes_by_kind"].values())
     lines.append(f"  {'all weights':<40} {total:>15,}  (the bf16 teacher: {r['teacher_bf16_bytes']:,})")
-    p = r["provenance"] or {}
-    lines.append(f"made by  {p.get('converter')}: {' '.join(p.get('command_line') or [])}")
+    p = r["provenance"] if isinstance(r["provenance"], dict) else {}
+    command = p.get("command_line")
+    lines.append(f"made by  {p.get('converter')}: {' '.join(map(str, command)) if isinstance(command, list) else command}")
     if "verify" in r:
         v = r["verify"]
         lines.append(f"verify   {v['tensors']} tensors and {v['documents']} documents: "
@@ -97,14 +98,14 @@ def _text(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _moe(moe: dict | None) -> str:
-    if not moe:
-        return "dense MLPs"
-    return f"MoE {moe['experts']} experts top-{moe['top_k']} (noise {moe['noise']}, seed {moe['seed']})"
+def _moe(moe) -> str:
+    if not isinstance(moe, dict):
+        return "dense MLPs" if not moe else f"MoE {moe!r}"
+    return f"MoE {moe.get('experts')} experts top-{moe.get('top_k')} (noise {moe.get('noise')}, seed {moe.get('seed')})"
 
 
-def _attnres(attnres: dict | None) -> str:
-    return f"Block AttnRes gate {attnres['gate']}" if attnres else "no AttnRes"
+def _attnres(attnres) -> str:
+    return f"Block AttnRes gate {attnres.get('gate')}" if isinstance(attnres, dict) else "no AttnRes"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,7 +70,8 @@ def remove_stale_partials(path: str | os.PathLike) -> tuple[list[Path], list[Pat
                 in_use.append(p)
                 continue
             try:
-                same = os.stat(p, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                mine = os.fstat(fd)
+                same = stat.S_ISREG(mine.st_mode) and os.stat(p, follow_symlinks=False).st_ino == mine.st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -172,6 +174,8 @@ class ArtifactWriter:
             ds = group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
             offset = ds.id.get_offset()
             self._reserve()
+        if offset is None:
+            raise ArtifactError(f"{group.name}/{name}: HDF5 allocated no storage for it")
         hasher = digest_stream()
         row, row_bytes = 0, dtype.itemsize * math.prod(shape[1:])
         for block in blocks:  # errors of the caller's blocks (bad input, Ctrl-C) pass through as they are

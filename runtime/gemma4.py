@@ -142,6 +142,12 @@ class Gemma4:
         With `last_only`, only the last position's logits are computed ([1, vocab]): all decoding needs.
         `hidden_states`, if given, receives each layer's output [T, hidden] (for evaluation tools).
         """
+        # Broken weights may overflow: the sampler refuses non-finite logits with one clear error, so
+        # numpy's warnings would only add noise.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._forward(ids, cache, last_only, hidden_states)
+
+    def _forward(self, ids: np.ndarray, cache: KVCache, last_only: bool, hidden_states: list | None) -> np.ndarray:
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
         positions = np.arange(cache.length, cache.length + len(ids))

@@ -51,18 +51,27 @@ class SlidingLayerCache:
     the window's keys intact when the last few positions are taken back (`truncate`)."""
 
     def __init__(self, window: int, kv_heads: int, head_dim: int):
-        self.size = window + SLACK
-        self.keys = np.zeros((self.size, kv_heads, head_dim), dtype=np.float32)
+        self.size = window + SLACK  # the ring's full size; it starts small and grows with the tokens seen
+        self.keys = np.zeros((min(self.size, 64), kv_heads, head_dim), dtype=np.float32)
         self.values = np.zeros_like(self.keys)
-        self.positions = np.full(self.size, -1, dtype=np.int64)  # -1: empty slot, never visible
+        self.positions = np.full(len(self.keys), -1, dtype=np.int64)  # -1: empty slot, never visible
+
+    def _grow(self, needed: int) -> None:
+        """Until the ring is full size no position has wrapped, so slot p % capacity stays p when it grows."""
+        capacity = min(self.size, max(needed, 2 * len(self.keys)))
+        self.keys = _grown(self.keys, capacity, len(self.keys))
+        self.values = _grown(self.values, capacity, len(self.values))
+        self.positions = np.concatenate([self.positions, np.full(capacity - len(self.positions), -1)])
 
     def update(self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray):
         """Returns the ring's earlier tokens followed by the new ones, then stores the newest in the ring."""
         all_keys = np.concatenate([self.keys, keys])
         all_values = np.concatenate([self.values, values])
         all_positions = np.concatenate([self.positions, positions])
-        keep = slice(max(0, len(keys) - self.size), len(keys))
-        slots = positions[keep] % self.size
+        if len(self.keys) < self.size and positions[-1] >= len(self.keys):
+            self._grow(int(positions[-1]) + 1)
+        keep = slice(max(0, len(keys) - len(self.keys)), len(keys))
+        slots = positions[keep] % len(self.keys)
         self.keys[slots] = keys[keep]
         self.values[slots] = values[keep]
         self.positions[slots] = positions[keep]

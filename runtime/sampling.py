@@ -24,17 +24,18 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = (
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("seed", isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
+            ("temperature", lambda v: v >= 0, ">= 0"),
+            ("top_k", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+            ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("min_p", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("repetition_penalty", lambda v: v > 0, "> 0"),
+            ("seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
         )
         for name, ok, expected in checks:
             value = getattr(self, name)
-            if not ok or (isinstance(value, float) and not np.isfinite(value)):
-                raise ValueError(f"{name} must be {expected}, got {value}")
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+            if not is_number or not ok(value):
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
 
     @property
     def greedy(self) -> bool:
