@@ -59,9 +59,11 @@ class SlidingLayerCache:
     def _grow(self, needed: int) -> None:
         """Until the ring is full size no position has wrapped, so slot p % capacity stays p when it grows."""
         capacity = min(self.size, max(needed, 2 * len(self.keys)))
-        self.keys = _grown(self.keys, capacity, len(self.keys))
-        self.values = _grown(self.values, capacity, len(self.values))
-        self.positions = np.concatenate([self.positions, np.full(capacity - len(self.positions), -1)])
+        extra = capacity - len(self.keys)
+        # Empty slots must hold zeros, not np.empty's garbage: attention gives them weight 0, and 0 * NaN is NaN.
+        self.keys = np.concatenate([self.keys, np.zeros((extra, *self.keys.shape[1:]), np.float32)])
+        self.values = np.concatenate([self.values, np.zeros((extra, *self.values.shape[1:]), np.float32)])
+        self.positions = np.concatenate([self.positions, np.full(extra, -1)])
 
     def update(self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray):
         """Returns the ring's earlier tokens followed by the new ones, then stores the newest in the ring."""

@@ -6,7 +6,7 @@ import pytest
 from conftest import reference
 
 from ferrisres.runtime import load
-from ferrisres.runtime.kv_cache import SLACK, KVCache
+from ferrisres.runtime.kv_cache import SLACK, KVCache, SlidingLayerCache
 
 ATOL = 1e-4
 
@@ -52,3 +52,23 @@ def test_sliding_cache_memory_is_bounded(converted):
 def _softmax(z):
     p = np.exp(z.astype(np.float64) - z.max())
     return p / p.sum()
+
+
+def test_sliding_ring_grows_with_the_tokens_and_keeps_the_window():
+    """A wide window starts small and grows; every query still sees exactly its window, and empty slots
+    hold zeros (attention weighs them 0, and 0 * NaN would poison the output)."""
+    window = 100
+    ring = SlidingLayerCache(window, 1, 2)
+    keys = np.random.default_rng(0).standard_normal((460, 1, 2)).astype(np.float32)
+    start = 0
+    for count in [64, 1, 1, 30, 5, 1, 100, 1, 1, 150]:
+        positions = np.arange(start, start + count)
+        got_keys, got_values, got_positions = ring.update(keys[positions], keys[positions], positions)
+        assert np.isfinite(got_values).all()
+        last = positions[-1]
+        visible = (got_positions >= 0) & (got_positions <= last) & (got_positions > last - window)
+        order = np.argsort(got_positions[visible])
+        assert got_positions[visible][order].tolist() == list(range(max(0, last - window + 1), last + 1))
+        np.testing.assert_array_equal(got_keys[visible][order], keys[max(0, last - window + 1) : last + 1])
+        start += count
+    assert len(ring.keys) == window + SLACK
