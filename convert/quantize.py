@@ -1,6 +1,6 @@
 """Ternary quantization: W ~ scale * t with t in {-1, 0, +1}, one scale per output row or per tensor.
 
-Schemes (`--scheme`):
+Schemes (`--scheme`), the default chosen by measurement (QUALITY.md):
 - `optimal-row`: per row, the pattern and scale with the least squared reconstruction error (exact).
 - `lsq-row`:    per row, the pattern of `absmean-row` with the least-squares scale for it
                 (mean |w| over the row's non-zero codes), the best reconstruction for that pattern.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 SCHEMES = ("optimal-row", "lsq-row", "absmean-row", "ferrisres")
-DEFAULT_SCHEME = "optimal-row"  # lowest weight error and KL on every tiny checkpoint (QUALITY.md)
+DEFAULT_SCHEME = "absmean-row"  # lowest KL to the teacher on real weights (Gemma 3 270M, QUALITY.md)
 _ROWS_PER_BLOCK = 1024  # optimal-row sorts rows: bound its temporaries
 FERRISRES_ABSMEAN_NORM = np.float32(0.7978845608)  # sqrt(2/pi): mean|w| / sigma of a Gaussian
 

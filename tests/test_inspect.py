@@ -67,7 +67,7 @@ def test_text_summary(student):
     assert f"{c['num_kv_shared_layers']} KV-shared layers" in out
     assert f"head dims {sorted({c['head_dim'], c['global_head_dim']})}" in out
     # the quantization scheme
-    assert re.search(r"quant ternary, scheme optimal-row\b", out), out
+    assert re.search(r"quant ternary, scheme absmean-row\b", out), out
     assert "head int8-row" in out
     # bytes by kind
     assert "bytes by kind:" in out
@@ -113,7 +113,7 @@ def test_json(student):
     assert m["full_attention_layers"] == [i for i, t in enumerate(c["layer_types"]) if t == "full_attention"]
     assert m["kv_shared_layers"] == c["num_kv_shared_layers"]
     assert report["student"]["quant"] == "ternary"
-    assert report["student"]["scheme"] == "optimal-row"
+    assert report["student"]["scheme"] == "absmean-row"
     assert report["format_version"] == "1.0"
     assert report["file_bytes"] == student.stat().st_size
 
