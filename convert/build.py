@@ -12,7 +12,6 @@ for the big embedding tables, one block of rows) at a time. What the student is:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .gguf_source import GGUFSource, is_gguf
-from .hf_config import eos_token_ids, model_config, read_config, text_config_with_defaults
+from .hf_config import eos_token_ids, model_config, read_config, read_json_object, text_config_with_defaults
 from .lora import LoraAdapter
 from .quantize import int8_rows, ternarize
 from .student import Options, StudentWeights, student_config
@@ -209,15 +208,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ConversionError(f"{path} is not a JSON object")
-    return value
+    return read_json_object(path) if path.is_file() else None
 
 
 def _progress(items, enabled: bool):

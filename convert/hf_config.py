@@ -38,17 +38,23 @@ _FAMILIES = {"gemma4": ("gemma4_text", _DEFAULTS), "gemma4_text": ("gemma4_text"
              "gemma3": ("gemma3_text", _GEMMA3_DEFAULTS), "gemma3_text": ("gemma3_text", _GEMMA3_DEFAULTS)}
 
 
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file that must hold an object, or a ConversionError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} is not a JSON object")
+    return value
+
+
 def read_config(folder: Path) -> tuple[dict, dict]:
     """The text config dict (defaults filled in) and the whole config.json of a checkpoint folder."""
     path = folder / "config.json"
     if not path.is_file():
         raise ConversionError(f"{folder} has no config.json")
-    try:
-        whole = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(whole, dict):
-        raise ConversionError(f"{path} is not a JSON object")
+    whole = read_json_object(path)
     model_type = whole.get("model_type")
     if model_type not in _FAMILIES:
         raise ConversionError(f"{path}: model_type {model_type!r} is not Gemma 4 (or Gemma 3): expected one of {sorted(_FAMILIES)}")
