@@ -33,7 +33,7 @@ quality: $(VENV)/.installed
 	$(BIN)/python bench/quality.py
 
 # Speed and memory at real Gemma 4 E2B scale, on a synthetic checkpoint with the exact shapes (cached in
-# bench/.cache/): writes bench/results.json and BENCHMARKS.md (~45 min). QUICK=1: tiny model, < 2 min,
+# bench/.cache/): writes bench/results.json and BENCHMARKS.md (~15 min). QUICK=1: tiny model, ~1 min,
 # to check the harness (results in bench/.cache/quick/).
 .PHONY: bench
 bench: $(VENV)/.installed

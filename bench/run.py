@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Performance at real E2B scale: `make bench` (full, ~45 min) or `make bench QUICK=1` (tiny model, < 2 min).
+"""Performance at real E2B scale: `make bench` (full, ~15 min on a quiet machine) or `make bench QUICK=1` (tiny model, ~1 min).
 
-    python bench/run.py [--quick] [--keep] [--skip-profile] [--out bench]
+    python bench/run.py [--quick] [--keep] [--reuse] [--skip-profile] [--out bench]
+    python bench/run.py --report-only bench/results.json      # rewrite BENCHMARKS.md from the data
 
 1. Makes (or reuses) the synthetic Gemma 4 E2B checkpoints of bench/make_synthetic_e2b.py in bench/.cache/.
 2. Converts the main one three ways: dense ternary student, 2-expert top-2 MoE student
@@ -17,8 +18,11 @@
    scaling tables), and in the full run a profile of decode steps (bench/profile_decode.py).
 
 Everything runs through the public Python API (`ferrisres.runtime.load`, `Model.generate`) and the
-converter's command line entry point (`ferrisres.convert.cli.main`). OPENBLAS_* variables are left as
-the environment has them and recorded. Artifacts are deleted at the end unless --keep.
+converter's command line entry point (`ferrisres.convert.cli.main`), from a snapshot of the product code
+taken at the start (bench/.cache/snapshot/<digest>), so that edits made during a run cannot mix versions.
+OPENBLAS_* variables are left as the environment has them and recorded. A failed measurement is recorded
+and the run goes on. Artifacts are deleted at the end unless --keep; --reuse takes kept artifacts (and
+their conversion measurements, from bench/.cache/logs/workers.jsonl) of the same product code.
 """
 
 from __future__ import annotations

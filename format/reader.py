@@ -76,12 +76,14 @@ class Artifact:
 
     config: ModelConfig
 
-    def __init__(self, path: Path, version: tuple[int, int], tensors: dict, documents: dict, buffer: mmap.mmap):
+    def __init__(self, path: Path, version: tuple[int, int], tensors: dict, documents: dict, buffer: mmap.mmap,
+                 fd: int):
         self.path = path
         self.version = version
         self.tensors: dict[str, TensorInfo] = tensors
         self.documents: dict[str, TensorInfo] = documents
         self._buffer = buffer
+        self._fd = fd
         self._bytes = np.frombuffer(buffer, dtype=np.uint8)
 
     @classmethod
@@ -104,7 +106,7 @@ class Artifact:
             raise ArtifactError(f"{path} is not a .tern artifact, or is damaged (HDF5 cannot read it)") from None
         except Exception as e:  # h5py raises many types on damaged files; all mean the same to a user
             raise ArtifactError(f"{path}: damaged artifact structure ({_one_line(e)})") from None
-        artifact = cls(path, version, tensors, documents, _map(path, st))
+        artifact = cls(path, version, tensors, documents, *_map(path, st))
         if check_model:
             try:
                 artifact._check_documents()
@@ -154,6 +156,18 @@ class Artifact:
         except UnicodeDecodeError:
             raise ArtifactError(f"{self.path}: document {name} is not valid UTF-8") from None
 
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of tensor `name` (stored dtype), copied with file reads rather than through the memory
+        map: each scattered row of a lookup table would otherwise fault in ~64 KB of pages that stay
+        resident, so memory would grow with every distinct token seen."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // info.stored_shape[0]
+        out = np.empty((len(ids), *info.stored_shape[1:]), dtype=ENCODINGS[info.encoding])
+        buffer = memoryview(out).cast("B")
+        for k, row in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
+            os.preadv(self._fd, [buffer[k * row_bytes : (k + 1) * row_bytes]], info.offset + row * row_bytes)
+        return out
+
     def _view(self, info: TensorInfo) -> np.ndarray:
         raw = self._bytes[info.offset : info.offset + info.nbytes]
         return raw.view(ENCODINGS[info.encoding]).reshape(info.stored_shape)
@@ -170,6 +184,9 @@ class Artifact:
 
     def close(self) -> None:
         self._bytes = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         try:
             self._buffer.close()
         except BufferError:
@@ -196,8 +213,8 @@ def _stat_regular_file(path: Path) -> os.stat_result:
     return st
 
 
-def _map(path: Path, before: os.stat_result) -> mmap.mmap:
-    """The whole file, mapped read-only; it must be the very file that was walked."""
+def _map(path: Path, before: os.stat_result) -> tuple[mmap.mmap, int]:
+    """The whole file, mapped read-only, and a descriptor of it; it must be the very file that was walked."""
     try:
         with open(path, "rb") as f:
             now = os.fstat(f.fileno())
@@ -205,7 +222,7 @@ def _map(path: Path, before: os.stat_result) -> mmap.mmap:
                 before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns
             ):
                 raise ArtifactError(f"{path} changed while it was being opened (replaced or rewritten); open it again")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), os.dup(f.fileno())
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}: cannot map the file ({_one_line(e)})") from None
 

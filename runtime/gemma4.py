@@ -23,7 +23,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * (x * x * x))))  # x*x*x: x**3 is a slow pow
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -81,7 +81,7 @@ class Gemma4:
         self.embed_encoding, self.embed_tokens = self._table("embed_tokens")
         self.embed_scale = np.float32(np.sqrt(c.hidden_size))
         if c.ple_dim:
-            self.ple_encoding, self.ple_table = self._table("embed_tokens_per_layer")
+            self.ple_encoding = artifact.tensors["embed_tokens_per_layer"].encoding
             self.ple_projection = self._linear("per_layer_model_projection")
             self.ple_projection_norm = artifact.tensor("per_layer_projection_norm")
         self.layers = [self._layer(i) for i in range(c.num_layers)]
@@ -153,7 +153,7 @@ class Gemma4:
         positions = np.arange(cache.length, cache.length + len(ids))
         # Activations are float64 (Linear returns float64): they are vectors, so this costs little, and it
         # keeps float32 rounding from compounding over the layers. The matrix products stay float32.
-        x = (decode_f32(self.embed_tokens[ids], self.embed_encoding) * self.embed_scale).astype(np.float64)
+        x = (decode_f32(self._artifact.rows("embed_tokens", ids), self.embed_encoding) * self.embed_scale).astype(np.float64)
         ple = self._per_layer_inputs(ids, x) if c.ple_dim else None
         rope = {}
         for t, inv_freq in self.inv_freq.items():
@@ -194,7 +194,7 @@ class Gemma4:
         """Per-layer embeddings (PLE): [T, L, P], layer i's input in [:, i]."""
         c = self.config
         T, L, P = len(ids), c.num_layers, c.ple_dim
-        tokens = decode_f32(self.ple_table[ids], self.ple_encoding).reshape(T, L, P) * np.sqrt(P)
+        tokens = decode_f32(self._artifact.rows("embed_tokens_per_layer", ids), self.ple_encoding).reshape(T, L, P) * np.sqrt(P)
         projected = self.ple_projection(x) * c.hidden_size**-0.5
         projected = rms_norm(projected.reshape(T, L, P), self.ple_projection_norm, c.rms_norm_eps)
         return (projected + tokens) * 2**-0.5
