@@ -4,6 +4,10 @@ Every tensor dataset carries an `encoding` attribute naming one of `ENCODINGS`; 
 numpy dtype of the bytes on disk. numpy has no bfloat16, so bf16 tensors are stored as their raw
 uint16 bit patterns. Ternary weights are packed 4 to a byte (see `pack_ternary`); ternary and int8
 weights have a float32 companion dataset `<name>.weight_scale` (per row, or `[1]` per tensor).
+
+Grouped ternary weights (`ternary-g1`, `ternary-g2`) hold one or two planes of ternary codes per row,
+W = sum_p scale_p * T_p, with a float16 scale per plane and per group of columns, and optionally
+multiply an input rotated by a block Hadamard matrix (`hadamard`, attribute `rotation`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ ENCODINGS: dict[str, np.dtype] = {
     "bf16": np.dtype("<u2"),
     "int8": np.dtype("i1"),
     "ternary": np.dtype("u1"),
+    "ternary-g1": np.dtype("u1"),
+    "ternary-g2": np.dtype("u1"),
     "i64": np.dtype("<i8"),
     "bytes": np.dtype("u1"),
 }
 
 # 2-bit ternary codes: value + 1, so -1 -> 0b00, 0 -> 0b01, +1 -> 0b10. 0b11 is invalid.
+GROUPED_TERNARY = {"ternary-g1": 1, "ternary-g2": 2}  # encoding -> planes of codes per row
 TERNARY_ZERO_BYTE = 0b01010101  # four zero codes: the padding of a row whose length is not a multiple of 4
 
 
@@ -76,3 +83,21 @@ def decode_f32(data: np.ndarray, encoding: str) -> np.ndarray:
     if encoding in ("f32", "f16"):
         return np.asarray(data, dtype=np.float32)
     raise ValueError(f"encoding {encoding!r} is not a plain float encoding")
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Sylvester Hadamard matrix of order n (a power of two), float64. It is symmetric
+    and its own inverse, so rotating an input by it and the weight's columns by it cancel exactly."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard block must be a power of two, got {n}")
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def rotate_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """x [..., n] with each run of `block` consecutive entries of the last axis multiplied by
+    `hadamard(block)` (n a multiple of block)."""
+    shape = x.shape
+    return (x.reshape(*shape[:-1], shape[-1] // block, block) @ hadamard(block).astype(x.dtype)).reshape(shape)

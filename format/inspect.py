@@ -73,6 +73,18 @@ def _inspect(args: Args) -> int:
     return 0
 
 
+def _quantization(s: dict) -> str:
+    """How the ternary weights were made, e.g. "gptq, 2 planes, group 64, rotate 64, calibrated on teacher
+    (8192 tokens)" or "scheme absmean-row" (the original per-row student)."""
+    if s.get("scheme") or s.get("method") is None:
+        return f"scheme {s.get('scheme')}"
+    text = f"{s.get('method')}, {s.get('planes')} planes, group {s.get('group')}, rotate {s.get('rotate') or 'none'}"
+    calibration = s.get("calibration")
+    if isinstance(calibration, dict):
+        text += f", calibrated on {calibration.get('source')} ({calibration.get('tokens')} tokens)"
+    return text
+
+
 def _text(r: dict) -> str:
     m, s = r["model"], r["student"] if isinstance(r["student"], dict) else {}
     lines = [
@@ -81,7 +93,7 @@ def _text(r: dict) -> str:
         f"hidden {m['hidden_size']}, {m['heads']} heads / {m['kv_heads']} kv, head dims {m['head_dims']}, "
         f"vocab {m['vocab_size']}, window {m['sliding_window']}, PLE {m['per_layer_embedding_dim']}, "
         f"{m['kv_shared_layers']} KV-shared layers, EOS {m['eos_token_ids']}",
-        f"student  quant {s.get('quant')}, scheme {s.get('scheme')}, head {s.get('head')}, {_moe(s.get('moe'))}, "
+        f"student  quant {s.get('quant')}, {_quantization(s)}, head {s.get('head')}, {_moe(s.get('moe'))}, "
         f"{_attnres(s.get('attnres'))}" + (f", LoRA {s['lora']} merged" if s.get("lora") else ""),
         "bytes by kind:",
     ]

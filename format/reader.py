@@ -35,7 +35,7 @@ import h5py
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 import numpy as np
 
-from .encodings import ENCODINGS, packed_columns
+from .encodings import ENCODINGS, GROUPED_TERNARY, packed_columns
 from .errors import ArtifactError
 from .model_config import ModelConfig
 from .schema import check_tensors
@@ -61,12 +61,15 @@ class TensorInfo:
     offset: int
     nbytes: int
     digest: str
+    rotation: int = 0  # grouped ternary: order of the block Hadamard rotation of the input (0: none)
 
 
 def stored_shape_of(encoding: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The dataset shape an encoding uses for a tensor of logical `shape`."""
     if encoding == "ternary":
         return (*shape[:-1], packed_columns(shape[-1]))
+    if encoding in GROUPED_TERNARY:
+        return (*shape[:-1], GROUPED_TERNARY[encoding], packed_columns(shape[-1]))
     return shape
 
 
@@ -341,16 +344,18 @@ class _Walk:
         if storage != nbytes:
             raise ArtifactError(f"{where} has {storage} bytes of storage for {nbytes} bytes of data")
 
+        rotation = 0
         if tensors:
             shape = _shape_attr(ds, where)
             if stored_shape_of(encoding, shape) != stored:
                 raise ArtifactError(f"{where} is stored as {list(stored)}, which does not hold logical shape {list(shape)}")
+            rotation = _rotation_attr(ds, where, encoding, shape[-1])
         else:
             shape = stored
         value = _text_attr(ds, DIGEST_ATTR, where)
         if not _DIGEST.fullmatch(value):
             raise ArtifactError(f"{where}: attribute {DIGEST_ATTR!r} is not a BLAKE2b-256 digest (64 hex digits)")
-        return TensorInfo(name, encoding, shape, stored, offset, nbytes, value.lower())
+        return TensorInfo(name, encoding, shape, stored, offset, nbytes, value.lower(), rotation)
 
     def check_overlaps(self) -> None:
         """No two datasets share a byte, and no dataset covers an object header the walk went through."""
@@ -437,6 +442,24 @@ def _shape_attr(oid, where: str) -> tuple[int, ...]:
     if min(shape) < 1:
         raise ArtifactError(f"{where}: attribute 'shape' {list(shape)} has a dimension below 1")
     return shape
+
+
+def _rotation_attr(oid, where: str, encoding: str, in_features: int) -> int:
+    """The optional `rotation` of a grouped ternary tensor: a scalar integer, 0 or a power of two that
+    divides the tensor's input width (the order of its block Hadamard rotation)."""
+    aid = _open_attr(oid, "rotation")
+    if aid is None:
+        return 0
+    if encoding not in GROUPED_TERNARY:
+        raise ArtifactError(f"{where}: attribute 'rotation' is only defined for grouped ternary encodings")
+    if aid.get_type().get_class() != h5t.INTEGER or aid.get_space().get_simple_extent_type() != h5s.SCALAR:
+        raise ArtifactError(f"{where}: attribute 'rotation' is not a scalar integer")
+    value = np.empty((), dtype=np.int64)
+    aid.read(value)
+    block = int(value)
+    if block and (block < 2 or block & (block - 1) or in_features % block):
+        raise ArtifactError(f"{where}: attribute 'rotation' is {block}, not 0 or a power of two dividing {in_features}")
+    return block
 
 
 def _describe_type(tid) -> str:

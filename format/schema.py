@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .encodings import GROUPED_TERNARY
 from .errors import ArtifactError
 from .model_config import ModelConfig
 
 TABLES = ("embed_tokens", "embed_tokens_per_layer")  # looked up by row, never multiplied whole
 TABLE_ENCODINGS = ("bf16", "f16", "f32")
-LINEAR_ENCODINGS = ("ternary", "int8", "bf16", "f16", "f32")
+LINEAR_ENCODINGS = ("ternary", "ternary-g1", "ternary-g2", "int8", "bf16", "f16", "f32")
 SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.weight_scale`
-SCALE_SUFFIX = ".weight_scale"  # per row (the tensor's shape without its last axis) or [1] for the whole tensor
+# ternary and int8: per row (the tensor's shape without its last axis) or [1] for the whole tensor;
+# grouped ternary: float16 [..., out, planes, groups], each group `in / groups` consecutive columns
+SCALE_SUFFIX = ".weight_scale"
 HEAD = "lm_head"  # optional: the output head's own copy; without it the head is embed_tokens (tied)
 
 
@@ -100,6 +103,20 @@ def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
             if scale is None or scale.encoding != "f32" or scale.shape not in (shape[:-1], (1,)):
                 raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not float32 {list(shape[:-1])} or [1]")
             scales.add(name + SCALE_SUFFIX)
+        if info.encoding in GROUPED_TERNARY:
+            _check_group_scale(path, name, shape, GROUPED_TERNARY[info.encoding], tensors.get(name + SCALE_SUFFIX))
+            scales.add(name + SCALE_SUFFIX)
     extra = sorted(set(tensors) - set(expected) - scales)
     if extra:
         raise ArtifactError(f"{path}: unexpected tensor {extra[0]} for this model config")
+
+
+def _check_group_scale(path: Path, name: str, shape: tuple[int, ...], planes: int, scale) -> None:
+    n_in = shape[-1]
+    groups = scale.shape[-1] if scale is not None else 0
+    if n_in % 4:
+        raise ArtifactError(f"{path}: tensor {name} is grouped ternary, which needs an input width divisible by 4, not {n_in}")
+    if (scale is None or scale.encoding != "f16" or scale.shape[:-1] != (*shape[:-1], planes)
+            or groups < 1 or n_in % groups):
+        raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not float16 "
+                            f"{[*shape[:-1], planes]} + [groups], with groups dividing {n_in}")

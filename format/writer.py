@@ -146,17 +146,22 @@ class ArtifactWriter:
         data = np.frombuffer(content.encode("utf-8"), dtype=np.uint8)
         self._create(self._meta, name, [data], data.shape, data.dtype, {"encoding": "bytes"})
 
-    def add_tensor(self, name: str, data: np.ndarray, encoding: str, shape: tuple[int, ...] | None = None) -> None:
-        """Store one tensor. `shape` is its logical shape when that differs from the stored one (ternary)."""
-        self.add_tensor_rows(name, [data], data.shape, encoding, shape)
+    def add_tensor(self, name: str, data: np.ndarray, encoding: str, shape: tuple[int, ...] | None = None,
+                   rotation: int = 0) -> None:
+        """Store one tensor. `shape` is its logical shape when that differs from the stored one (ternary);
+        `rotation`, for grouped ternary, the order of the Hadamard blocks its input is rotated by."""
+        self.add_tensor_rows(name, [data], data.shape, encoding, shape, rotation)
 
     def add_tensor_rows(
-        self, name: str, blocks, stored_shape: tuple[int, ...], encoding: str, shape: tuple[int, ...] | None = None
+        self, name: str, blocks, stored_shape: tuple[int, ...], encoding: str, shape: tuple[int, ...] | None = None,
+        rotation: int = 0,
     ) -> None:
         """Store a tensor given as consecutive blocks of rows, so a huge one never has to be in memory whole."""
         expected = ENCODINGS[encoding]
         logical = tuple(stored_shape) if shape is None else tuple(shape)
         attrs = {"encoding": encoding, "shape": np.asarray(logical, dtype=np.int64)}
+        if rotation:
+            attrs["rotation"] = np.int64(rotation)
         self._create(self._tensors, name, blocks, tuple(stored_shape), expected, attrs)
 
     def _create(self, group: h5py.Group, name: str, blocks, shape: tuple[int, ...], dtype: np.dtype, attrs: dict):

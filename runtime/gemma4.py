@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferrisres.format import HEAD, Artifact, RopeConfig, decode_f32
+from ferrisres.format.encodings import GROUPED_TERNARY
 from ferrisres.format.schema import SCALE_SUFFIX, SCALED_ENCODINGS
 
 from .kernels import Linear
@@ -94,6 +95,8 @@ class Gemma4:
         # Layers from here to the last only read earlier layers' keys/values (None: no such tail).
         tail = [i for i in range(c.num_layers) if all(not c.has_own_kv(j) for j in range(i, c.num_layers))]
         self.first_shared_layer = tail[0] if tail else None
+        # The last layer that reads each layer's keys/values in a step: after it, they can be let go.
+        self.last_reader = {source: i for i, source in enumerate(c.kv_sources)}
         # Block AttnRes with every gate 0 adds exactly nothing: skip it then.
         self.attnres_gates = artifact.tensor("attnres_gates") if c.attnres else None
         self.attnres = self.attnres_gates is not None and bool(np.any(self.attnres_gates))
@@ -110,18 +113,26 @@ class Gemma4:
         return self._artifact.tensors[name].encoding, self._artifact.tensor(name)
 
     def _linear(self, name: str) -> Linear:
-        info = self._artifact.tensors[name]
-        scale = self._artifact.tensor(name + SCALE_SUFFIX) if info.encoding in SCALED_ENCODINGS else None
-        return Linear(self._artifact.tensor(name), info.encoding, info.shape, scale)
+        return self._linears(name)[0]
 
-    def _stacked_linears(self, name: str) -> list[Linear]:
-        """A 3-D tensor [experts, out, in] (Gemma 4's MoE block) as one Linear per expert."""
+    def _linears(self, name: str) -> list[Linear]:
+        """A weight as Linears: one for a matrix [out, in], one per expert for [experts, out, in]
+        (Gemma 4's MoE block)."""
         info = self._artifact.tensors[name]
         data = self._artifact.tensor(name)
-        scale = self._artifact.tensor(name + SCALE_SUFFIX) if info.encoding in SCALED_ENCODINGS else None
-        per_row = scale is not None and scale.size > 1
-        return [Linear(data[e], info.encoding, info.shape[1:], scale[e] if per_row else scale)
-                for e in range(info.shape[0])]
+        scales = self._artifact.tensor(name + SCALE_SUFFIX) if name + SCALE_SUFFIX in self._artifact.tensors else None
+        whole_tensor_scale = scales is not None and info.encoding in SCALED_ENCODINGS and scales.shape == (1,)
+        if len(info.shape) == 2:
+            data, scales = data[None], None if scales is None or whole_tensor_scale else scales[None]
+        linears = []
+        for e in range(len(data)):
+            scale = group_scale = None
+            if info.encoding in GROUPED_TERNARY:
+                group_scale = scales[e]
+            elif info.encoding in SCALED_ENCODINGS:
+                scale = self._artifact.tensor(name + SCALE_SUFFIX) if whole_tensor_scale else scales[e]
+            linears.append(Linear(data[e], info.encoding, info.shape[-2:], scale, group_scale, info.rotation))
+        return linears
 
     def _layer(self, i: int) -> dict:
         """Layer i's weights by their name within the layer: vectors as arrays, matrices as Linears."""
@@ -129,7 +140,7 @@ class Gemma4:
         weights = {}
         for name, info in self._artifact.tensors.items():
             if name.startswith(prefix) and not name.endswith(SCALE_SUFFIX):
-                load = {1: self._artifact.tensor, 2: self._linear, 3: self._stacked_linears}[len(info.shape)]
+                load = {1: self._artifact.tensor, 2: self._linear, 3: self._linears}[len(info.shape)]
                 weights[name[len(prefix):]] = load(name)
         return weights
 
@@ -142,45 +153,58 @@ class Gemma4:
         With `last_only`, only the last position's logits are computed ([1, vocab]): all decoding needs.
         `hidden_states`, if given, receives each layer's output [T, hidden] (for evaluation tools).
         """
+        return self.forward_batch([(ids, cache)], last_only, hidden_states)[0]
+
+    def forward_batch(self, sequences: list[tuple[np.ndarray, KVCache]], last_only: bool = False,
+                      hidden_states: list | None = None) -> list[np.ndarray]:
+        """`forward` for several independent sequences at once, each (ids, its own cache), in one pass:
+        every weight is decoded once for all their tokens. Returns each sequence's logits."""
         # Broken weights may overflow: the sampler refuses non-finite logits with one clear error, so
         # numpy's warnings would only add noise.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._forward(ids, cache, last_only, hidden_states)
+            tokens = self.embed(sequences)
+            for i in range(len(self.layers)):
+                self.layer_step(i, tokens, last_only and hidden_states is None)
+                if hidden_states is not None:
+                    hidden_states.append(tokens.x)
+            tokens.finish()
+            if last_only:
+                tokens.keep_last()
+            logits = self.logits_of(tokens.x)
+        return [logits[s.start : s.stop] for s in tokens.segments]
 
-    def _forward(self, ids: np.ndarray, cache: KVCache, last_only: bool, hidden_states: list | None) -> np.ndarray:
+    def embed(self, sequences: list[tuple[np.ndarray, KVCache]]) -> "Tokens":
+        """The decoder's input for the new tokens of `sequences`: scaled embeddings, per-layer inputs, RoPE."""
         c = self.config
-        ids = np.asarray(ids, dtype=np.int64)
-        positions = np.arange(cache.length, cache.length + len(ids))
+        tokens = Tokens(sequences)
+        if self.attnres and len(sequences) > 1:
+            raise ValueError("Block AttnRes keeps one running sum per sequence: forward one sequence at a time")
         # Activations are float64 (Linear returns float64): they are vectors, so this costs little, and it
         # keeps float32 rounding from compounding over the layers. The matrix products stay float32.
+        ids = tokens.ids
         x = (decode_f32(self._artifact.rows("embed_tokens", ids), self.embed_encoding) * self.embed_scale).astype(np.float64)
-        ple = self._per_layer_inputs(ids, x) if c.ple_dim else None
-        rope = {}
+        tokens.x = x
+        tokens.ple = self._per_layer_inputs(ids, x) if c.ple_dim else None
         for t, inv_freq in self.inv_freq.items():
-            freqs = positions[:, None].astype(np.float32) * inv_freq[None, :]
+            freqs = tokens.positions[:, None].astype(np.float32) * inv_freq[None, :]
             emb = np.concatenate([freqs, freqs], axis=-1)
-            rope[t] = (np.cos(emb), np.sin(emb))
-        shared_kv = {}  # layer index -> (keys, values, key positions) of this step
-        attnres = BlockAttnRes(c, cache, x) if self.attnres else None
-        # From the first KV-shared layer on no layer writes the cache, so when only the last position's
-        # logits are wanted the other positions can be dropped there: exact, and it skips most of a
-        # prefill's work (E2B: layers 15-34, the double-wide ones). AttnRes needs every position.
-        shortcut = last_only and attnres is None and hidden_states is None and len(ids) > 1
-        for i, layer in enumerate(self.layers):
-            if shortcut and i == self.first_shared_layer:
-                x, positions, ple = x[-1:], positions[-1:], None if ple is None else ple[-1:]
-                rope = {t: (cos[-1:], sin[-1:]) for t, (cos, sin) in rope.items()}
-            x = self._layer_forward(i, layer, x, positions, rope[c.layer_types[i]], ple, cache, shared_kv)
-            if attnres is not None:
-                x = attnres.after_layer(i, x, self.attnres_gates)
-            if hidden_states is not None:
-                hidden_states.append(x)
-        if attnres is not None:
-            cache.attnres_sums = attnres.sums
-        cache.length += len(ids)
-        if last_only:
-            x = x[-1:]
-        return self.logits_of(x)
+            tokens.rope[t] = (np.cos(emb), np.sin(emb))
+        tokens.attnres = BlockAttnRes(c, sequences[0][1], x) if self.attnres else None
+        return tokens
+
+    def layer_step(self, i: int, tokens: "Tokens", last_only: bool = False) -> None:
+        """Run layer i on `tokens` (in place). From the first KV-shared layer on no layer writes the
+        cache, so when only each sequence's last logits are wanted the other positions are dropped
+        there: exact, and it skips most of a prefill's work (E2B: layers 15-34, the double-wide ones).
+        AttnRes needs every position."""
+        if last_only and i == self.first_shared_layer and tokens.attnres is None:
+            tokens.keep_last()
+        tokens.x = self._layer_forward(i, self.layers[i], tokens)
+        for s in tokens.segments:
+            for source in [j for j in s.shared_kv if self.last_reader[j] == i]:
+                del s.shared_kv[source]
+        if tokens.attnres is not None:
+            tokens.x = tokens.attnres.after_layer(i, tokens.x, self.attnres_gates)
 
     def logits_of(self, x: np.ndarray) -> np.ndarray:
         """float32 logits [T, vocab] of last-layer hidden states x [T, hidden]: final norm, head, soft-cap."""
@@ -199,10 +223,11 @@ class Gemma4:
         projected = rms_norm(projected.reshape(T, L, P), self.ple_projection_norm, c.rms_norm_eps)
         return (projected + tokens) * 2**-0.5
 
-    def _layer_forward(self, i, w, x, positions, rope, ple, cache, shared_kv) -> np.ndarray:
+    def _layer_forward(self, i: int, w: dict, tokens: "Tokens") -> np.ndarray:
         c = self.config
-        eps, hd, T = c.rms_norm_eps, c.head_dims[i], len(x)
-        cos, sin = rope
+        eps, hd, x = c.rms_norm_eps, c.head_dims[i], tokens.x
+        T = len(x)
+        cos, sin = tokens.rope[c.layer_types[i]]
 
         h = rms_norm(x, w["input_layernorm"], eps)
         q = w["self_attn.q_proj"](h).reshape(T, c.num_heads, hd)
@@ -211,10 +236,16 @@ class Gemma4:
             k_raw = w["self_attn.k_proj"](h).reshape(T, c.kv_heads[i], hd)
             v = w["self_attn.v_proj"](h).reshape(T, c.kv_heads[i], hd) if c.has_v_proj(i) else k_raw
             k = apply_rope(rms_norm(k_raw, w["self_attn.k_norm"], eps), cos, sin)
-            shared_kv[i] = cache.layers[i].update(k, rms_norm(v, None, eps) if c.value_norm else v, positions)
-        keys, values, key_positions = shared_kv[c.kv_sources[i]]
+            v = rms_norm(v, None, eps) if c.value_norm else v
         window = None if c.is_full(i) else c.sliding_window
-        att = attention(q, keys, values, positions, key_positions, window, c.attention_scale, c.attn_logit_softcapping)
+        att = np.empty((T, c.num_heads * hd))
+        for s in tokens.segments:  # each sequence attends to its own keys only
+            rows = slice(s.start, s.stop)
+            if c.has_own_kv(i):
+                s.shared_kv[i] = s.cache.layers[i].update(k[rows], v[rows], tokens.positions[rows])
+            keys, values, key_positions = s.shared_kv[c.kv_sources[i]]
+            att[rows] = attention(q[rows], keys, values, tokens.positions[rows], key_positions, window,
+                                  c.attention_scale, c.attn_logit_softcapping)
         x = x + rms_norm(w["self_attn.o_proj"](att), w["post_attention_layernorm"], eps)
 
         h = rms_norm(x, w["pre_feedforward_layernorm"], eps)
@@ -224,8 +255,8 @@ class Gemma4:
                 self._moe_block(w, x), w["post_feedforward_layernorm_2"], eps)
         x = x + rms_norm(h, w["post_feedforward_layernorm"], eps)
 
-        if ple is not None:
-            g = gelu_tanh(w["per_layer_input_gate"](x)) * ple[:, i, :]
+        if tokens.ple is not None:
+            g = gelu_tanh(w["per_layer_input_gate"](x)) * tokens.ple[:, i, :]
             x = x + rms_norm(w["per_layer_projection"](g), w["post_per_layer_input_norm"], eps)
         return x * w["layer_scalar"] if c.layer_scalars else x
 
@@ -274,6 +305,50 @@ def routed(x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, expert) -> np
 def softmax(z: np.ndarray) -> np.ndarray:
     p = np.exp(z - z.max(axis=-1, keepdims=True))
     return p / p.sum(axis=-1, keepdims=True)
+
+
+class Segment:
+    """One sequence's rows [start, stop) of a forward step's tokens, its cache, and the keys/values
+    its layers computed in this step (KV-shared layers read them)."""
+
+    def __init__(self, start: int, stop: int, cache: KVCache):
+        self.start, self.stop, self.cache = start, stop, cache
+        self.shared_kv: dict[int, tuple] = {}
+
+
+class Tokens:
+    """The tokens of one forward step, the new tokens of one or more sequences one after the other:
+    the hidden states x [T, hidden] and what every layer needs of them."""
+
+    def __init__(self, sequences: list[tuple[np.ndarray, KVCache]]):
+        self.segments, ids, positions = [], [], []
+        for seq_ids, cache in sequences:
+            seq_ids = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+            start = sum(len(a) for a in ids)
+            self.segments.append(Segment(start, start + len(seq_ids), cache))
+            ids.append(seq_ids)
+            positions.append(np.arange(cache.length, cache.length + len(seq_ids)))
+        self.ids, self.positions = np.concatenate(ids), np.concatenate(positions)
+        self.x: np.ndarray | None = None
+        self.ple: np.ndarray | None = None  # per-layer inputs [T, L, P]
+        self.rope: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # cos, sin by layer type
+        self.attnres: BlockAttnRes | None = None
+
+    def keep_last(self) -> None:
+        """Keep only each sequence's last token (its cache already holds the others' keys and values)."""
+        last = np.asarray([s.stop - 1 for s in self.segments])
+        self.x, self.positions = self.x[last], self.positions[last]
+        self.ple = None if self.ple is None else self.ple[last]
+        self.rope = {t: (cos[last], sin[last]) for t, (cos, sin) in self.rope.items()}
+        for j, s in enumerate(self.segments):
+            s.start, s.stop = j, j + 1
+
+    def finish(self) -> None:
+        """The step is done: each cache now holds its sequence's new tokens."""
+        if self.attnres is not None:
+            self.segments[0].cache.attnres_sums = self.attnres.sums
+        for s in self.segments:
+            s.cache.length = int(self.positions[s.stop - 1]) + 1
 
 
 class BlockAttnRes:

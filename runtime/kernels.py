@@ -16,6 +16,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ferrisres.format import ternary_lut
+from ferrisres.format.encodings import GROUPED_TERNARY, rotate_blocks
 
 CHUNK_BYTES = 2 << 20  # float32 bytes of decoded rows per chunk: 1-4 MiB measured best
 _LUT16 = ternary_lut().view(np.complex128).reshape(256)  # 16-byte items: one packed byte -> 4 float32
@@ -41,21 +42,31 @@ def set_threads(n: int) -> None:
 
 
 class Linear:
-    """A weight matrix [out, in] in its stored encoding, with an optional per-row or per-tensor scale."""
+    """A weight matrix [out, in] in its stored encoding, with an optional per-row or per-tensor scale.
 
-    def __init__(self, data: np.ndarray, encoding: str, shape: tuple[int, int], scale: np.ndarray | None = None):
+    Grouped ternary (`ternary-g1`/`-g2`): `data` [out, planes, in/4] packed codes and `group_scale`
+    [out, planes, groups] float16, W = sum over planes of the group's scale times the codes; with
+    `rotation` b > 0 the weight multiplies the input rotated by a block Hadamard matrix of order b.
+    """
+
+    def __init__(self, data: np.ndarray, encoding: str, shape: tuple[int, int], scale: np.ndarray | None = None,
+                 group_scale: np.ndarray | None = None, rotation: int = 0):
         self.data = data
         self.encoding = encoding
         self.out_features, self.in_features = shape
         self.scale = scale
-        self.width = data.shape[1] * 4 if encoding == "ternary" else self.in_features  # decoded row width
-        self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width))
+        self.group_scale = group_scale
+        self.rotation = rotation
+        self.planes = GROUPED_TERNARY.get(encoding, 1)
+        packed = encoding == "ternary" or encoding in GROUPED_TERNARY
+        self.width = data.shape[-1] * 4 if packed else self.in_features  # decoded row width (of one plane)
+        self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width * self.planes))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, in] -> [T, out]: the product is float32 (BLAS), the result float64 so that the model's
         elementwise math (norms, activations, attention) runs in float64, which costs little: those
         are vectors. Measured on the tiny models, it cuts the runtime's rounding error by 5x."""
-        x = x.astype(np.float32, copy=False)
+        x = rotated_input(x, self.rotation) if self.rotation else x.astype(np.float32, copy=False)
         y = (x @ self.data.T if self.encoding == "f32" else self._chunked_matmul(x)).astype(np.float64)
         if self.scale is not None:
             y *= self.scale if self.scale.size > 1 else self.scale[0]
@@ -64,23 +75,27 @@ class Linear:
     def keep_int8(self) -> None:
         """Unpack a ternary matrix once into resident int8 codes (4x its packed size in RAM): each use
         then only casts them, skipping the table lookup (numpy-ternary-perf.md "d1": ~1.4x faster)."""
-        if self.encoding == "ternary":
+        if self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
             lut8 = ternary_lut().astype(np.int8).view(np.int32).reshape(256)  # one packed byte -> 4 int8
             self.data = np.take(lut8, self.data).view(np.int8)
             self.encoding = "int8"
 
     def dequantize(self) -> np.ndarray:
-        """The whole matrix as float32 (scale applied): for tests and tools, not for inference."""
-        w = np.empty((self.out_features, self.width), dtype=np.float32)
+        """The whole matrix as float32 (scales applied) in the basis of the unrotated input, so that
+        y = x @ W.T: for tests and tools, not for inference."""
+        w = np.empty((self.out_features, self.planes * self.width), dtype=np.float32)
         self._decode(0, self.out_features, w)
-        w = w[:, : self.in_features]
+        w = w.reshape(self.out_features, self.planes, self.width).sum(axis=1)[:, : self.in_features]
         if self.scale is not None:
             w *= self.scale[:, None] if self.scale.size > 1 else self.scale[0]
-        return w
+        # y = W' (R x) = (W' R) x, and rotating each row's blocks computes W' R (R is symmetric)
+        return rotate_blocks(w, self.rotation) if self.rotation else w
 
     def _chunked_matmul(self, x: np.ndarray) -> np.ndarray:
         if self.width != self.in_features:  # ternary rows padded to a multiple of 4 hold zero weights there
             x = np.pad(x, ((0, 0), (0, self.width - self.in_features)))
+        if self.planes > 1:  # [plane 1 | plane 2] @ [x | x]: one product for both planes, no sum pass
+            x = np.tile(x, self.planes)
         yt = np.empty((self.out_features, x.shape[0]), dtype=np.float32)  # transposed: a chunk's rows are contiguous
         chunks = range(0, self.out_features, self.rows_per_chunk)
         if _pool is None or len(chunks) < 2:
@@ -93,7 +108,7 @@ class Linear:
 
     def _rows_matmul(self, x: np.ndarray, yt: np.ndarray, chunks) -> None:
         """yt[rows] = W[rows] @ x.T for each chunk of rows starting at the offsets in `chunks`."""
-        buffer = _buffer(self.width, self.rows_per_chunk)
+        buffer = _buffer(self.planes * self.width, self.rows_per_chunk)
         for r0 in chunks:
             r1 = min(r0 + self.rows_per_chunk, self.out_features)
             w = buffer[: r1 - r0]
@@ -104,14 +119,29 @@ class Linear:
                 np.dot(w, x.T, out=yt[r0:r1])
 
     def _decode(self, r0: int, r1: int, out: np.ndarray) -> None:
-        """Rows r0:r1 as float32 into `out` (unscaled)."""
+        """Rows r0:r1 as float32 into `out` [rows, planes * width] (without the per-row scale)."""
         rows = self.data[r0:r1]
-        if self.encoding == "ternary":
-            np.take(_LUT16, rows, out=out.view(np.complex128), mode="clip")
+        if self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
+            np.take(_LUT16, rows.reshape(len(rows), -1), out=out.view(np.complex128), mode="clip")
         elif self.encoding == "bf16":
             np.left_shift(rows, 16, out=out.view(np.uint32), dtype=np.uint32)
-        else:  # f16, int8, f32
-            np.copyto(out, rows, casting="safe")
+        else:  # f16, int8 (codes of --cache int8), f32
+            np.copyto(out, rows.reshape(len(rows), -1), casting="safe")
+        if self.group_scale is not None:
+            scales = self.group_scale[r0:r1]  # [rows, planes, groups]
+            grouped = out.reshape(len(rows), self.planes, scales.shape[-1], -1)
+            np.multiply(grouped, scales[..., None], out=grouped)
+
+
+def rotated_input(x: np.ndarray, block: int) -> np.ndarray:
+    """x rotated by the block Hadamard matrix of order `block`, as float32. q/k/v (and gate/up) share
+    their input: the last rotation is kept, so it is computed once for all of them."""
+    last = getattr(_local, "rotation", None)
+    if last is not None and last[0] is x and last[1] == block:
+        return last[2]
+    rotated = rotate_blocks(np.asarray(x, dtype=np.float64), block).astype(np.float32)
+    _local.rotation = (x, block, rotated)  # holds x itself, so its id cannot be reused while kept
+    return rotated
 
 
 def _buffer(width: int, rows: int) -> np.ndarray:

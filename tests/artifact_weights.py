@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferrisres.format import Artifact, decode_f32, unpack_ternary
+from ferrisres.format.encodings import GROUPED_TERNARY, hadamard
 
 
 def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
@@ -14,7 +15,9 @@ def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
         if name.endswith(".weight_scale"):
             continue
         data = artifact.tensor(name)
-        if info.encoding in ("ternary", "int8"):
+        if info.encoding in GROUPED_TERNARY:
+            out[name] = _grouped_ternary(data, artifact.tensor(name + ".weight_scale"), info.shape, info.rotation)
+        elif info.encoding in ("ternary", "int8"):
             flat = data.reshape(-1, data.shape[-1])  # 3-D (experts) tensors unpack as rows too
             w = (unpack_ternary(flat, info.shape[-1]) if info.encoding == "ternary" else flat.astype(np.float32)).reshape(info.shape)
             scale = artifact.tensor(name + ".weight_scale")
@@ -22,3 +25,16 @@ def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
         else:
             out[name] = decode_f32(data, info.encoding)
     return out
+
+
+def _grouped_ternary(packed: np.ndarray, scales: np.ndarray, shape: tuple[int, ...], rotation: int) -> np.ndarray:
+    """sum over planes p of scale[.., p, group] * T_p, then (rotated tensors) W' R: the weight that
+    multiplies the unrotated input."""
+    n_in, groups = shape[-1], scales.shape[-1]
+    codes = unpack_ternary(packed.reshape(-1, packed.shape[-1]), n_in).reshape(*packed.shape[:-1], n_in)
+    per_column = np.repeat(scales.astype(np.float64), n_in // groups, axis=-1)  # [.., out, planes, in]
+    w = np.sum(codes * per_column, axis=-2)
+    if rotation:
+        blocks = np.kron(np.eye(n_in // rotation), hadamard(rotation))  # R, block diagonal
+        w = w @ blocks
+    return w
