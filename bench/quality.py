@@ -1,103 +1,116 @@
-"""Measure each ternary scheme against its teacher: `make quality` (writes bench/quality.json and QUALITY.md).
+"""How much of its teacher each kind of student keeps: `make quality` (writes bench/quality.json and QUALITY.md).
 
-For every checkpoint, the f32 teacher and one student per scheme are converted, then compared with
-`ferrisres.runtime.evaluate.compare`: relative weight error, perplexities, KL(teacher || student) of the
-next-token distributions, top-1 agreement, last-layer hidden-state cosine. The real Gemma 3 270M (when
-fetched, see scripts/fetch_gemma3.py) is measured on bench/report_text.txt; the tiny checkpoints have
-random weights, so their numbers say how faithfully a scheme reproduces a network, not language quality.
+For every checkpoint the f32 teacher and one student per quantization below are converted (each
+conversion a separate `ferrisres-convert` process, timed, its peak memory measured), then compared with
+`ferrisres.runtime.evaluate.compare`: perplexity of both, KL(teacher || student) of the next-token
+distributions, top-1 agreement, last-layer hidden-state cosine, relative weight error, and the bits per
+decoder weight the student stores. The real Gemma 3 270M (when fetched, see scripts/fetch_gemma3.py) is
+measured on bench/report_text.txt; the tiny checkpoint has random weights, so its numbers say how
+faithfully a student reproduces a network, not language quality.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-from ferrisres.convert.build import convert
-from ferrisres.convert.quantize import SCHEMES
-from ferrisres.convert.student import Options
+from ferrisres.format.encodings import GROUPED_TERNARY
 from ferrisres.runtime import load
 from ferrisres.runtime.evaluate import compare
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / ".cache" / "gemma-3-270m-q4_k_m.gguf"
-CHECKPOINTS = ["tiny_gemma4", "tiny_gemma4_bf16", "tiny_gemma4_e4b", "tiny_gemma4_26b", "tiny_gemma4_31b"]
-SEQUENCES = 4  # random token sequences of 64 tokens each, plus the fixture's own prompt
+TINY = ROOT / "tests/fixtures/tiny_gemma4"
+CONVERT = Path(sys.executable).parent / "ferrisres-convert"
+STUDENTS = {  # name -> ferrisres-convert flags
+    "gptq, 2 planes (default)": [],
+    "gptq, 2 planes, no rotation": ["--rotate", "none"],
+    "rtn, 2 planes": ["--method", "rtn"],
+    "gptq, 1 plane": ["--planes", "1"],
+    "rtn, 1 plane": ["--method", "rtn", "--planes", "1"],
+    "per-row absmean (the original student)": ["--method", "rtn", "--planes", "1", "--group", "row", "--rotate", "none"],
+}
 
 
-def sequences(vocab: int, fixture_ids: np.ndarray) -> list[list[int]]:
-    rng = np.random.default_rng(0)
-    return [fixture_ids.tolist()] + [[2, *rng.integers(5, vocab, 63).tolist()] for _ in range(SEQUENCES)]
+def converted(source: Path, out: Path, flags: list[str]) -> dict:
+    """Run ferrisres-convert; its wall time and peak resident memory."""
+    start = time.perf_counter()
+    process = subprocess.Popen([str(CONVERT), str(source), "-o", str(out), "--quiet", *flags])
+    _, status, usage = os.wait4(process.pid, 0)
+    if status:
+        raise SystemExit(f"quality: converting {source.name} {' '.join(flags)} failed")
+    return {"convert_seconds": time.perf_counter() - start, "convert_peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
 
 
-def measure(folder: Path, work: Path) -> dict[str, dict]:
-    teacher_path = work / f"{folder.name}-f32.tern"
-    convert(folder, teacher_path, Options(quant="f32"), progress=False)
+def bits_per_weight(path: Path) -> float:
+    """Stored bits per weight of the decoder's ternary projections, scales included."""
+    model = load(path)
+    bits = weights = 0
+    for name, info in model.artifact.tensors.items():
+        if info.encoding == "ternary" or info.encoding in GROUPED_TERNARY:
+            bits += 8 * (info.nbytes + model.artifact.tensors[name + ".weight_scale"].nbytes)
+            weights += int(np.prod(info.shape))
+    return bits / weights
+
+
+def measure(source: Path, ids_of, work: Path) -> dict[str, dict]:
+    teacher_path = work / f"{source.stem}-f32.tern"
+    converted(source, teacher_path, ["--quant", "f32"])
     teacher = load(teacher_path)
-    ids = np.load(ROOT / "tests/fixtures/reference" / f"{folder.name}.npz")["ids"]
+    ids = ids_of(teacher)
     results = {}
-    for scheme in SCHEMES:
-        path = work / f"{folder.name}-{scheme}.tern"
-        convert(folder, path, Options(scheme=scheme), progress=False)
-        runs = [compare(teacher, load(path), seq) for seq in sequences(teacher.config.vocab_size, ids)]
-        results[scheme] = {
-            "weight_relative_error": runs[0]["weight_relative_error"],
-            "kl_teacher_student": float(np.mean([r["kl_teacher_student"] for r in runs])),
-            "top1_agreement": float(np.mean([r["top1_agreement"] for r in runs])),
-            "last_layer_cosine": float(np.mean([r["layer_cosine"][-1] for r in runs])),
-        }
-    return results
-
-
-def measure_real(gguf: Path, work: Path) -> dict[str, dict]:
-    teacher_path = work / "gemma3-270m-f32.tern"
-    convert(gguf, teacher_path, Options(quant="f32"), progress=False)
-    teacher = load(teacher_path)
-    ids = teacher.encode((ROOT / "bench/report_text.txt").read_text(encoding="utf-8"))
-    results = {}
-    for scheme in SCHEMES:
-        path = work / f"gemma3-270m-{scheme}.tern"
-        convert(gguf, path, Options(scheme=scheme), progress=False)
+    for name, flags in STUDENTS.items():
+        print(f"quality: {source.stem}: {name}", file=sys.stderr, flush=True)
+        path = work / f"{source.stem}-student.tern"
+        cost = converted(source, path, [*flags, "--force"])
         r = compare(teacher, load(path), ids)
-        results[scheme] = {**{k: r[k] for k in ("weight_relative_error", "kl_teacher_student", "top1_agreement",
-                                                "teacher_perplexity", "student_perplexity")},
-                           "last_layer_cosine": r["layer_cosine"][-1]}
+        results[name] = {"flags": " ".join(flags), "bits_per_weight": bits_per_weight(path), **cost,
+                         **{k: r[k] for k in ("teacher_perplexity", "student_perplexity", "kl_teacher_student",
+                                              "top1_agreement", "weight_relative_error")},
+                         "last_layer_cosine": r["layer_cosine"][-1]}
         path.unlink()
     return results
+
+
+def report_ids(teacher) -> list[int]:
+    return teacher.encode((ROOT / "bench/report_text.txt").read_text(encoding="utf-8"))
+
+
+def tiny_ids(teacher) -> list[int]:
+    rng = np.random.default_rng(0)
+    return [2, *rng.integers(5, teacher.config.vocab_size, 255).tolist()]
 
 
 def main() -> int:
     table = {}
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache" if GGUF.exists() else None) as work:
         if GGUF.is_file():
-            table["gemma3_270m (real, report_text.txt)"] = measure_real(GGUF, Path(work))
-        for name in CHECKPOINTS:
-            folder = ROOT / "tests/fixtures" / name
-            if folder.is_dir():
-                table[name] = measure(folder, Path(work))
+            table["Gemma 3 270M (real weights, report_text.txt)"] = measure(GGUF, report_ids, Path(work))
+        table["tiny_gemma4 (random weights, 256 random tokens)"] = measure(TINY, tiny_ids, Path(work))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    (ROOT / "bench/quality.json").write_text(json.dumps({"commit": commit, "results": table}, indent=2) + "\n")
-    lines = ["| checkpoint | scheme | weight rel. error | KL(teacher‖student) | top-1 agreement | last-layer cosine | perplexity teacher / student |",
-             "|---|---|---|---|---|---|---|"]
-    for name, schemes in table.items():
-        best = min(schemes, key=lambda s: schemes[s]["kl_teacher_student"])
-        for scheme, r in schemes.items():
-            mark = " **(lowest KL)**" if scheme == best else ""
-            ppl = f"{r['teacher_perplexity']:.2f} / {r['student_perplexity']:.3g}" if "student_perplexity" in r else "-"
-            lines.append(f"| {name} | {scheme}{mark} | {r['weight_relative_error']:.4f} | {r['kl_teacher_student']:.4f} "
-                         f"| {r['top1_agreement']:.3f} | {r['last_layer_cosine']:.3f} | {ppl} |")
-    means = {s: np.mean([table[n][s]["kl_teacher_student"] for n in table]) for s in SCHEMES}
-    lines += ["", "Mean KL over checkpoints: " + ", ".join(f"{s} {v:.4f}" for s, v in sorted(means.items(), key=lambda kv: kv[1]))]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    (ROOT / "bench/quality.json").write_text(json.dumps({"commit": commit, "machine": machine, "results": table}, indent=2) + "\n")
+    lines = ["| checkpoint | student | bits/weight | perplexity (teacher / student) | KL(teacher‖student) | top-1 agreement "
+             "| last-layer cosine | conversion time, peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for checkpoint, students in table.items():
+        for name, r in students.items():
+            lines.append(f"| {checkpoint} | {name} | {r['bits_per_weight']:.2f} | {r['teacher_perplexity']:.2f} / "
+                         f"{r['student_perplexity']:.4g} ({r['student_perplexity'] / r['teacher_perplexity']:.2f}x) "
+                         f"| {r['kl_teacher_student']:.3f} | {100 * r['top1_agreement']:.1f}% | {r['last_layer_cosine']:.3f} "
+                         f"| {r['convert_seconds']:.0f} s, {r['convert_peak_rss_gb']:.2f} GB |")
     report = "\n".join(lines)
     (ROOT / "QUALITY.md").write_text(
-        f"# Ternary schemes against their teacher\n\nMeasured by `make quality` (bench/quality.py) at commit {commit} "
-        f"on {platform.machine()} / Python {platform.python_version()}. {__doc__.split(chr(10))[2].strip()}\n\n"
-        + report + "\n")
+        "# How much of its teacher a student keeps\n\n"
+        f"Measured by `make quality` (bench/quality.py) at commit {commit} on {machine}. "
+        + " ".join(__doc__.split("\n\n")[1].split()) + "\n\n" + report + "\n")
     print(report)
     return 0
 

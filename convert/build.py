@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from .errors import ConversionError
 from .gguf_source import GGUFSource, is_gguf
 from .hf_config import eos_token_ids, model_config, read_config, read_json_object, text_config_with_defaults
 from .lora import LoraAdapter
-from .quantize import int8_rows, ternarize
+from .quantize import TritPlanes, group_size_for, int8_rows, rotation_for, round_to_planes, ternarize
 from .student import Options, StudentWeights, student_config
 
 log = logging.getLogger("ferrisres.convert")
@@ -72,7 +74,8 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         lora.check_targets(set(sources), checkpoint)
     _log_skipped(checkpoint, set(sources))
 
-    with ArtifactWriter(out, overwrite=overwrite) as writer:
+    with _calibration(model_dir, out, options, weights, shapes) as calibration, \
+            ArtifactWriter(out, overwrite=overwrite) as writer:
         writer.add_document("model_config.json", config.to_json())
         writer.add_document("student_config.json", options.recorded())
         for document, content in documents.items():  # tokenizer.json, tokenizer_config.json, ...
@@ -81,9 +84,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
 
         for name, shape in _progress(shapes.items(), progress):
             if options.quant == "ternary" and _is_projection(name):
-                codes, scale = ternarize(weights.read(name, shape).reshape(-1, shape[-1]), options.scheme)
-                writer.add_tensor(name, pack_ternary(codes).reshape(*shape[:-1], -1), "ternary", shape=shape)
-                writer.add_tensor(name + SCALE_SUFFIX, scale.reshape(shape[:-1]) if scale.size > 1 else scale, "f32")
+                _write_projection(writer, name, shape, weights, options, calibration)
             elif len(shape) == 1 or _is_router(name):  # norms, scalars, gates and routers stay float32
                 writer.add_tensor(name, weights.read(name, shape), "f32")
             else:
@@ -94,6 +95,59 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         if options.quant == "ternary":
             _write_int8_head(writer, weights, shapes["embed_tokens"])
     return config
+
+
+@contextmanager
+def _calibration(model_dir: Path, out: Path, options: Options, weights: StudentWeights, shapes: dict):
+    """For --method gptq, a `Calibration` over the float student, written to a temporary artifact
+    beside the output (removed afterwards); None otherwise."""
+    if options.quant != "ternary" or options.method != "gptq":
+        yield None
+        return
+    from ferrisres.runtime import load, set_threads  # the converter runs the model only to calibrate
+
+    from .calibrate import Calibration, calibration_sequences
+
+    set_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.calibration-") as work:
+        float_student = Path(work) / "float-student.tern"
+        log.info("calibration: writing the float student (bf16) to a temporary artifact")
+        convert(model_dir, float_student, options.float_student(), progress=False)
+        model = load(float_student)
+        try:
+            sequences = calibration_sequences(model, options.calibration, options.calibration_tokens, options.seed)
+            log.info("calibration: %d sequences of %d tokens", len(sequences), len(sequences[0]))
+            ternary = {name for name in shapes if _is_projection(name)}
+            yield Calibration(model, weights, ternary, sequences, options.planes, options.group, options.rotate)
+        finally:
+            model.artifact.close()
+
+
+def _write_projection(writer: ArtifactWriter, name: str, shape: tuple[int, ...], weights: StudentWeights,
+                      options: Options, calibration) -> None:
+    """A decoder projection as the ternary student stores it: per-row `ternary` (the original scheme),
+    or grouped trit-planes, calibrated or rounded to nearest."""
+    if options.per_row:
+        codes, scale = ternarize(weights.read(name, shape).reshape(-1, shape[-1]), options.scheme)
+        writer.add_tensor(name, pack_ternary(codes).reshape(*shape[:-1], -1), "ternary", shape=shape)
+        writer.add_tensor(name + SCALE_SUFFIX, scale.reshape(shape[:-1]) if scale.size > 1 else scale, "f32")
+        return
+    n_in = shape[-1]
+    if n_in % 4:
+        raise ConversionError(f"{name}: grouped ternary needs an input width divisible by 4, not {n_in} "
+                              "(use --method rtn --planes 1 --group row --rotate none)")
+    if calibration is not None:
+        parts: list[TritPlanes] = calibration.quantized(name)
+    else:
+        w = weights.read(name, shape)
+        group, rotation = group_size_for(n_in, options.group or n_in), rotation_for(n_in, options.rotate)
+        parts = [round_to_planes(m, options.planes, group, rotation) for m in (w if w.ndim == 3 else w[None])]
+    planes = options.planes
+    codes = np.stack([p.codes for p in parts]).reshape(-1, n_in)
+    packed = pack_ternary(codes).reshape(*shape[:-1], planes, -1)
+    scales = np.stack([p.scales for p in parts]).reshape(*shape[:-1], planes, -1)
+    writer.add_tensor(name, packed, f"ternary-g{planes}", shape=shape, rotation=parts[0].rotation)
+    writer.add_tensor(name + SCALE_SUFFIX, scales, "f16")
 
 
 def _folder_documents(model_dir: Path, generation_config: dict | None) -> dict[str, str | dict]:

@@ -35,13 +35,19 @@ class Args:
         default="ternary",
         metadata={"choices": QUANTS, "help": "ternary student (default), or the unquantized teacher in bf16/f16/f32"},
     )
+    method: str = field(default="gptq", metadata={"choices": ["gptq", "rtn"], "help": "gptq: calibrated, each column's rounding error compensated in the others (default); rtn: round to nearest, no calibration"})
+    planes: int = field(default=2, metadata={"choices": [1, 2], "help": "ternary planes per weight: 2 (default, ~4.5 bits/weight) or 1 (the strict 1.58-bit student, ~2.25)"})
+    group: str = field(default="64", metadata={"help": "input columns per scale (default 64), or 'row' for one scale per row"})
+    rotate: str = field(default="64", metadata={"help": "rotate each linear's input by block Hadamard matrices of this order (default 64), or 'none'"})
+    calibration: str = field(default="teacher", metadata={"help": "calibration text: 'teacher' (sampled from the model itself, default) or a UTF-8 text file"})
+    calibration_tokens: int = field(default=8192, metadata={"help": "calibration tokens (default 8192, in sequences of 128)"})
     scheme: str = field(
-        default=DEFAULT_SCHEME, metadata={"choices": SCHEMES, "help": f"ternary scale scheme (default {DEFAULT_SCHEME})"}
+        default=DEFAULT_SCHEME, metadata={"choices": SCHEMES, "help": f"per-row scale scheme of --method rtn --planes 1 --group row --rotate none (default {DEFAULT_SCHEME})"}
     )
     moe_experts: int = field(default=0, metadata={"help": "expand every dense MLP into N >= 2 experts with a router (default: dense)"})
     moe_top_k: int = field(default=2, metadata={"help": "experts each token uses (default 2)"})
     moe_noise: float = field(default=0.01, metadata={"help": "noise added to experts 1.. relative to each tensor's RMS (default 0.01)"})
-    seed: int = field(default=0, metadata={"help": "seed of the MoE noise and router init (default 0)"})
+    seed: int = field(default=0, metadata={"help": "seed of the calibration text, the MoE noise and router init (default 0)"})
     attnres: bool = field(default=False, metadata={"help": "add Block AttnRes between blocks ending at full-attention layers"})
     attnres_gate: float = field(default=0.0, metadata={"help": "AttnRes gate of every block (default 0: the student equals the model without it; 1: FerrisRes's ungated form)"})
     lora: Optional[str] = field(default=None, metadata={"help": "PEFT LoRA adapter folder, merged into the weights before quantization"})
@@ -80,7 +86,9 @@ def _convert(args: Args, argv: list[str]) -> int:
     _remove_stale_partials(out)
     convert(
         Path(args.model_path), out, Options(
-            quant=args.quant, scheme=args.scheme, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
+            quant=args.quant, method=args.method, planes=args.planes, group=_size_flag("--group", args.group, "row"),
+            rotate=_size_flag("--rotate", args.rotate, "none"), calibration=args.calibration,
+            calibration_tokens=args.calibration_tokens, scheme=args.scheme, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
             moe_noise=args.moe_noise, seed=args.seed, attnres=args.attnres, attnres_gate=args.attnres_gate,
             lora=args.lora),
         overwrite=args.force, command_line=[PROG, *_without_output_path(argv)], progress=not args.quiet,
@@ -90,6 +98,15 @@ def _convert(args: Args, argv: list[str]) -> int:
         summary = memory_summary(artifact)
     logging.getLogger("ferrisres.convert").info("wrote %s (%.1f MB, %s):\n%s", out, size / 1e6, args.quant, summary)
     return 0
+
+
+def _size_flag(flag: str, value: str, off: str) -> int:
+    """A size flag's value: a positive integer, or `off` (0)."""
+    if value == off:
+        return 0
+    if not value.isdigit() or int(value) == 0 or len(value) > 6:
+        raise ConversionError(f"{flag} must be a positive integer or '{off}', got {value!r}")
+    return int(value)
 
 
 def _remove_stale_partials(out: Path) -> None:

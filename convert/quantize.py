@@ -11,7 +11,11 @@ Schemes (`--scheme`), the default chosen by measurement (QUALITY.md):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from ferrisres.format.encodings import rotate_blocks
 
 SCHEMES = ("optimal-row", "lsq-row", "absmean-row", "ferrisres")
 DEFAULT_SCHEME = "absmean-row"  # lowest KL to the teacher on real weights (Gemma 3 270M, QUALITY.md)
@@ -77,3 +81,93 @@ def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     safe = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
     q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
     return q, safe
+
+
+# ---- grouped trit-planes: W ~ sum_p scale[p, group] * T_p, T_p in {-1, 0, +1} ----
+
+@dataclass
+class TritPlanes:
+    """A weight [out, in] as ternary planes with a float16 scale per row, plane and group of columns.
+    With `rotation` b > 0 the planes encode W R (R: block Hadamard of order b), to multiply R x."""
+
+    codes: np.ndarray  # int8 [out, planes, in]
+    scales: np.ndarray  # float16 [out, planes, groups]
+    rotation: int = 0
+
+    def dequantized(self) -> np.ndarray:
+        """float64 [out, in] in the rotated basis (what multiplies R x)."""
+        out, planes, n = self.codes.shape
+        groups = self.scales.shape[-1]
+        w = self.codes.reshape(out, planes, groups, n // groups) * self.scales.astype(np.float64)[..., None]
+        return w.sum(axis=1).reshape(out, n)
+
+
+def group_size_for(n_in: int, requested: int) -> int:
+    """The largest divisor of the input width that is at most `requested` (every group then has the same width)."""
+    return max(d for d in range(1, min(requested, n_in) + 1) if n_in % d == 0)
+
+
+def rotation_for(n_in: int, requested: int) -> int:
+    """The largest power of two at most `requested` that divides the input width (0: no rotation)."""
+    block = requested
+    while block > 1 and n_in % block:
+        block //= 2
+    return block if block > 1 else 0
+
+
+def fit_plane_scales(w: np.ndarray, planes: int, refinements: int = 4) -> np.ndarray:
+    """float16-representable scales [out, planes] for one group of columns w [out, g] (float64).
+
+    Plane 1 is the exact least-squares ternary fit of w (`_ternarize_optimal`), plane 2 the same fit of
+    what plane 1 leaves. Then, alternately, every weight takes its nearest level of the 9 that two
+    planes can form, and the two scales are refit by least squares to those codes."""
+    t1, a1 = _ternarize_optimal(w)
+    if planes == 1:
+        return _as_f16(a1[:, None])
+    residual = w - a1[:, None].astype(np.float64) * t1
+    _, a2 = _ternarize_optimal(residual)
+    scales = np.stack([a1, a2], axis=1).astype(np.float64)
+    for _ in range(refinements):
+        codes = nearest_codes(w, scales)  # [out, 2, g]
+        gram = np.einsum("opg,oqg->opq", codes, codes)
+        rhs = np.einsum("opg,og->op", codes, w)
+        solvable = np.abs(np.linalg.det(gram)) > 1e-9
+        refit = np.linalg.solve(np.where(solvable[:, None, None], gram, np.eye(2)), np.where(solvable[:, None], rhs, 0)[..., None])[..., 0]
+        scales = np.where(solvable[:, None], refit, scales)
+    return _as_f16(scales)
+
+
+_PAIRS = np.array([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=np.int8)  # the 9 code pairs
+
+
+def nearest_codes(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """For each weight of w [out, g], the codes [out, planes, g] of its nearest level sum_p scale_p * t_p."""
+    if scales.shape[1] == 1:
+        a = scales[:, :1].astype(np.float64)
+        t = np.sign(w) * (np.abs(w) > np.abs(a) / 2) * np.sign(a)
+        return t.astype(np.int8)[:, None, :]
+    levels = scales.astype(np.float64) @ _PAIRS.T  # [out, 9]
+    best = np.argmin(np.abs(w[:, :, None] - levels[:, None, :]), axis=-1)  # [out, g]
+    return np.moveaxis(_PAIRS[best], -1, 1)
+
+
+def round_to_planes(w: np.ndarray, planes: int, group: int, rotation: int = 0) -> TritPlanes:
+    """Round-to-nearest trit-planes of float32 w [out, in] (no calibration): each group's scales are fit
+    to its own weights, then every weight takes the nearest level."""
+    w = w.astype(np.float64)
+    if rotation:
+        w = rotate_blocks(w, rotation)
+    out, n = w.shape
+    groups = n // group
+    codes = np.empty((out, planes, n), dtype=np.int8)
+    scales = np.empty((out, planes, groups), dtype=np.float16)
+    for g in range(groups):
+        cols = slice(g * group, (g + 1) * group)
+        scales[:, :, g] = fit_plane_scales(w[:, cols], planes)
+        codes[:, :, cols] = nearest_codes(w[:, cols], scales[:, :, g])
+    return TritPlanes(codes, scales, rotation)
+
+
+def _as_f16(scales: np.ndarray) -> np.ndarray:
+    """Scales as the artifact stores them (float16): the codes are chosen against these exact values."""
+    return np.clip(scales, -65504, 65504).astype(np.float16)

@@ -23,6 +23,8 @@ from .errors import ConversionError
 from .lora import LoraAdapter
 from .quantize import DEFAULT_SCHEME
 
+SEQUENCE_TOKENS = 128  # tokens per calibration sequence (BOS included)
+
 # Checkpoint parameters stored without a ".weight" suffix.
 BARE_PARAMETERS = ("layer_scalar", "router.scale", "router.per_expert_scale", "experts.gate_up_proj", "experts.down_proj")
 ROUTER_INIT_STD = 0.02  # x hidden**-0.5: router logits start with a std of ~0.02, so routing is near uniform
@@ -34,7 +36,13 @@ class Options:
     """Everything `ferrisres-convert` can be asked to do (the flags of the same names)."""
 
     quant: str = "ternary"  # or "bf16" / "f16" / "f32": the unquantized teacher
-    scheme: str = DEFAULT_SCHEME  # ternary scale scheme, see quantize.py
+    method: str = "gptq"  # "gptq": calibrated (calibrate.py); "rtn": round to nearest, no calibration
+    planes: int = 2  # ternary planes per weight (1: the strict 1.58-bit student)
+    group: int = 64  # columns per scale (0: one scale per row)
+    rotate: int = 64  # block Hadamard order of each linear's input rotation (0: none)
+    calibration: str = "teacher"  # "teacher" (text sampled from the float student) or a UTF-8 text file
+    calibration_tokens: int = 8192
+    scheme: str = DEFAULT_SCHEME  # per-row scale scheme of --method rtn --planes 1 --group row, see quantize.py
     moe_experts: int = 0  # 0 = dense MLPs
     moe_top_k: int = 2
     moe_noise: float = 0.01
@@ -43,11 +51,30 @@ class Options:
     seed: int = 0
     lora: str | None = None  # PEFT adapter folder, merged before quantization
 
+    @property
+    def per_row(self) -> bool:
+        """The original student: one scale per row by `scheme`, the `ternary` encoding."""
+        return self.method == "rtn" and self.planes == 1 and self.group == 0 and self.rotate == 0
+
+    def float_student(self) -> "Options":
+        """The same student (MoE expansion, AttnRes, LoRA) unquantized, in bf16: what calibration runs."""
+        return replace(Options(), quant="bf16", moe_experts=self.moe_experts, moe_top_k=self.moe_top_k,
+                       moe_noise=self.moe_noise, attnres=self.attnres, attnres_gate=self.attnres_gate,
+                       seed=self.seed, lora=self.lora)
+
     def recorded(self) -> dict:
         """The options as the artifact's student_config.json and provenance record them."""
+        ternary = self.quant == "ternary"
+        calibrated = ternary and self.method == "gptq"
         return {
             "quant": self.quant,
-            "scheme": self.scheme if self.quant == "ternary" else None,
+            "method": self.method if ternary else None,
+            "planes": self.planes if ternary else None,
+            "group": (self.group or "row") if ternary else None,
+            "rotate": self.rotate if ternary else None,
+            "calibration": ({"source": Path(self.calibration).name, "tokens": self.calibration_tokens}
+                            if calibrated else None),
+            "scheme": self.scheme if ternary and self.per_row else None,
             "head": "int8-row" if self.quant == "ternary" else "tied",
             "moe": {"experts": self.moe_experts, "top_k": self.moe_top_k, "noise": self.moe_noise, "seed": self.seed}
             if self.moe_experts else None,
@@ -117,8 +144,7 @@ def student_config(base: ModelConfig, options: Options) -> ModelConfig:
         enabled = options.attnres if needs == "--attnres" else options.moe_experts
         if given != default and not enabled:
             raise ConversionError(f"{flag} has no effect without {needs}")
-    if options.quant != "ternary" and options.scheme != defaults.scheme:
-        raise ConversionError(f"--scheme applies to ternary students, not to --quant {options.quant}")
+    _check_quantization(options, defaults)
     if options.moe_experts:
         if base.moe_block:
             raise ConversionError("--moe-experts: this model already has Gemma 4's own MoE block; its experts are kept as they are")
@@ -132,3 +158,33 @@ def student_config(base: ModelConfig, options: Options) -> ModelConfig:
         mlp_top_k=options.moe_top_k if options.moe_experts else 0,
         attnres=options.attnres,
     )
+
+
+def _check_quantization(options: Options, defaults: Options) -> None:
+    """The quantization flags make sense together (each refused with the flag that does not)."""
+    if options.quant != "ternary":
+        for flag in ("method", "planes", "group", "rotate", "calibration", "calibration_tokens", "scheme"):
+            if getattr(options, flag) != getattr(defaults, flag):
+                raise ConversionError(f"--{flag.replace('_', '-')} applies to ternary students, not to --quant {options.quant}")
+        return
+    if options.method not in ("gptq", "rtn"):
+        raise ConversionError(f"--method must be gptq or rtn, got {options.method!r}")
+    if options.planes not in (1, 2):
+        raise ConversionError(f"--planes must be 1 or 2, got {options.planes}")
+    if options.group < 0 or options.group % 4:
+        raise ConversionError(f"--group must be a positive multiple of 4 or 'row', got {options.group}")
+    if options.rotate < 0 or options.rotate & (options.rotate - 1) or options.rotate == 1:
+        raise ConversionError(f"--rotate must be a power of two >= 2 or 'none', got {options.rotate}")
+    if options.scheme != defaults.scheme and not options.per_row:
+        raise ConversionError("--scheme sets per-row scales: it needs --method rtn --planes 1 --group row --rotate none")
+    if options.method != "gptq":
+        for flag in ("calibration", "calibration_tokens"):
+            if getattr(options, flag) != getattr(defaults, flag):
+                raise ConversionError(f"--{flag.replace('_', '-')} has no effect without --method gptq")
+    elif options.calibration_tokens < SEQUENCE_TOKENS:
+        raise ConversionError(f"--calibration-tokens must be at least {SEQUENCE_TOKENS}, got {options.calibration_tokens}")
+    elif options.calibration != "teacher" and not Path(options.calibration).is_file():
+        raise ConversionError(f"--calibration {options.calibration}: no such file (give a UTF-8 text file, or 'teacher')")
+    if options.attnres and options.attnres_gate and options.method == "gptq":
+        raise ConversionError("--method gptq calibrates many sequences at once, which Block AttnRes with a "
+                              "non-zero --attnres-gate cannot run yet: use --method rtn")

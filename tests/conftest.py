@@ -14,6 +14,7 @@ from ferrisres.convert.build import Options, convert
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CHECKPOINTS = ("tiny_gemma4", "tiny_gemma4_mm", "tiny_gemma4_bf16")
+PER_ROW = {"method": "rtn", "planes": 1, "group": 0, "rotate": 0}  # the original student: one scale per row
 
 
 def reference(name: str) -> dict[str, np.ndarray]:

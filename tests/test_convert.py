@@ -67,7 +67,8 @@ def test_artifact_embeds_tokenizer_generation_config_and_provenance(converted):
     assert model.artifact.document("tokenizer.json") == (FIXTURES / "tiny_gemma4" / "tokenizer.json").read_text()
     provenance = json.loads(model.artifact.document("provenance.json"))
     assert set(provenance["source_files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
-    assert provenance["options"]["quant"] == "ternary" and provenance["options"]["scheme"] == "absmean-row"
+    assert provenance["options"]["quant"] == "ternary" and provenance["options"]["method"] == "gptq"
+    assert provenance["options"]["calibration"] == {"source": "teacher", "tokens": 8192}
     assert provenance["options"]["moe"] is None and provenance["options"]["attnres"] is None
     assert model.config.eos_token_ids == (1,)
 

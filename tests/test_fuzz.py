@@ -267,7 +267,7 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
     def tensors(label, pred=lambda d: True):
         return [d for d in lay[label].values() if d.group == "tensors" and pred(d)]
 
-    ternary = tensors("ternary", lambda d: d.encoding == "ternary")[0]
+    ternary = tensors("ternary", lambda d: d.encoding.startswith("ternary"))[0]
     norm = ([d for d in tensors("ternary") if d.name == "norm"] or
             tensors("ternary", lambda d: len(d.shape) == 1 and "scale" not in d.name and d.nbytes >= 256))[0]
     int8 = tensors("ternary", lambda d: d.encoding == "int8")[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, run_tool
+from conftest import FIXTURES, PER_ROW, run_tool
 from ferrisres.format import Artifact
 
 INSPECT = "ferrisres-inspect"
@@ -21,10 +21,10 @@ def fixture_config(name: str = "tiny_gemma4") -> dict:
 
 
 def ternary_bytes(path: Path) -> int:
-    """Bytes of the packed ternary weights, from their logical shapes: 4 weights a byte, rows padded."""
+    """Bytes of the packed two-plane ternary weights, from their logical shapes: 4 weights a byte per plane."""
     with Artifact.open(path) as a:
         return sum(
-            info.shape[0] * ((info.shape[1] + 3) // 4) for info in a.tensors.values() if info.encoding == "ternary"
+            2 * info.shape[0] * ((info.shape[1] + 3) // 4) for info in a.tensors.values() if info.encoding == "ternary-g2"
         )
 
 
@@ -67,23 +67,23 @@ def test_text_summary(student):
     assert f"{c['num_kv_shared_layers']} KV-shared layers" in out
     assert f"head dims {sorted({c['head_dim'], c['global_head_dim']})}" in out
     # the quantization scheme
-    assert re.search(r"quant ternary, scheme absmean-row\b", out), out
+    assert re.search(r"quant ternary, gptq, 2 planes, group 64, rotate 64, calibrated on teacher \(8192 tokens\)", out), out
     assert "head int8-row" in out
     # bytes by kind
     assert "bytes by kind:" in out
-    assert amount(kind_line(out, "linear weights (ternary)")) == ternary_bytes(student)
+    assert amount(kind_line(out, "linear weights (ternary-g2)")) == ternary_bytes(student)
     assert amount(kind_line(out, "output head copy (int8)")) == c["vocab_size"] * c["hidden_size"]
     assert amount(kind_line(out, "token embedding (f32)")) == 4 * c["vocab_size"] * c["hidden_size"]
     with Artifact.open(student) as a:
         n_tensors = len(a.tensors)
     assert f"{n_tensors} tensors" in out
-    assert ".tern 1.0" in out
+    assert ".tern 1.1" in out
     assert "verify" not in out  # digests are only checked on request
 
 
 def test_text_summary_follows_the_artifact(converted):
     """Another scheme and a float teacher: the summary reports what is in the file, not a constant."""
-    ferrisres = converted("tiny_gemma4", scheme="ferrisres")
+    ferrisres = converted("tiny_gemma4", **PER_ROW, scheme="ferrisres")
     out = run_tool(INSPECT, str(ferrisres)).stdout
     assert "quant ternary, scheme ferrisres" in out
 
@@ -113,8 +113,8 @@ def test_json(student):
     assert m["full_attention_layers"] == [i for i, t in enumerate(c["layer_types"]) if t == "full_attention"]
     assert m["kv_shared_layers"] == c["num_kv_shared_layers"]
     assert report["student"]["quant"] == "ternary"
-    assert report["student"]["scheme"] == "absmean-row"
-    assert report["format_version"] == "1.0"
+    assert report["student"]["method"] == "gptq" and report["student"]["planes"] == 2
+    assert report["format_version"] == "1.1"
     assert report["file_bytes"] == student.stat().st_size
 
     by_kind = report["bytes_by_kind"]

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, PER_ROW
 from safetensors.numpy import load_file
 
 from ferrisres.convert.quantize import SCHEMES, ternarize
@@ -231,7 +231,7 @@ def test_ferrisres_scheme_in_an_artifact_is_the_original_on_the_source_weights(t
     from ferrisres.convert.student import Options
 
     out = tmp_path / "ferrisres.tern"
-    convert(FIXTURES / "tiny_gemma4", out, Options(scheme="ferrisres"), progress=False)
+    convert(FIXTURES / "tiny_gemma4", out, Options(**PER_ROW, scheme="ferrisres"), progress=False)
     model = load(out)
     source = load_file(FIXTURES / "tiny_gemma4" / "model.safetensors")
     for name in ("layers.0.per_layer_input_gate", "layers.3.self_attn.k_proj", "layers.9.per_layer_projection"):

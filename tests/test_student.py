@@ -4,7 +4,7 @@ artifact's dequantized weights, so the kernels add no error beyond float32 round
 import numpy as np
 import pytest
 from artifact_weights import dequantized_weights
-from conftest import reference
+from conftest import PER_ROW, reference
 from reference_forward import reference_logits
 
 from ferrisres.runtime import load
@@ -13,25 +13,49 @@ ATOL = 1e-4  # design.md §5 rung 2, for the ternary student
 TEACHER_ATOL = 1e-3  # bf16/f16 teachers: float32 noise of the deeper, unquantized paths, as in rung 1
 
 
+ENCODINGS = {  # every way the converter stores a projection
+    "gptq-2-planes-rotated": {},  # the default
+    "gptq-1-plane": {"planes": 1, "rotate": 0},
+    "rtn-2-planes-row-scale": {"method": "rtn", "group": 0},
+    "per-row": PER_ROW,
+}
+
+
 @pytest.mark.parametrize(
-    "checkpoint,quant,atol",
+    "checkpoint,quant,options,atol",
     [
-        ("tiny_gemma4", "ternary", ATOL),
-        ("tiny_gemma4_bf16", "ternary", ATOL),
-        ("tiny_gemma4", "bf16", TEACHER_ATOL),
-        ("tiny_gemma4", "f16", TEACHER_ATOL),
+        *[("tiny_gemma4", "ternary", options, ATOL) for options in ENCODINGS.values()],
+        ("tiny_gemma4_bf16", "ternary", {}, ATOL),
+        ("tiny_gemma4_bf16", "ternary", PER_ROW, ATOL),
+        ("tiny_gemma4", "bf16", {}, TEACHER_ATOL),
+        ("tiny_gemma4", "f16", {}, TEACHER_ATOL),
     ],
+    ids=[*ENCODINGS, "bf16-source", "bf16-source-per-row", "bf16-teacher", "f16-teacher"],
 )
-def test_runtime_equals_fake_quant_forward(converted, checkpoint, quant, atol):
+def test_runtime_equals_fake_quant_forward(converted, checkpoint, quant, options, atol):
     """The reference runs in float64: the difference is the runtime's own float32 rounding."""
-    model = load(converted(checkpoint, quant))
+    model = load(converted(checkpoint, quant, **options))
     ids = reference(checkpoint)["ids"]
     expected = reference_logits(dequantized_weights(model.artifact), model.config, ids)
     np.testing.assert_allclose(model.logits(ids), expected, rtol=0, atol=atol)
 
 
-def test_ternary_student_weights_are_ternary_with_row_scales(converted):
+def test_default_student_weights_are_two_rotated_trit_planes_with_group_scales(converted):
     model = load(converted("tiny_gemma4", "ternary"))
+    info = model.artifact.tensors["layers.0.mlp.gate_proj"]
+    assert info.encoding == "ternary-g2" and info.shape == (256, 64) and info.stored_shape == (256, 2, 16)
+    assert info.rotation == 64
+    scale = model.artifact.tensors["layers.0.mlp.gate_proj.weight_scale"]
+    assert scale.encoding == "f16" and scale.shape == (256, 2, 1)
+    down = model.artifact.tensors["layers.0.mlp.down_proj"]  # in = 256: four groups of 64
+    assert model.artifact.tensors["layers.0.mlp.down_proj.weight_scale"].shape == (64, 2, 4) and down.rotation == 64
+    o_proj = model.artifact.tensors["layers.0.self_attn.o_proj"]  # in = 32: one group, rotation of 32
+    assert model.artifact.tensors["layers.0.self_attn.o_proj.weight_scale"].shape == (64, 2, 1) and o_proj.rotation == 32
+    assert model.artifact.tensors["lm_head"].encoding == "int8"
+
+
+def test_per_row_student_weights_are_ternary_with_row_scales(converted):
+    model = load(converted("tiny_gemma4", "ternary", **PER_ROW))
     info = model.artifact.tensors["layers.0.mlp.gate_proj"]
     assert info.encoding == "ternary" and info.shape == (256, 64) and info.stored_shape == (256, 16)
     assert model.artifact.tensors["layers.0.mlp.gate_proj.weight_scale"].shape == (256,)

@@ -51,8 +51,8 @@ def test_ternary_student_runs_and_equals_fake_quant_forward(converted, checkpoin
 def test_native_moe_experts_are_ternarized_as_they_are(converted):
     model = load(converted("tiny_gemma4_26b", "ternary"))
     info = model.artifact.tensors["layers.0.experts.gate_up_proj"]
-    assert info.encoding == "ternary" and info.shape == (4, 64, 64)
-    assert model.artifact.tensors["layers.0.experts.gate_up_proj.weight_scale"].shape == (4, 64)
+    assert info.encoding == "ternary-g2" and info.shape == (4, 64, 64) and info.stored_shape == (4, 64, 2, 16)
+    assert model.artifact.tensors["layers.0.experts.gate_up_proj.weight_scale"].shape == (4, 64, 2, 1)
     assert model.artifact.tensors["layers.0.router.proj"].encoding == "f32"
 
 

@@ -1,0 +1,124 @@
+"""GPTQ on trit-planes (convert/gptq.py) against independent references, on small matrices.
+
+- The error feedback equals the Optimal Brain Quantizer it accelerates (Frantar & Alistarh 2022),
+  written here the slow, literal way: after each column the inverse Hessian of the remaining columns
+  is updated by Gaussian elimination; no Cholesky factor, no lazy blocks.
+- On correlated inputs with an outlier channel it reaches a much smaller layer-output error than
+  round-to-nearest, for one and two planes, with and without the Hadamard rotation.
+- With H = I (no input correlation) there is nothing to compensate: it is round-to-nearest exactly.
+- The planes' values: every weight is one of the 3 (or 9) levels of its group's float16 scales.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ferrisres.convert.gptq import gptq_planes, output_error
+from ferrisres.convert.quantize import fit_plane_scales, nearest_codes, round_to_planes
+from ferrisres.format.encodings import hadamard, rotate_blocks
+
+
+def correlated_inputs(n: int, tokens: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, n)) @ (np.eye(n) + 0.3 * rng.standard_normal((n, n)))
+    x[:, 3] *= 20  # an outlier channel, as real activations have
+    return x
+
+
+def obq_reference(w: np.ndarray, h: np.ndarray, planes: int, group: int, damping: float) -> np.ndarray:
+    """Quantize columns left to right; after each, move its error onto the remaining columns with the
+    inverse Hessian, then remove that column from the inverse (Gaussian elimination)."""
+    w = w.astype(np.float64).copy()
+    h = h + damping * np.mean(np.diag(h)) * np.eye(len(h))
+    h_inv = np.linalg.inv(h)
+    codes = np.zeros((w.shape[0], planes, w.shape[1]), dtype=np.int8)
+    for j in range(w.shape[1]):
+        if j % group == 0:
+            scales = fit_plane_scales(w[:, j : j + group], planes).astype(np.float64)
+        codes[:, :, j] = nearest_codes(w[:, j : j + 1], scales)[:, :, 0]
+        q = np.sum(codes[:, :, j] * scales, axis=1)
+        error = (w[:, j] - q) / h_inv[j, j]
+        w[:, j:] -= np.outer(error, h_inv[j, j:])
+        h_inv -= np.outer(h_inv[:, j], h_inv[j, :]) / h_inv[j, j]
+    return codes
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_error_feedback_equals_the_optimal_brain_quantizer(planes):
+    rng = np.random.default_rng(planes)
+    n = 24  # three groups within one block of columns; the next test crosses blocks
+    w = rng.standard_normal((6, n))
+    x = correlated_inputs(n, 400, seed=7)
+    h = x.T @ x / len(x)
+    got = gptq_planes(w, h, planes, group=8, damping=0.01)
+    np.testing.assert_array_equal(got.codes, obq_reference(w, h, planes, group=8, damping=0.01))
+
+
+def test_lazy_blocks_change_nothing():
+    """Columns past a block (128) get the block's errors at once, not column by column: same codes."""
+    rng = np.random.default_rng(3)
+    n = 256
+    w = rng.standard_normal((4, n))
+    x = correlated_inputs(n, 600, seed=11)
+    h = x.T @ x / len(x)
+    np.testing.assert_array_equal(gptq_planes(w, h, 2, group=64).codes, obq_reference(w, h, 2, group=64, damping=0.01))
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("rotation", [0, 64])
+def test_output_error_well_below_round_to_nearest(planes, rotation):
+    rng = np.random.default_rng(0)
+    n = 256
+    w = rng.standard_normal((64, n)) * 0.02
+    x = correlated_inputs(n, 2048, seed=1)
+    h = x.T @ x / len(x)
+
+    def effective(tp):  # the weight that multiplies the unrotated input
+        return rotate_blocks(tp.dequantized(), tp.rotation) if tp.rotation else tp.dequantized()
+
+    rtn = output_error(w, effective(round_to_planes(w, planes, 64, rotation)), h)
+    gptq = output_error(w, effective(gptq_planes(w, h, planes, 64, rotation)), h)
+    # measured: 0.30-0.51 of round-to-nearest's error on this input; GPTQ must at least clearly win
+    assert gptq < 0.7 * rtn, (gptq, rtn)
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_uncorrelated_inputs_leave_nothing_to_compensate(planes):
+    """H = I without damping: the inverse is diagonal, so no error moves: round-to-nearest exactly."""
+    w = np.random.default_rng(5).standard_normal((8, 128)).astype(np.float32)
+    got = gptq_planes(w, np.eye(128), planes, group=32, damping=0.0)
+    rtn = round_to_planes(w, planes, group=32)
+    np.testing.assert_array_equal(got.codes, rtn.codes)
+    np.testing.assert_array_equal(got.scales, rtn.scales)
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_every_weight_is_a_level_of_its_groups_scales(planes):
+    w = np.random.default_rng(2).standard_normal((16, 128))
+    x = correlated_inputs(128, 300, seed=2)
+    tp = gptq_planes(w, x.T @ x, planes, group=32)
+    assert tp.codes.shape == (16, planes, 128) and tp.scales.shape == (16, planes, 4)
+    assert tp.scales.dtype == np.float16 and set(np.unique(tp.codes)) <= {-1, 0, 1}
+    levels = np.sum(tp.codes.reshape(16, planes, 4, 32) * tp.scales.astype(np.float64)[..., None], axis=1)
+    np.testing.assert_array_equal(tp.dequantized(), levels.reshape(16, 128))
+
+
+def test_two_planes_fit_a_group_better_than_one():
+    """The second plane fits what the first leaves: the group's squared error drops several-fold."""
+    w = np.random.default_rng(4).standard_normal((32, 64))
+    error = {}
+    for planes in (1, 2):
+        scales = fit_plane_scales(w, planes).astype(np.float64)
+        q = np.sum(nearest_codes(w, scales) * scales[:, :, None], axis=1)
+        error[planes] = np.sum((w - q) ** 2)
+    assert error[2] < 0.25 * error[1], error
+
+
+def test_hadamard_is_orthonormal_and_symmetric():
+    for n in (2, 8, 64):
+        h = hadamard(n)
+        np.testing.assert_allclose(h @ h, np.eye(n), atol=1e-12)
+        np.testing.assert_array_equal(h, h.T)
+    with pytest.raises(ValueError):
+        hadamard(48)
