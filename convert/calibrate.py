@@ -72,14 +72,17 @@ def sample_sequences(model: Model, count: int, length: int, seed: int) -> list[n
 
 def draw(logits: np.ndarray, rng: np.random.Generator, excluded: list[int]) -> np.ndarray:
     """One token per row of logits [B, vocab], drawn from softmax(logits) with the `excluded` ids (EOS:
-    calibration text runs the whole length) never drawn."""
+    calibration text runs the whole length) never drawn. A row at a time: each is a few MB in float64."""
     if not np.isfinite(logits).all():
         raise ConversionError("the float student produced non-finite logits (NaN or Inf): its weights are broken")
-    z = logits.astype(np.float64)
-    z[:, excluded] = -np.inf
-    cumulative = np.cumsum(np.exp(z - z.max(axis=1, keepdims=True)), axis=1)
-    threshold = (1 - rng.random(len(z)))[:, None] * cumulative[:, -1:]  # in (0, total]
-    return np.minimum(np.sum(cumulative < threshold, axis=1), z.shape[1] - 1)
+    tokens = np.empty(len(logits), dtype=np.int64)
+    for b, row in enumerate(logits):
+        z = row.astype(np.float64)
+        z[excluded] = -np.inf
+        cumulative = np.cumsum(np.exp(z - z.max()))
+        threshold = (1 - rng.random()) * cumulative[-1]  # in (0, total]
+        tokens[b] = min(int(np.searchsorted(cumulative, threshold)), len(z) - 1)
+    return tokens
 
 
 class Calibration:
@@ -141,7 +144,7 @@ class CalibratingLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.planes_result = gptq_planes(self.w, self.hessians.of(x), self.planes, self.group, self.rotation)
-        return (x.astype(np.float32) @ self.effective_weight().T.astype(np.float32)).astype(np.float64)
+        return (self.hessians.input32 @ self.effective_weight().T.astype(np.float32)).astype(np.float64)
 
     def effective_weight(self) -> np.ndarray:
         """The quantized weight in the basis of the unrotated input (float64)."""
@@ -163,12 +166,13 @@ class HessianCache:
         self.clear()
 
     def clear(self) -> None:
-        self.input, self.hessian = None, None
+        self.input = self.input32 = self.hessian = None
 
     def of(self, x: np.ndarray) -> np.ndarray:
-        """float64 from float32 products: GPTQ's damping (1% of the mean diagonal) dwarfs their rounding."""
+        """float64 from float32 products: GPTQ's damping (1% of the mean diagonal) dwarfs their rounding.
+        `input32` keeps the input in float32, as the linears multiply it."""
         if self.input is not x:
-            x32 = x.astype(np.float32)
+            self.input, self.input32 = x, x.astype(np.float32)
             with threadpool_limits(os.cpu_count(), user_api="blas"):  # one big product: BLAS threads pay off
-                self.input, self.hessian = x, (x32.T @ x32).astype(np.float64) / max(1, len(x))
+                self.hessian = (self.input32.T @ self.input32).astype(np.float64) / max(1, len(x))
         return self.hessian

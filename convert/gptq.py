@@ -18,7 +18,7 @@ import numpy as np
 
 from ferrisres.format.encodings import rotate_blocks
 
-from .quantize import TritPlanes, fit_plane_scales, nearest_codes
+from .quantize import Levels, TritPlanes, _as_f16, fit_plane_scales
 
 DAMPING = 0.01  # x mean(diag H), added to the diagonal: keeps H invertible, as the reference code does
 BLOCK_COLUMNS = 128
@@ -40,7 +40,7 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
     w[:, dead] = 0
     h[np.diag_indices(n)] += damping * np.mean(np.diag(h))
     u = _upper_cholesky_of_inverse(h)
-    del h  # the largest arrays of a wide layer (E2B's down_proj: 12288², 1.2 GB each): one at a time
+    target = w.copy()  # the weight the outputs should match; w itself absorbs the corrections below
 
     codes = np.empty((out, planes, n), dtype=np.int8)
     scales = np.empty((out, planes, n // group), dtype=np.float16)
@@ -53,14 +53,45 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
             col = b0 + j
             if col % group == 0:
                 scales[:, :, col // group] = fit_plane_scales(wb[:, j : j + group], planes)
-            s = scales[:, :, col // group].astype(np.float64)
-            c = nearest_codes(wb[:, j : j + 1], s)[:, :, 0]  # [out, planes]
-            codes[:, :, col] = c
-            error = (wb[:, j] - np.sum(c * s, axis=1)) / u[col, col]
+                levels = Levels(scales[:, :, col // group])
+            c, q = levels.nearest(wb[:, j : j + 1])
+            codes[:, :, col] = c[:, :, 0]
+            error = (wb[:, j] - q[:, 0]) / u[col, col]
             wb[:, j:] -= np.outer(error, u[col, col:b1])
             errors[:, j] = error
         w[:, b1:] -= errors @ u[b0:b1, b1:]
-    return TritPlanes(codes, scales, rotation)
+    del u
+    return TritPlanes(codes, refit_scales(target, h, codes, scales), rotation)
+
+
+def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """With the codes fixed, the scales (one per row, plane and group) that minimize the output error
+    trace((W - Q) H (W - Q)ᵀ): Q is linear in them, so per row it is a least-squares problem of
+    planes x groups unknowns. GPTQ chose each group's scales before its columns' codes; this refits
+    them to the codes chosen. float16, as stored."""
+    out, planes, n = codes.shape
+    groups = scales.shape[-1]
+    width = n // groups
+    h_rows = h.reshape(groups, width, n)
+    refit = scales.copy()
+    rows_per_chunk = max(1, (64 << 20) // (8 * planes * groups * n))  # bounds the [rows, planes, groups, n] products
+    for r0 in range(0, out, rows_per_chunk):
+        c = codes[r0 : r0 + rows_per_chunk].reshape(-1, planes, groups, width).astype(np.float64)
+        rows = len(c)
+        # basis_h[r, p, g] = (row r's plane-p codes in group g, zeros elsewhere) @ H, one product per group
+        basis_h = (c.transpose(2, 0, 1, 3).reshape(groups, rows * planes, width) @ h_rows)
+        basis_h = basis_h.reshape(groups, rows, planes, n).transpose(1, 2, 0, 3)  # [rows, planes, groups, n]
+        # gram[r, (p, g), (q, G)] = basis_h[r, p, g] . (plane-q codes in group G)
+        a = basis_h.reshape(rows, planes * groups, groups, width).transpose(0, 2, 1, 3)  # [r, G, (p, g), j]
+        gram = a @ c.transpose(0, 2, 3, 1)  # [r, G, (p, g), q]
+        gram = gram.transpose(0, 2, 3, 1).reshape(rows, planes * groups, planes * groups)
+        rhs = np.einsum("rm,rkm->rk", w[r0 : r0 + rows], basis_h.reshape(rows, planes * groups, n))
+        # a plane-group whose codes are all zero has a zero row and column: the ridge makes its scale 0
+        diagonal = np.einsum("rkk->rk", gram)
+        diagonal += 1e-9 * diagonal.mean(axis=1, keepdims=True) + 1e-300
+        solved = np.linalg.solve(gram, rhs[..., None])[..., 0].reshape(rows, planes, groups)
+        refit[r0 : r0 + rows] = np.where(np.isfinite(solved), _as_f16(solved), refit[r0 : r0 + rows])
+    return refit
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:

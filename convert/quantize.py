@@ -137,18 +137,31 @@ def fit_plane_scales(w: np.ndarray, planes: int, refinements: int = 4) -> np.nda
     return _as_f16(scales)
 
 
-_PAIRS = np.array([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=np.int8)  # the 9 code pairs
+class Levels:
+    """The values one group of a row can take with its scales [out, planes]: 3 (one plane) or 9 (two),
+    sorted per row, so the nearest level of a weight is found by comparing it with the midpoints."""
+
+    CODES = {1: np.array([[-1], [0], [1]], dtype=np.int8),
+             2: np.array([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=np.int8)}
+
+    def __init__(self, scales: np.ndarray):
+        codes = self.CODES[scales.shape[1]]
+        values = scales.astype(np.float64) @ codes.T  # [out, levels]
+        order = np.argsort(values, axis=1, kind="stable")
+        self.values = np.take_along_axis(values, order, axis=1)
+        self.codes = codes[order]  # [out, levels, planes]
+        self.midpoints = (self.values[:, 1:] + self.values[:, :-1]) / 2
+
+    def nearest(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Codes [out, planes, n] and values [out, n] of the nearest levels to w [out, n] (a tie goes down)."""
+        index = np.sum(w[:, :, None] > self.midpoints[:, None, :], axis=2)  # [out, n]
+        rows = np.arange(len(w))[:, None]
+        return np.moveaxis(self.codes[rows, index], -1, 1), self.values[rows, index]
 
 
 def nearest_codes(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """For each weight of w [out, g], the codes [out, planes, g] of its nearest level sum_p scale_p * t_p."""
-    if scales.shape[1] == 1:
-        a = scales[:, :1].astype(np.float64)
-        t = np.sign(w) * (np.abs(w) > np.abs(a) / 2) * np.sign(a)
-        return t.astype(np.int8)[:, None, :]
-    levels = scales.astype(np.float64) @ _PAIRS.T  # [out, 9]
-    best = np.argmin(np.abs(w[:, :, None] - levels[:, None, :]), axis=-1)  # [out, g]
-    return np.moveaxis(_PAIRS[best], -1, 1)
+    return Levels(scales).nearest(w)[0]
 
 
 def round_to_planes(w: np.ndarray, planes: int, group: int, rotation: int = 0) -> TritPlanes:

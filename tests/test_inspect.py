@@ -118,7 +118,7 @@ def test_json(student):
     assert report["file_bytes"] == student.stat().st_size
 
     by_kind = report["bytes_by_kind"]
-    assert by_kind["linear weights (ternary)"] == ternary_bytes(student)
+    assert by_kind["linear weights (ternary-g2)"] == ternary_bytes(student)
     assert by_kind["output head copy (int8)"] == c["vocab_size"] * c["hidden_size"]
     assert sum(by_kind.values()) == all_tensor_bytes(student)
     with Artifact.open(student) as a:
