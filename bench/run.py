@@ -62,8 +62,8 @@ TARGETS = {
     "prefill_256": (">=", 25.0, "tok/s", None),
     "load": ("<=", 1.0, "s", None),
     "decode_rss": ("<=", 1.5 * GB, "GB", None),
-    "convert_time": ("<=", 300.0, "s", None),
-    "convert_rss": ("<=", 2.5 * GB, "GB", None),
+    "convert_time": ("<=", 3600.0, "s", None),  # issue 10: the calibrated default, <= 60 min and 6 GB
+    "convert_rss": ("<=", 6 * GB, "GB", None),
 }
 
 FULL = dict(
@@ -538,9 +538,14 @@ def main(argv=None) -> int:
 
     # -- conversions
     main_scale = plan["scale"]
-    variants = {"dense": [], "moe2": ["--moe-experts", "2", "--moe-top-k", "2"], "bf16": ["--quant", "bf16"]}
+    # The dense student is converted with the default (calibrated) options: its time and memory are the
+    # conversion targets. The others are rounded to nearest (--method rtn): the same encodings, so the
+    # same decoding speed, in seconds instead of most of an hour.
+    variants = {"dense": [], "moe2": ["--moe-experts", "2", "--moe-top-k", "2", "--method", "rtn"],
+                "bf16": ["--quant", "bf16"]}
     jobs = [(name, main_scale, extra, plan["convert_repeats"]) for name, extra in variants.items()]
-    jobs += [("dense", s, [], plan["scaling_convert_repeats"]) for s in plan["scaling_scales"] if s != main_scale]
+    jobs += [("dense", s, ["--method", "rtn"], plan["scaling_convert_repeats"]) for s in plan["scaling_scales"]
+             if s != main_scale]
     arts, conv, scaling_convert = {}, {}, {}
     for name, scale, extra, repeats in jobs:
         out = ARTIFACTS / f"{scale}-{name}.tern"

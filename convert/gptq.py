@@ -38,6 +38,7 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
     dead = np.diag(h) <= 0  # inputs that were always zero: their weights never matter
     h[dead, dead] = 1
     w[:, dead] = 0
+    importance = np.diag(h).copy()  # the mean square of each input: how much its weights matter
     h[np.diag_indices(n)] += damping * np.mean(np.diag(h))
     u = _upper_cholesky_of_inverse(h)
     target = w.copy()  # the weight the outputs should match; w itself absorbs the corrections below
@@ -52,7 +53,7 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
         for j in range(b1 - b0):
             col = b0 + j
             if col % group == 0:
-                scales[:, :, col // group] = fit_plane_scales(wb[:, j : j + group], planes)
+                scales[:, :, col // group] = fit_plane_scales(wb[:, j : j + group], planes, importance[col : col + group])
                 levels = Levels(scales[:, :, col // group])
             c, q = levels.nearest(wb[:, j : j + 1])
             codes[:, :, col] = c[:, :, 0]

@@ -115,26 +115,49 @@ def rotation_for(n_in: int, requested: int) -> int:
     return block if block > 1 else 0
 
 
-def fit_plane_scales(w: np.ndarray, planes: int, refinements: int = 4) -> np.ndarray:
+def fit_plane_scales(w: np.ndarray, planes: int, importance: np.ndarray | None = None,
+                     refinements: int = 4) -> np.ndarray:
     """float16-representable scales [out, planes] for one group of columns w [out, g] (float64).
 
-    Plane 1 is the exact least-squares ternary fit of w (`_ternarize_optimal`), plane 2 the same fit of
-    what plane 1 leaves. Then, alternately, every weight takes its nearest level of the 9 that two
-    planes can form, and the two scales are refit by least squares to those codes."""
-    t1, a1 = _ternarize_optimal(w)
+    The fit minimizes the squared error of the group's weights, each column weighted by its
+    `importance` (GPTQ passes the diagonal of H: the mean square of that input, so a weight that
+    multiplies large inputs counts more; None: all equal). Plane 1 keeps, per row, the k largest |w|
+    with the best scale for the best k (the exact least-squares ternary fit when all weigh the same);
+    plane 2 does the same with what plane 1 leaves. Then, alternately, every weight takes its nearest
+    of the 9 levels two planes form and the two scales are refit to those codes by least squares."""
+    d = np.ones(w.shape[1]) if importance is None else np.maximum(importance, 1e-30)
+    t1, a1 = _weighted_ternary_fit(w, d)
     if planes == 1:
         return _as_f16(a1[:, None])
-    residual = w - a1[:, None].astype(np.float64) * t1
-    _, a2 = _ternarize_optimal(residual)
-    scales = np.stack([a1, a2], axis=1).astype(np.float64)
+    _, a2 = _weighted_ternary_fit(w - a1[:, None] * t1, d)
+    scales = np.stack([a1, a2], axis=1)
     for _ in range(refinements):
         codes = nearest_codes(w, scales)  # [out, 2, g]
-        gram = np.einsum("opg,oqg->opq", codes, codes)
-        rhs = np.einsum("opg,og->op", codes, w)
-        solvable = np.abs(np.linalg.det(gram)) > 1e-9
-        refit = np.linalg.solve(np.where(solvable[:, None, None], gram, np.eye(2)), np.where(solvable[:, None], rhs, 0)[..., None])[..., 0]
+        gram = np.einsum("opg,oqg,g->opq", codes, codes, d)
+        rhs = np.einsum("opg,og,g->op", codes, w, d)
+        solvable = np.abs(np.linalg.det(gram)) > 1e-12 * np.einsum("opp->o", gram) ** 2
+        identity = np.broadcast_to(np.eye(2), gram.shape)
+        refit = np.linalg.solve(np.where(solvable[:, None, None], gram, identity),
+                                np.where(solvable[:, None], rhs, 0)[..., None])[..., 0]
         scales = np.where(solvable[:, None], refit, scales)
     return _as_f16(scales)
+
+
+def _weighted_ternary_fit(w: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of w [out, g]: codes sign(w) on the k largest |w| and scale a minimizing
+    sum_j d_j (w_j - a t_j)^2 for that support, with the k that minimizes it. For a support S the best
+    scale is sum_S d|w| / sum_S d and the error drops by (sum_S d|w|)^2 / sum_S d."""
+    magnitude = np.abs(w)
+    order = np.argsort(-magnitude, axis=1, kind="stable")
+    weighted = np.cumsum(np.take_along_axis(magnitude, order, axis=1) * d[order], axis=1)
+    weight = np.cumsum(d[order], axis=1)
+    k = np.argmax(weighted**2 / weight, axis=1)  # index of the last kept weight
+    rows = np.arange(len(w))
+    scale = weighted[rows, k] / weight[rows, k]
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(w.shape[1])[None, :], axis=1)
+    t = np.sign(w) * (rank <= k[:, None])
+    return t, np.where(weighted[:, -1] > 0, scale, 0.0)
 
 
 class Levels:

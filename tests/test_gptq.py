@@ -30,12 +30,13 @@ def obq_reference(w: np.ndarray, h: np.ndarray, planes: int, group: int, damping
     """Quantize columns left to right; after each, move its error onto the remaining columns with the
     inverse Hessian, then remove that column from the inverse (Gaussian elimination)."""
     w = w.astype(np.float64).copy()
+    importance = np.diag(h).copy()
     h = h + damping * np.mean(np.diag(h)) * np.eye(len(h))
     h_inv = np.linalg.inv(h)
     codes = np.zeros((w.shape[0], planes, w.shape[1]), dtype=np.int8)
     for j in range(w.shape[1]):
         if j % group == 0:
-            scales = fit_plane_scales(w[:, j : j + group], planes).astype(np.float64)
+            scales = fit_plane_scales(w[:, j : j + group], planes, importance[j : j + group]).astype(np.float64)
         codes[:, :, j] = nearest_codes(w[:, j : j + 1], scales)[:, :, 0]
         q = np.sum(codes[:, :, j] * scales, axis=1)
         error = (w[:, j] - q) / h_inv[j, j]

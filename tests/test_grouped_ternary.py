@@ -1,0 +1,89 @@
+"""The grouped trit-plane encodings (`ternary-g1`, `ternary-g2`) in the artifact and the runtime: what the
+reader refuses, and that every way the runtime multiplies them computes the same weight."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from artifact_weights import dequantized_weights
+from conftest import run_tool
+
+from ferrisres.format import Artifact, ArtifactError
+from ferrisres.format.encodings import rotate_blocks
+from ferrisres.runtime import load
+from ferrisres.runtime.kernels import Linear, rotated_input
+
+NAME = "layers.0.mlp.down_proj"  # [64, 256]: four groups of 64, rotation 64
+
+
+def patched(path, tmp_path, change) -> str:
+    out = tmp_path / "patched.tern"
+    shutil.copy(path, out)
+    with h5py.File(out, "r+") as f:
+        change(f["tensors"])
+    return str(out)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda t: t[NAME].attrs.__setitem__("rotation", np.int64(48)), "'rotation' is 48, not 0 or a power of two dividing 256"),
+    (lambda t: t[NAME].attrs.__setitem__("rotation", np.int64(512)), "'rotation' is 512"),
+    (lambda t: t[NAME].attrs.__setitem__("rotation", np.float64(64)), "'rotation' is not a scalar integer"),
+    (lambda t: t["layers.0.input_layernorm"].attrs.__setitem__("rotation", np.int64(64)),
+     "'rotation' is only defined for grouped ternary encodings"),
+    (lambda t: t.__delitem__(NAME + ".weight_scale"), f"tensor {NAME}.weight_scale is missing or not float16"),
+])
+def test_reader_refuses_a_bad_grouped_tensor_with_one_line(converted, tmp_path, change, words):
+    path = patched(converted("tiny_gemma4"), tmp_path, change)
+    with pytest.raises(ArtifactError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        Artifact.open(path)
+    result = run_tool("ferrisres-run", path, "-p", "Hi", "-n", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and words in result.stderr
+
+
+def test_reader_refuses_group_scales_whose_groups_do_not_divide_the_row(converted, tmp_path):
+    def change(t):
+        scales = t[NAME + ".weight_scale"][...]
+        attrs = dict(t[NAME + ".weight_scale"].attrs)
+        del t[NAME + ".weight_scale"]
+        t.create_dataset(NAME + ".weight_scale", data=scales[..., :3])  # 3 groups of a 256-wide row
+        for k, v in attrs.items():
+            if k != "shape":
+                t[NAME + ".weight_scale"].attrs[k] = v
+        t[NAME + ".weight_scale"].attrs["shape"] = np.asarray([64, 2, 3], dtype=np.int64)
+
+    with pytest.raises(ArtifactError, match="with groups dividing 256"):
+        Artifact.open(patched(converted("tiny_gemma4"), tmp_path, change))
+
+
+def test_every_multiplication_path_computes_the_dequantized_weight(converted):
+    """Chunked numpy decode, the int8 code cache and row-split threads against the independent dequantizer."""
+    model = load(converted("tiny_gemma4"))
+    expected = dequantized_weights(model.artifact)[NAME]
+    linear = model.decoder.layers[0]["mlp.down_proj"]
+    assert linear.encoding == "ternary-g2" and linear.rotation == 64
+    np.testing.assert_allclose(linear.dequantize(), expected, rtol=0, atol=1e-6)
+    x = np.random.default_rng(0).standard_normal((5, 256))
+    want = x @ expected.T
+    # float32 products over 2 planes x 256 inputs: each output's rounding is at most ~512 float32 epsilons
+    # (1.2e-7 each) of sum |x| |w|; 1e-5 of it leaves room for the rotation's own rounding
+    atol = 1e-5 * np.max(np.abs(x).sum(axis=1)) * np.abs(expected).max()
+    np.testing.assert_allclose(linear(x), want, rtol=0, atol=atol)
+    small_chunks = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
+    small_chunks.rows_per_chunk = 7  # chunks that do not divide the rows (BLAS may sum in another order)
+    np.testing.assert_allclose(small_chunks(x), linear(x), rtol=0, atol=atol)
+    codes = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
+    codes.keep_int8()
+    np.testing.assert_array_equal(codes(x), linear(x))
+
+
+def test_rotation_is_computed_once_for_linears_sharing_an_input():
+    x = np.random.default_rng(1).standard_normal((3, 128))
+    first = rotated_input(x, 64)
+    assert rotated_input(x, 64) is first  # q, k and v: one rotation
+    assert rotated_input(x.copy(), 64) is not first  # another input is rotated anew
+    np.testing.assert_allclose(first, rotate_blocks(x, 64), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rotate_blocks(rotate_blocks(x, 64), 64), x, atol=1e-12)  # its own inverse
