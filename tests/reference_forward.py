@@ -23,6 +23,24 @@ import numpy as np
 from ferrisres.format import FULL, ModelConfig
 
 f64 = np.float64  # exact math: the reference carries no rounding of its own worth measuring
+U32 = 2.0**-24  # float32 unit roundoff
+_float32_signs: np.random.Generator | None = None  # set by float32_bounds(): products take float32 error
+
+
+def product(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x @ m.T, exact; inside float32_bounds(), moved by the most a float32 implementation may differ.
+
+    A product of reduction length n whose two inputs are rounded to float32, summed in float32 in any
+    order (any BLAS kernel, FMA or not) and rounded to float32 again is within gamma_{n+3} (|x| @ |m|.T)
+    of the exact one, gamma_k = k u / (1 - k u) (Higham, Accuracy and Stability of Numerical Algorithms, §3.1).
+    Each element moves by that bound with a seeded random sign, so the depth of the network carries it
+    as it carries real rounding."""
+    y = x @ m.T
+    if _float32_signs is None:
+        return y
+    k = m.shape[-1] + 3
+    bound = np.sqrt(k) * U32 * (np.abs(x) @ np.abs(m).T)
+    return y + bound * _float32_signs.choice(f64([-1, 1]), size=np.shape(y))
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
@@ -80,13 +98,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, s
         visible &= j > i - window
     out = np.empty_like(q)
     for h in range(nH):
-        scores = scale * (q[:, h, :] @ k[:, h // group, :].T)  # [T, T]
+        scores = scale * product(q[:, h, :], k[:, h // group, :])  # [T, T]
         if softcap:
             scores = softcap * np.tanh(scores / softcap)
         scores = np.where(visible, scores, -np.inf)
         p = np.exp(scores - scores.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
-        out[:, h, :] = p @ v[:, h // group, :]
+        out[:, h, :] = product(p, v[:, h // group, :].T)
     return out
 
 
@@ -94,8 +112,8 @@ def own_kv(w, c: ModelConfig, i: int, h: np.ndarray) -> tuple[np.ndarray, np.nda
     """Keys (k_norm, RoPE) and values (weightless v_norm) of a layer with its own k/v, from its normed input h."""
     T, hd, kvh = h.shape[0], c.head_dims[i], c.kv_heads[i]
     p = f"layers.{i}.self_attn."
-    k_raw = (h @ w(p + "k_proj").T).reshape(T, kvh, hd)
-    v_raw = (h @ w(p + "v_proj").T).reshape(T, kvh, hd) if c.has_v_proj(i) else k_raw  # k_eq_v: V = raw K
+    k_raw = product(h, w(p + "k_proj")).reshape(T, kvh, hd)
+    v_raw = product(h, w(p + "v_proj")).reshape(T, kvh, hd) if c.has_v_proj(i) else k_raw  # k_eq_v: V = raw K
     k = rope(rms_norm(k_raw, w(p + "k_norm"), c.rms_norm_eps), rope_inv_freq(c.rope[c.layer_types[i]], hd))
     v = rms_norm(v_raw, None, c.rms_norm_eps) if c.value_norm else v_raw  # Gemma 3 has no V norm
     return k, v
@@ -109,14 +127,14 @@ def layer(w, c: ModelConfig, i: int, x: np.ndarray, ple_i: np.ndarray | None, kv
 
     # attention
     h = rms_norm(x, w(p + "input_layernorm"), eps)
-    q = (h @ w(p + "self_attn.q_proj").T).reshape(T, c.num_heads, hd)
+    q = product(h, w(p + "self_attn.q_proj")).reshape(T, c.num_heads, hd)
     q = rope(rms_norm(q, w(p + "self_attn.q_norm"), eps), rope_inv_freq(c.rope[c.layer_types[i]], hd))
     if c.kv_sources[i] == i:
         kv[i] = own_kv(w, c, i, h)
     k, v = kv[c.kv_sources[i]]
     att = attention(q, k, v, None if full else c.sliding_window, c.attention_scale, c.attn_logit_softcapping)
     att = att.reshape(T, c.num_heads * hd)
-    x = x + rms_norm(att @ w(p + "self_attn.o_proj").T, w(p + "post_attention_layernorm"), eps)
+    x = x + rms_norm(product(att, w(p + "self_attn.o_proj")), w(p + "post_attention_layernorm"), eps)
 
     # MLP (the double-wide MLP of KV-shared layers is just a wider matrix), or the student's experts
     res = x
@@ -129,15 +147,15 @@ def layer(w, c: ModelConfig, i: int, x: np.ndarray, ple_i: np.ndarray | None, kv
 
     # per-layer input (PLE) branch
     if ple_i is not None:
-        g = gelu_tanh(x @ w(p + "per_layer_input_gate").T) * ple_i
-        x = x + rms_norm(g @ w(p + "per_layer_projection").T, w(p + "post_per_layer_input_norm"), eps)
+        g = gelu_tanh(product(x, w(p + "per_layer_input_gate"))) * ple_i
+        x = x + rms_norm(product(g, w(p + "per_layer_projection")), w(p + "post_per_layer_input_norm"), eps)
 
     return x * w(p + "layer_scalar") if c.layer_scalars else x  # scales the whole stream, residual included
 
 
 def mlp(w, prefix: str, h: np.ndarray) -> np.ndarray:
     """Gemma's gated MLP down(gelu_tanh(gate h) * up h) with the weights {prefix}{gate,up,down}_proj."""
-    return (gelu_tanh(h @ w(prefix + "gate_proj").T) * (h @ w(prefix + "up_proj").T)) @ w(prefix + "down_proj").T
+    return product(gelu_tanh(product(h, w(prefix + "gate_proj"))) * product(h, w(prefix + "up_proj")), w(prefix + "down_proj"))
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -161,7 +179,7 @@ def student_moe(w, c: ModelConfig, i: int, h: np.ndarray) -> np.ndarray:
     assert router.shape == (c.mlp_experts, c.hidden_size)
     out = np.zeros_like(h)
     for t in range(h.shape[0]):
-        probs = softmax(router @ h[t])
+        probs = softmax(product(h[t], router))
         chosen = top_k(probs, c.mlp_top_k)
         total = sum(probs[e] for e in chosen)
         for e in chosen:
@@ -186,14 +204,14 @@ def moe_block(w, c: ModelConfig, i: int, res: np.ndarray) -> np.ndarray:
     xin = rms_norm(res, w(p + "pre_feedforward_layernorm_2"), c.rms_norm_eps)
     out = np.zeros_like(res)
     for t in range(res.shape[0]):
-        probs = softmax(proj @ r[t])
+        probs = softmax(product(r[t], proj))
         chosen = top_k(probs, k)
         total = sum(probs[e] for e in chosen)
         for e in chosen:
             weight = probs[e] / total * per_expert[e]
-            both = gate_up[e] @ xin[t]
+            both = product(xin[t], gate_up[e])
             gate, up = both[:I], both[I:]
-            out[t] += weight * (down[e] @ (gelu_tanh(gate) * up))
+            out[t] += weight * product(gelu_tanh(gate) * up, down[e])
     return out
 
 
@@ -217,7 +235,7 @@ def per_layer_inputs(w, c: ModelConfig, ids: np.ndarray, x0: np.ndarray) -> tupl
     """PLE inputs: (token part [T, L, P], combined [T, L, P]); x0 is the scaled embedding."""
     T, L, P = len(ids), c.num_layers, c.ple_dim
     tok = (w("embed_tokens_per_layer")[ids] * f64(np.sqrt(P))).reshape(T, L, P)
-    proj = (x0 @ w("per_layer_model_projection").T) * f64(c.hidden_size**-0.5)
+    proj = product(x0, w("per_layer_model_projection")) * f64(c.hidden_size**-0.5)
     proj = rms_norm(proj.reshape(T, L, P), w("per_layer_projection_norm"), c.rms_norm_eps)
     return tok, (proj + tok) * f64(2.0**-0.5)
 
@@ -260,7 +278,7 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, ids) -> tuple[n
     x = rms_norm(x, w("norm"), c.rms_norm_eps)
     inter["final_norm"] = x
     head = w("lm_head") if "lm_head" in weights else w("embed_tokens")
-    logits = x @ head.T
+    logits = product(x, head)
     if c.final_logit_softcapping:
         cap = f64(c.final_logit_softcapping)
         logits = cap * np.tanh(logits / cap)
@@ -270,3 +288,25 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, ids) -> tuple[n
 def reference_logits(weights: dict[str, np.ndarray], config: ModelConfig, ids) -> np.ndarray:
     """Float32 logits [T, vocab] for token ids (positions 0..T-1), recomputed from scratch."""
     return forward(weights, config, ids)[0]
+
+
+def float32_bounds(weights: dict[str, np.ndarray], config: ModelConfig, ids, seeds=(0, 1)) -> dict[str, float]:
+    """How far any float32 implementation's logits (key "logits") and intermediates may be from this exact
+    forward: the largest move of each over `seeds` draws of the worst-case product rounding (see
+    `product`). It grows with the reduction lengths and the depth, and no BLAS kernel can exceed it
+    except by a sign pattern more adversarial than chance, so it is the tolerance of every comparison
+    with the float32 runtime or transformers' float32 outputs."""
+    global _float32_signs
+    exact_logits, exact = forward(weights, config, ids)
+    exact["logits"] = exact_logits
+    bounds = dict.fromkeys(exact, 0.0)
+    for seed in seeds:
+        _float32_signs = np.random.default_rng(seed)
+        try:
+            logits, moved = forward(weights, config, ids)
+        finally:
+            _float32_signs = None
+        moved["logits"] = logits
+        for key in bounds:
+            bounds[key] = max(bounds[key], float(np.abs(moved[key] - exact[key]).max()))
+    return bounds

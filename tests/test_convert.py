@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from artifact_weights import dequantized_weights
+from artifact_weights import dequantized_weights, float32_bound
 from conftest import FIXTURES, reference, run_tool
 from reference_forward import reference_logits
 from safetensors.numpy import load_file, save_file
@@ -47,7 +47,8 @@ def test_sharded_f16_checkpoint_converts(tmp_path):
     ids = reference("tiny_gemma4")["ids"]
     weights = dequantized_weights(model.artifact)
     assert np.array_equal(weights["layers.0.mlp.up_proj"], tensors["model.layers.0.mlp.up_proj.weight"].astype(np.float16).astype(np.float32))
-    np.testing.assert_allclose(model.logits(ids), reference_logits(weights, model.config, ids), rtol=0, atol=1e-3)
+    atol = float32_bound(model, ids)  # the runtime's float32 products vs the exact reference
+    np.testing.assert_allclose(model.logits(ids), reference_logits(weights, model.config, ids), rtol=0, atol=atol)
 
 
 def test_multimodal_and_text_only_names_give_the_same_model(converted):
