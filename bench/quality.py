@@ -1,4 +1,5 @@
-"""Measure each ternary scheme against its teacher: `make quality` (writes bench/quality.json and QUALITY.md).
+"""Measure each ternary scheme against its teacher: `make quality` writes out/quality/quality.json and
+QUALITY.md; `make quality UPDATE=1` (--update) writes the committed bench/quality.json and QUALITY.md.
 
 For every checkpoint, the f32 teacher and one student per scheme are converted, then compared with
 `ferrisres.runtime.evaluate.compare`: relative weight error, perplexities, KL(teacher || student) of the
@@ -9,6 +10,7 @@ random weights, so their numbers say how faithfully a scheme reproduces a networ
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -35,13 +37,19 @@ def sequences(vocab: int, fixture_ids: np.ndarray) -> list[list[int]]:
     return [fixture_ids.tolist()] + [[2, *rng.integers(5, vocab, 63).tolist()] for _ in range(SEQUENCES)]
 
 
+def progress(text: str) -> None:
+    print(f"quality: {text}", file=sys.stderr, flush=True)
+
+
 def measure(folder: Path, work: Path) -> dict[str, dict]:
+    progress(f"{folder.name}: converting the f32 teacher")
     teacher_path = work / f"{folder.name}-f32.tern"
     convert(folder, teacher_path, Options(quant="f32"), progress=False)
     teacher = load(teacher_path)
     ids = np.load(ROOT / "tests/fixtures/reference" / f"{folder.name}.npz")["ids"]
     results = {}
     for scheme in SCHEMES:
+        progress(f"{folder.name}: {scheme} student")
         path = work / f"{folder.name}-{scheme}.tern"
         convert(folder, path, Options(scheme=scheme), progress=False)
         runs = [compare(teacher, load(path), seq) for seq in sequences(teacher.config.vocab_size, ids)]
@@ -55,15 +63,17 @@ def measure(folder: Path, work: Path) -> dict[str, dict]:
 
 
 def measure_real(gguf: Path, work: Path) -> dict[str, dict]:
+    progress("Gemma 3 270M: converting the f32 teacher")
     teacher_path = work / "gemma3-270m-f32.tern"
     convert(gguf, teacher_path, Options(quant="f32"), progress=False)
     teacher = load(teacher_path)
     ids = teacher.encode((ROOT / "bench/report_text.txt").read_text(encoding="utf-8"))
     results = {}
     for scheme in SCHEMES:
+        progress(f"Gemma 3 270M: {scheme} student, {len(ids)} tokens")
         path = work / f"gemma3-270m-{scheme}.tern"
         convert(gguf, path, Options(scheme=scheme), progress=False)
-        r = compare(teacher, load(path), ids)
+        r = compare(teacher, load(path), ids, progress=lambda text, s=scheme: progress(f"Gemma 3 270M: {s}: {text}"))
         results[scheme] = {**{k: r[k] for k in ("weight_relative_error", "kl_teacher_student", "top1_agreement",
                                                 "teacher_perplexity", "student_perplexity")},
                            "last_layer_cosine": r["layer_cosine"][-1]}
@@ -72,6 +82,12 @@ def measure_real(gguf: Path, work: Path) -> dict[str, dict]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--update", action="store_true", help="write the committed bench/quality.json and QUALITY.md")
+    update = parser.parse_args().update
+    json_path, report_path = (ROOT / "bench/quality.json", ROOT / "QUALITY.md") if update else \
+        (ROOT / "out/quality/quality.json", ROOT / "out/quality/QUALITY.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     table = {}
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache" if GGUF.exists() else None) as work:
         if GGUF.is_file():
@@ -81,7 +97,7 @@ def main() -> int:
             if folder.is_dir():
                 table[name] = measure(folder, Path(work))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    (ROOT / "bench/quality.json").write_text(json.dumps({"commit": commit, "results": table}, indent=2) + "\n")
+    json_path.write_text(json.dumps({"commit": commit, "results": table}, indent=2) + "\n")
     lines = ["| checkpoint | scheme | weight rel. error | KL(teacher‖student) | top-1 agreement | last-layer cosine | perplexity teacher / student |",
              "|---|---|---|---|---|---|---|"]
     for name, schemes in table.items():
@@ -94,11 +110,12 @@ def main() -> int:
     means = {s: np.mean([table[n][s]["kl_teacher_student"] for n in table]) for s in SCHEMES}
     lines += ["", "Mean KL over checkpoints: " + ", ".join(f"{s} {v:.4f}" for s, v in sorted(means.items(), key=lambda kv: kv[1]))]
     report = "\n".join(lines)
-    (ROOT / "QUALITY.md").write_text(
+    report_path.write_text(
         f"# Ternary schemes against their teacher\n\nMeasured by `make quality` (bench/quality.py) at commit {commit} "
         f"on {platform.machine()} / Python {platform.python_version()}. {__doc__.split(chr(10))[2].strip()}\n\n"
         + report + "\n")
     print(report)
+    progress(f"wrote {json_path.relative_to(ROOT)} and {report_path.relative_to(ROOT)}")
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -42,9 +41,11 @@ class Options:
     attnres_gate: float = 0.0
     seed: int = 0
     lora: str | None = None  # PEFT adapter folder, merged before quantization
+    chat_template: str | None = None  # a Jinja chat template file, embedded in place of the checkpoint's
 
     def recorded(self) -> dict:
-        """The options as the artifact's student_config.json and provenance record them."""
+        """The options as the artifact's student_config.json and provenance record them: what was asked
+        for, never where its files were (provenance names them and their digests)."""
         return {
             "quant": self.quant,
             "scheme": self.scheme if self.quant == "ternary" else None,
@@ -52,7 +53,7 @@ class Options:
             "moe": {"experts": self.moe_experts, "top_k": self.moe_top_k, "noise": self.moe_noise, "seed": self.seed}
             if self.moe_experts else None,
             "attnres": {"gate": self.attnres_gate} if self.attnres else None,
-            "lora": Path(self.lora).name if self.lora else None,
+            "lora": "merged" if self.lora else None,
         }
 
 

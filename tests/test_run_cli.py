@@ -407,6 +407,46 @@ def test_max_tokens_zero_prints_nothing(plain):
     assert "generated 0 tokens" in result.stderr
 
 
+def test_a_raw_prompt_without_chat_template_is_said_once(plain, chat_artifact):
+    result = run_tool(RUN, plain, "-p", "Hello", "-n", "2")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith(f"{RUN}: note:")]
+    assert len(notes) == 1 and "no chat template" in notes[0] and "--chat-template" in notes[0]
+    for quiet in (run_tool(RUN, plain, "-p", "Hello", "-n", "2", "--raw"), run_tool(RUN, str(chat_artifact), "-p", "Hello", "-n", "2")):
+        assert quiet.returncode == 0 and "note:" not in quiet.stderr, quiet.stderr
+
+
+def test_options_that_cannot_apply_are_said(plain, converted):
+    """--threads beyond this process's CPUs is capped, and --cache int8 on a float artifact does nothing:
+    both said on stderr, neither an error."""
+    cpus = len(os.sched_getaffinity(0))
+    result = run_tool(RUN, plain, "-p", "Hello", "-n", "2", "--raw", "--threads", str(cpus + 62))
+    assert result.returncode == 0 and f"--threads {cpus + 62} is more than the {cpus} CPUs" in result.stderr
+    teacher = str(converted("tiny_gemma4", "f32"))
+    result = run_tool(RUN, teacher, "-p", "Hello", "-n", "2", "--raw", "--cache", "int8")
+    assert result.returncode == 0 and "--cache int8 changes nothing" in result.stderr
+    assert "note:" not in run_tool(RUN, plain, "-p", "Hello", "-n", "2", "--raw", "--cache", "int8").stderr
+
+
+def test_long_prefill_reports_progress(converted):
+    """A prompt longer than PREFILL_CHUNK is prefilled in chunks, each reported, to the same logits."""
+    from ferrisres.runtime.generate import PREFILL_CHUNK
+
+    model = load(converted("tiny_gemma4", "ternary"))
+    ids = np.random.default_rng(0).integers(5, model.config.vocab_size, 2 * PREFILL_CHUNK + 7).tolist()
+    plain = model.generate(ids, max_tokens=1, temperature=0)
+    list(plain)
+    reported = []
+    chunked = model.generate(ids, max_tokens=1, temperature=0)
+    chunked.on_prefill = lambda done, total: reported.append((done, total))
+    list(chunked)
+    assert reported == [(PREFILL_CHUNK, len(ids)), (2 * PREFILL_CHUNK, len(ids)), (len(ids), len(ids))]
+    assert chunked.cache.length == plain.cache.length == len(ids)
+    # the caches hold the same keys and values: the next token's logits agree (two float32 runs)
+    following = [model.forward([7], g.cache, last_only=True)[-1] for g in (plain, chunked)]
+    np.testing.assert_allclose(*following, rtol=0, atol=2 * float32_bound(model, [*ids, 7]))
+
+
 def test_system_without_chat_template(plain, chat_artifact):
     assert_one_line_error(run_tool(RUN, plain, "-p", "Hello", "--system", "Be brief."), "--system")
     assert_one_line_error(run_tool(RUN, str(chat_artifact), "-p", "Hello", "--system", "Be brief.", "--raw"),
