@@ -386,3 +386,11 @@ def test_real_gguf_tokenizer_reproduces_published_gemma3_encodings(real_source):
         assert tok.encode(text, add_special_tokens=False).ids == expected, text
         assert tok.decode(expected, skip_special_tokens=False) == text
     assert tok.encode("Hello").ids[0] == 2
+
+
+def test_conversion_says_what_it_reads_before_the_slow_part(tiny_gguf, tmp_path):
+    """gguf-py parses a real vocabulary for ~25 s before anything else: the first line says so at once."""
+    result = run_tool("ferrisres-convert", str(tiny_gguf[0]), "-o", str(tmp_path / "g.tern"))
+    assert result.returncode == 0, result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("ferrisres-convert: reading ") and "GGUF" in first, result.stderr
