@@ -628,12 +628,25 @@ def main(argv=None) -> int:
         (CACHE / "quick" / "results.json", CACHE / "quick" / "BENCHMARKS.md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.parent.mkdir(parents=True, exist_ok=True)
+    results = _without_machine_paths(results)
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     md = report(results)
     md_path.write_text(md)
     print(md)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
+
+
+def _without_machine_paths(value):
+    """`value` with this checkout's and Python's locations made relative: results.json is committed, and
+    where the files were on the measuring machine says nothing about the figures."""
+    if isinstance(value, str):
+        return value.replace(str(ROOT) + os.sep, "").replace(sys.base_prefix + os.sep, "<python>/")
+    if isinstance(value, list):
+        return [_without_machine_paths(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_machine_paths(v) for k, v in value.items()}
+    return value
 
 
 def _summ_convert(runs: list[dict]) -> dict:

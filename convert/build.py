@@ -6,7 +6,7 @@ for the big embedding tables, one block of rows) at a time. What the student is:
   ternary with float32 scales (`--quant ternary`), or stays a float in the chosen dtype (teacher);
 - norms and layer scalars stay float32; embeddings keep their source precision (bf16 stays bf16);
 - the tied output head of a ternary student gets its own int8 per-row copy, the fastest per-token
-  matvec in numpy (see ../shared/reference/numpy-ternary-perf.md §3).
+  matvec in numpy (docs/kernels.md, "The output head").
 """
 
 from __future__ import annotations

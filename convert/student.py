@@ -1,4 +1,4 @@
-"""The student's float32 weights, by artifact name, before encoding (design.md §2).
+"""The student's float32 weights, by artifact name, before encoding (docs/design.md, "The student").
 
 Most are the checkpoint's own tensors (with a LoRA adapter merged in, if given). The student's
 additions are made here, deterministically from the seed:

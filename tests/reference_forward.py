@@ -1,6 +1,6 @@
 """A plain numpy (float64) Gemma 4 text decoder forward pass, no KV cache: the tests' "fake-quant" reference.
 
-Written straight from /work/shared/reference/gemma4-transformers.md §4 and independent of ferrisres.runtime:
+Written straight from docs/gemma4-math.md and independent of ferrisres.runtime:
 rung 2 of the correctness ladder compares the runtime's output on a ternary artifact with this function
 applied to the artifact's dequantized weights. Every position is recomputed from scratch on every call.
 
@@ -10,10 +10,10 @@ replaces the tied embedding as the output matrix.
 
 Beyond the dense decoder it computes, with plain loops over tokens and experts so the code reads as the
 definition:
-- the student's MoE expansion (config.mlp_experts, design.md §2): a router [N, H] on the MLP input,
+- the student's MoE expansion (config.mlp_experts, docs/design.md): a router [N, H] on the MLP input,
   softmax over all experts, top-k renormalized to sum 1, weighted sum of the chosen experts' MLPs;
-- Gemma 4's own MoE block (config.moe_block, 26B-A4B, gemma4-transformers.md §5), beside the dense MLP;
-- Block AttnRes (config.attnres, design.md §2) with explicit prefix means over s <= t at every position.
+- Gemma 4's own MoE block (config.moe_block, 26B-A4B, docs/gemma4-math.md), beside the dense MLP;
+- Block AttnRes (config.attnres, docs/design.md) with explicit prefix means over s <= t at every position.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ _float32_signs: np.random.Generator | None = None  # set by float32_bounds(): pr
 
 
 def product(x: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """x @ m.T, exact; inside float32_bounds(), moved by the most a float32 implementation may differ.
+    """x @ m.T, exact; inside float32_bounds(), moved by as much as float32 rounding may move it.
 
     A product of reduction length n whose two inputs are rounded to float32, summed in float32 in any
-    order (any BLAS kernel, FMA or not) and rounded to float32 again is within gamma_{n+3} (|x| @ |m|.T)
-    of the exact one, gamma_k = k u / (1 - k u) (Higham, Accuracy and Stability of Numerical Algorithms, §3.1).
-    Each element moves by that bound with a seeded random sign, so the depth of the network carries it
-    as it carries real rounding."""
+    order (any BLAS kernel, FMA or not) and rounded again takes n + 3 roundings of relative size <= u.
+    Independent roundings grow as sqrt(n + 3) u (|x| @ |m|.T), not as the worst case (n + 3) u, which
+    needs every one of them to go the same way (Higham and Mary, "A new approach to probabilistic
+    rounding error analysis", SIAM J. Sci. Comput. 2019). Each element moves by that bound with a seeded
+    random sign, so the network's depth carries it as it carries real rounding (docs/design.md)."""
     y = x @ m.T
     if _float32_signs is None:
         return y
@@ -72,7 +73,7 @@ def rope_inv_freq(rope, head_dim: int) -> np.ndarray:
 
 def rope(x: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     """NeoX half-split rotary embedding of x [T, heads, hd] at positions 0..T-1. The cos/sin tables are
-    float32, as transformers builds them (gemma4-transformers.md §4); the rotation itself is exact."""
+    float32, as transformers builds them; the rotation itself is exact."""
     T, half = x.shape[0], x.shape[-1] // 2
     angles = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]  # [T, hd/2], float32
     cos = np.cos(np.concatenate([angles, angles], axis=-1)).astype(f64)[:, None, :]  # [T, 1, hd]
@@ -256,7 +257,7 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, ids) -> tuple[n
         inter["ple"] = ple
     kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if c.attnres:
-        # Block AttnRes (design.md §2): r_0(t) = prefix mean of the scaled embedding; each block (ending at
+        # Block AttnRes (docs/design.md): r_0(t) = prefix mean of the scaled embedding; each block (ending at
         # a full-attention layer) adds r(t) = sum over its layers of the prefix mean of the layer's output,
         # divided by its number of layers; at its end the stream attends over rmsnorm of all r's so far.
         gates = w("attnres_gates")

@@ -1,7 +1,7 @@
 """Ternary quantizers (convert/quantize.py).
 
 `ferrisres`: bit-for-bit the FerrisRes original's per-tensor quantizer
-(/work/shared/reference/ferrisres-student.md §3.1), checked against a deliberately literal port of the
+(docs/design.md, "The student"), checked against a deliberately literal port of the
 Rust code below: a Python loop of float32 scalars, nothing vectorized.
 
 Row schemes: absmean-row and lsq-row share one ternary pattern; lsq-row's scale is the least-squares
