@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
 from ferrisres.format.schema import SCALE_SUFFIX
@@ -230,7 +231,7 @@ def read_chat_template(path: Path) -> str:
         raise ConversionError(f"--chat-template {path}: no such file")
     text = _read_text(path)
     try:
-        jinja2.Environment().parse(text)
+        ImmutableSandboxedEnvironment().parse(text)  # parsed only; the runtime renders it in the same sandbox
     except jinja2.TemplateSyntaxError as e:
         raise ConversionError(f"--chat-template {path}: not a Jinja template (line {e.lineno}: {e.message})") from None
     return text
