@@ -27,7 +27,8 @@ from ferrisres.format.schema import SCALE_SUFFIX
 from ferrisres.runtime import load
 from ferrisres.runtime.kv_cache import KVCache
 
-NOISE = 0.5  # MoE noise for the runtime-vs-reference cases (see the module docstring)
+NOISE = 0.5  # MoE noise for the runtime-vs-reference cases: large, so the experts (and the routing) really differ
+CHANGED = 0.1  # how far an option that is on must move the logits: > 10x the largest float32 bound here (7e-3)
 EXPERTS_TOP_K = [(2, 1), (2, 2), (4, 1), (4, 2)]
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -122,7 +123,7 @@ def test_moe_student_runtime_equals_reference_and_cached_decode(student, experts
     assert_cached_decode_equals_recompute(model)
     # guard: the experts (hence the routing) matter
     dense = load(student()).logits(ids())
-    assert np.abs(got - dense).max() > 0.1
+    assert np.abs(got - dense).max() > CHANGED
     codes = [model.artifact.tensor(f"layers.0.mlp.experts.{e}.gate_proj") for e in range(experts)]
     assert all(np.mean(codes[0] != c) > 0.2 for c in codes[1:])
 
@@ -131,7 +132,7 @@ def test_moe_top_k_changes_the_output(student):
     """Guards the top-k selection: with 4 distinct experts, top-1 and top-2 are different models."""
     top1 = load(student(moe_experts=4, moe_top_k=1, moe_noise=NOISE)).logits(ids())
     top2 = load(student(moe_experts=4, moe_top_k=2, moe_noise=NOISE)).logits(ids())
-    assert np.abs(top1 - top2).max() > 0.1
+    assert np.abs(top1 - top2).max() > CHANGED
 
 
 def test_same_seed_gives_byte_identical_artifact(tmp_path):
@@ -226,7 +227,7 @@ def test_attnres_gate_1_runtime_equals_reference_and_cached_decode(student, quan
     got = assert_runtime_equals_reference(model)
     assert_cached_decode_equals_recompute(model)
     # ...and it is really on
-    assert np.abs(got - load(student(quant=quant, attnres=True, attnres_gate=0.0)).logits(ids())).max() > 0.1
+    assert np.abs(got - load(student(quant=quant, attnres=True, attnres_gate=0.0)).logits(ids())).max() > CHANGED
 
 
 def test_attnres_prefill_in_pieces_equals_one_prefill(student):
@@ -259,7 +260,7 @@ def test_attnres_gates_are_per_block(student, tmp_path, gates):
     got = assert_runtime_equals_reference(model)
     assert_cached_decode_equals_recompute(model, steps=12)
     both = load(student(attnres=True, attnres_gate=1.0)).logits(ids())
-    assert np.abs(got - both).max() > 0.1
+    assert np.abs(got - both).max() > CHANGED
 
 
 def test_attnres_with_moe(student):
@@ -306,7 +307,7 @@ def test_gemma4_moe_block_student_runtime_equals_reference(student, options):
     silenced = dict(weights)
     for i in range(c.num_layers):
         silenced[f"layers.{i}.router.per_expert_scale"] = np.zeros(c.num_experts, np.float32)
-    assert np.abs(got - reference_logits(silenced, c, oracle["ids"])).max() > 0.1
+    assert np.abs(got - reference_logits(silenced, c, oracle["ids"])).max() > CHANGED
 
 
 def test_moe_expansion_of_a_model_with_its_own_moe_block_is_refused(tmp_path):

@@ -63,4 +63,5 @@ def test_lora_merged_before_conversion_matches_peft(tmp_path, quant):
     if quant == "f32":  # peft's merged model in float32 against ours: both within the float32 bound
         atol = 2 * float32_bound(model, ref["ids"])
         np.testing.assert_allclose(model.logits(ref["ids"]), ref["logits"], rtol=0, atol=atol)
-    assert np.abs(model.logits(ref["ids"]) - ref["base_logits"]).max() > 0.1  # the adapter really changed it
+    # the adapter really changed it: by far more than any float32 bound here (< 7e-3)
+    assert np.abs(model.logits(ref["ids"]) - ref["base_logits"]).max() > 0.1
