@@ -43,8 +43,8 @@ def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128, pr
     """Quality numbers of `student` against `teacher` on `ids` (both artifacts of the same model).
 
     Logits are made `chunk` positions at a time from the last hidden states, so memory stays bounded
-    even for a 262144-token vocabulary over thousands of positions. `progress(text)`, if given, hears
-    how far the work is, every few seconds' worth."""
+    even for a 262144-token vocabulary over thousands of positions. `progress(text)`, if given, is told
+    how far the work is after each chunk of it."""
     report = progress or (lambda text: None)
     hidden = {role: _hidden_states(model, ids, lambda done, r=role: report(f"{r} forward {done}/{len(ids)} tokens"))
               for role, model in (("teacher", teacher), ("student", student))}
