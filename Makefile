@@ -6,15 +6,17 @@ MODEL ?= tests/fixtures/tiny_gemma4
 OUT ?= out/$(notdir $(MODEL)).tern
 PROMPT ?= The quick brown fox
 ARGS ?=
+# Gemma 4 IT's published chat template, so the demo artifacts can chat (--system, -i)
+CHAT_TEMPLATE ?= tests/fixtures/gemma4_it/chat_template.jinja
 
-.PHONY: demo test convert quality clean
+.PHONY: demo test convert run quality clean clean-caches
 
 # The bundled model is a tiny Gemma 4 with random weights (no real weights can be bundled): it shows
 # the whole path, teacher and ternary student side by side, not sensible text.
 demo: $(VENV)/.installed
 	@mkdir -p $(dir $(OUT))
-	$(BIN)/ferrisres-convert $(MODEL) -o $(OUT) --force
-	$(BIN)/ferrisres-convert $(MODEL) -o $(OUT:.tern=-teacher.tern) --quant f32 --force --quiet
+	$(BIN)/ferrisres-convert $(MODEL) -o $(OUT) --chat-template $(CHAT_TEMPLATE) --force
+	$(BIN)/ferrisres-convert $(MODEL) -o $(OUT:.tern=-teacher.tern) --quant f32 --chat-template $(CHAT_TEMPLATE) --force --quiet
 	$(BIN)/ferrisres-inspect $(OUT)
 	@echo "--- teacher (f32) ---"
 	$(BIN)/ferrisres-run $(OUT:.tern=-teacher.tern) --prompt "$(PROMPT)" --max-tokens 24
@@ -28,9 +30,14 @@ convert: $(VENV)/.installed
 	@mkdir -p $(dir $(OUT))
 	$(BIN)/ferrisres-convert $(MODEL) -o $(OUT) $(ARGS)
 
-# Each ternary scheme against its f32 teacher on the tiny checkpoints: writes QUALITY.md.
+# ferrisres-run from the environment without activating it: make run ARGS="out/tiny_gemma4.tern -p Hello"
+run: $(VENV)/.installed
+	$(BIN)/ferrisres-run $(ARGS)
+
+# Each ternary scheme against its f32 teacher (the tiny checkpoints, and Gemma 3 270M when fetched):
+# writes out/quality/; UPDATE=1 rewrites the committed bench/quality.json and QUALITY.md instead.
 quality: $(VENV)/.installed
-	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/quality.py $(if $(UPDATE),--update)
 
 # Speed and memory at real Gemma 4 E2B scale, on a synthetic checkpoint with the exact shapes (cached in
 # bench/.cache/): writes bench/results.json and BENCHMARKS.md (~15 min). QUICK=1: tiny model, ~1 min,
@@ -51,5 +58,12 @@ $(VENV)/.installed: pyproject.toml
 	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e ".[convert,test]"
 	touch $@
 
+# The environment, outputs and Python's caches; not the downloaded and generated models (clean-caches).
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The fetched Gemma 3 270M (.cache/, 242 MB of packages plus the GGUF) and the synthetic E2B checkpoint
+# and artifacts of make bench (bench/.cache/, ~2 GB): fetched or rebuilt again when next needed.
+clean-caches:
+	rm -rf .cache bench/.cache

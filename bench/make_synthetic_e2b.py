@@ -7,7 +7,7 @@ prints the folder it wrote (or found: a complete folder for the same parameters 
 Gemma 4 weights can be shipped, but speed and memory depend only on the shapes, so this folder stands in
 for `google/gemma-4-E2B-it` in `make bench` (bench/run.py).
 
-What is in the folder (scale `full`, see ../shared/reference/gemma4-transformers.md §3):
+What is in the folder (scale `full`; the shapes are in docs/gemma4-math.md, "E2B's shapes"):
 - `config.json` in the published spelling: model_type "gemma4", architectures
   ["Gemma4ForConditionalGeneration"], a `text_config` with `global_head_dim` 512 and
   `num_global_key_value_heads` null; 35 layers, (4 sliding + 1 full) x 7, hidden 1536, 8 heads, 1 KV

@@ -1,4 +1,5 @@
-"""How much of its teacher each kind of student keeps: `make quality` (writes bench/quality.json and QUALITY.md).
+"""How much of its teacher each kind of student keeps: `make quality` writes out/quality/quality.json and
+QUALITY.md; `make quality UPDATE=1` (--update) writes the committed bench/quality.json and QUALITY.md.
 
 For every checkpoint the f32 teacher and one student per quantization below are converted (each
 conversion a separate `ferrisres-convert` process, timed, its peak memory measured), then compared with
@@ -11,6 +12,7 @@ faithfully a student reproduces a network, not language quality.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -61,17 +63,22 @@ def bits_per_weight(path: Path) -> float:
     return bits / weights
 
 
+def progress(text: str) -> None:
+    print(f"quality: {text}", file=sys.stderr, flush=True)
+
+
 def measure(source: Path, ids_of, work: Path) -> dict[str, dict]:
+    progress(f"{source.stem}: converting the f32 teacher")
     teacher_path = work / f"{source.stem}-f32.tern"
     converted(source, teacher_path, ["--quant", "f32"])
     teacher = load(teacher_path)
     ids = ids_of(teacher)
     results = {}
     for name, flags in STUDENTS.items():
-        print(f"quality: {source.stem}: {name}", file=sys.stderr, flush=True)
+        progress(f"{source.stem}: converting the student: {name}")
         path = work / f"{source.stem}-student.tern"
         cost = converted(source, path, [*flags, "--force"])
-        r = compare(teacher, load(path), ids)
+        r = compare(teacher, load(path), ids, progress=lambda text, n=name: progress(f"{source.stem}: {n}: {text}"))
         results[name] = {"flags": " ".join(flags), "bits_per_weight": bits_per_weight(path), **cost,
                          **{k: r[k] for k in ("teacher_perplexity", "student_perplexity", "kl_teacher_student",
                                               "top1_agreement", "weight_relative_error")},
@@ -90,6 +97,12 @@ def tiny_ids(teacher) -> list[int]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--update", action="store_true", help="write the committed bench/quality.json and QUALITY.md")
+    update = parser.parse_args().update
+    json_path, report_path = (ROOT / "bench/quality.json", ROOT / "QUALITY.md") if update else \
+        (ROOT / "out/quality/quality.json", ROOT / "out/quality/QUALITY.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     table = {}
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache" if GGUF.exists() else None) as work:
         if GGUF.is_file():
@@ -97,7 +110,7 @@ def main() -> int:
         table["tiny_gemma4 (random weights, 256 random tokens)"] = measure(TINY, tiny_ids, Path(work))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    (ROOT / "bench/quality.json").write_text(json.dumps({"commit": commit, "machine": machine, "results": table}, indent=2) + "\n")
+    json_path.write_text(json.dumps({"commit": commit, "machine": machine, "results": table}, indent=2) + "\n")
     lines = ["| checkpoint | student | bits/weight | perplexity (teacher / student) | KL(teacher‖student) | top-1 agreement "
              "| last-layer cosine | conversion time, peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for checkpoint, students in table.items():
@@ -107,11 +120,12 @@ def main() -> int:
                          f"| {r['kl_teacher_student']:.3f} | {100 * r['top1_agreement']:.1f}% | {r['last_layer_cosine']:.3f} "
                          f"| {r['convert_seconds']:.0f} s, {r['convert_peak_rss_gb']:.2f} GB |")
     report = "\n".join(lines)
-    (ROOT / "QUALITY.md").write_text(
+    report_path.write_text(
         "# How much of its teacher a student keeps\n\n"
         f"Measured by `make quality` (bench/quality.py) at commit {commit} on {machine}. "
         + " ".join(__doc__.split("\n\n")[1].split()) + "\n\n" + report + "\n")
     print(report)
+    progress(f"wrote {json_path.relative_to(ROOT)} and {report_path.relative_to(ROOT)}")
     return 0
 
 

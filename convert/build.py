@@ -6,7 +6,7 @@ for the big embedding tables, one block of rows) at a time. What the student is:
   ternary with float32 scales (`--quant ternary`), or stays a float in the chosen dtype (teacher);
 - norms and layer scalars stay float32; embeddings keep their source precision (bf16 stays bf16);
 - the tied output head of a ternary student gets its own int8 per-row copy, the fastest per-token
-  matvec in numpy (see ../shared/reference/numpy-ternary-perf.md §3).
+  matvec in numpy (docs/kernels.md, "The output head").
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import jinja2
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
 from ferrisres.format.schema import SCALE_SUFFIX
@@ -46,13 +48,17 @@ _BLOCK_BYTES = 64 << 20  # float32 bytes per block of rows when streaming a big 
 
 
 def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = False,
-            command_line: list[str] | None = None, progress: bool = True) -> ModelConfig:
+            progress: bool = True) -> ModelConfig:
     """Convert the checkpoint in `model_dir` into the artifact `out`; returns the model config written.
     Every input problem is found before anything is written."""
     if not model_dir.exists():
         raise ConversionError(f"{model_dir} does not exist")
     # ---- input: a checkpoint folder, or a GGUF file standing in for one (gguf_source.py) ----
-    gguf_input = GGUFSource(model_dir) if model_dir.is_file() and is_gguf(model_dir) else None
+    gguf_input = None
+    if model_dir.is_file() and is_gguf(model_dir):
+        # the gguf package parses every metadata entry first: ~25 s for a 262144-piece vocabulary
+        log.info("reading %s (GGUF metadata and vocabulary: can take half a minute)", model_dir.name)
+        gguf_input = GGUFSource(model_dir)
     if gguf_input is None and not model_dir.is_dir():
         raise ConversionError(f"{model_dir} is not a folder (nor a GGUF file)")
     if gguf_input is not None:
@@ -61,7 +67,11 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         text_config, _ = read_config(model_dir)
         generation_config = _read_json(model_dir / "generation_config.json")
     config = student_config(model_config(text_config, eos_token_ids(text_config, generation_config)), options)
+    if gguf_input is not None:
+        log.info("building the tokenizer from the GGUF vocabulary")
     documents = gguf_input.documents() if gguf_input is not None else _folder_documents(model_dir, generation_config)
+    if options.chat_template:
+        documents["chat_template.jinja"] = read_chat_template(Path(options.chat_template))
     # ---- end of input ----
     lora = LoraAdapter(Path(options.lora)) if options.lora else None
     checkpoint = gguf_input if gguf_input is not None else Checkpoint(model_dir)
@@ -80,7 +90,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         writer.add_document("student_config.json", options.recorded())
         for document, content in documents.items():  # tokenizer.json, tokenizer_config.json, ...
             writer.add_document(document, content)
-        writer.add_document("provenance.json", _provenance(model_dir, checkpoint, options, command_line))
+        writer.add_document("provenance.json", _provenance(model_dir, checkpoint, options))
 
         for name, shape in _progress(shapes.items(), progress):
             if options.quant == "ternary" and _is_projection(name):
@@ -235,14 +245,22 @@ def _log_skipped(checkpoint: Checkpoint, used: set[str]) -> None:
         log.warning("ignored %d tensors this model does not use, e.g. %s", len(other), other[0])
 
 
-def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options, command_line: list[str] | None) -> dict:
+def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options) -> dict:
+    """The converter, the options and every source file by name and digest. Not the paths nor the
+    command line as typed: the same input content and options give the same bytes, wherever the files
+    are and whatever the output is called."""
     extra = model_dir.iterdir() if model_dir.is_dir() else ()  # a GGUF file is its own only source
     files = sorted({*checkpoint.files, *(p for p in extra if p.suffix in (".json", ".jinja") and p.is_file())})
+    sources = {p.name: _file_digest(p) for p in files}
+    if options.lora:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):  # what LoraAdapter reads
+            sources[f"lora/{name}"] = _file_digest(Path(options.lora) / name)
+    if options.chat_template:
+        sources["chat_template/" + Path(options.chat_template).name] = _file_digest(Path(options.chat_template))
     provenance = {
         "converter": f"ferrisres {__version__}",
-        "command_line": command_line,
         "options": options.recorded(),
-        "source_files": {p.name: _file_digest(p) for p in files},
+        "source_files": sources,
     }
     if "SOURCE_DATE_EPOCH" in os.environ:  # no wall-clock time otherwise: same input, same bytes
         provenance["created"] = int(os.environ["SOURCE_DATE_EPOCH"])
@@ -259,6 +277,18 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConversionError(f"{path} is not valid UTF-8 (byte {e.start})") from None
+
+
+def read_chat_template(path: Path) -> str:
+    """A Jinja chat template file, checked to parse, so a broken one is refused before any work."""
+    if not path.is_file():
+        raise ConversionError(f"--chat-template {path}: no such file")
+    text = _read_text(path)
+    try:
+        ImmutableSandboxedEnvironment().parse(text)  # parsed only; the runtime renders it in the same sandbox
+    except jinja2.TemplateSyntaxError as e:
+        raise ConversionError(f"--chat-template {path}: not a Jinja template (line {e.lineno}: {e.message})") from None
+    return text
 
 
 def _read_json(path: Path) -> dict | None:

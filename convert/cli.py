@@ -9,6 +9,7 @@ Exit codes: 0 done, 1 bad input or a failed write, 130 interrupted (SIGINT), 143
 
 
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from ferrisres.format.memory import memory_summary
 from ferrisres.format.writer import remove_stale_partials
 
 from .build import QUANTS, Options, convert
-from .errors import ConversionError
+from .errors import ConversionError, require_extra
 from .quantize import DEFAULT_SCHEME, SCHEMES
 
 PROG = "ferrisres-convert"
@@ -51,6 +52,7 @@ class Args:
     attnres: bool = field(default=False, metadata={"help": "add Block AttnRes between blocks ending at full-attention layers"})
     attnres_gate: float = field(default=0.0, metadata={"help": "AttnRes gate of every block (default 0: the student equals the model without it; 1: FerrisRes's ungated form)"})
     lora: Optional[str] = field(default=None, metadata={"help": "PEFT LoRA adapter folder, merged into the weights before quantization"})
+    chat_template: Optional[str] = field(default=None, metadata={"help": "Jinja chat template file to embed (replaces the checkpoint's, if any)"})
     force: bool = field(default=False, metadata={"help": "replace OUTPUT if it exists"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar or log lines"})
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=f"{PROG}: %(message)s")
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return run_main(PROG, lambda: _convert(args, argv), (ConversionError,))
+        return run_main(PROG, lambda: _convert(args), (ConversionError,))
     except _Terminated:
         print(f"{PROG}: terminated", file=sys.stderr)
         return 143
@@ -77,12 +79,11 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
-def _convert(args: Args, argv: list[str]) -> int:
+def _convert(args: Args) -> int:
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise ConversionError(f"{out} already exists (pass --force to replace it)")
-    if out.is_dir():
-        raise ConversionError(f"{out} is a folder")
+    _check_output(out, args.force)
+    if not args.quiet:
+        require_extra("tqdm", "the progress bar (or pass --quiet)")
     _remove_stale_partials(out)
     convert(
         Path(args.model_path), out, Options(
@@ -90,8 +91,8 @@ def _convert(args: Args, argv: list[str]) -> int:
             rotate=_size_flag("--rotate", args.rotate, "none"), calibration=args.calibration,
             calibration_tokens=args.calibration_tokens, scheme=args.scheme, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
             moe_noise=args.moe_noise, seed=args.seed, attnres=args.attnres, attnres_gate=args.attnres_gate,
-            lora=args.lora),
-        overwrite=args.force, command_line=[PROG, *_without_output_path(argv)], progress=not args.quiet,
+            lora=args.lora, chat_template=args.chat_template),
+        overwrite=args.force, progress=not args.quiet,
     )
     size = out.stat().st_size
     with Artifact.open(out) as artifact:
@@ -107,6 +108,17 @@ def _size_flag(flag: str, value: str, off: str) -> int:
     if not value.isdigit() or int(value) == 0 or len(value) > 6:
         raise ConversionError(f"{flag} must be a positive integer or '{off}', got {value!r}")
     return int(value)
+def _check_output(out: Path, force: bool) -> None:
+    """Everything about the output that can be known before any work, so no work is lost to it."""
+    if out.is_dir():
+        raise ConversionError(f"{out} is a folder")
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists (pass --force to replace it)")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ConversionError(f"{out}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConversionError(f"{out}: the folder {folder} is not writable")
 
 
 def _remove_stale_partials(out: Path) -> None:
@@ -117,20 +129,6 @@ def _remove_stale_partials(out: Path) -> None:
         log.info("removed %s, left by an interrupted conversion", path)
     for path in in_use:
         log.warning("%s is being written by another conversion to the same output, or is locked", path)
-
-
-def _without_output_path(argv: list[str]) -> list[str]:
-    """The command line as recorded in the artifact: the output's folder is left out so that
-    converting the same input to two places gives byte-identical files."""
-    out = []
-    for i, a in enumerate(argv):
-        prev = argv[i - 1] if i else ""
-        if prev in ("-o", "--output"):
-            a = Path(a).name
-        elif a.startswith("--output="):
-            a = "--output=" + Path(a.split("=", 1)[1]).name
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":

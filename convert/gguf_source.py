@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConversionError
+from .errors import ConversionError, require_extra
 from .gguf_tokenizer import GGUFVocab, eos_token_ids, tokenizer_documents
 
 SUPPORTED_ARCHITECTURES = ("gemma3",)
@@ -103,8 +103,8 @@ class GGUFSource:
     """A GGUF file presented as a Hugging Face checkpoint: config, tokenizer files and tensors by HF name."""
 
     def __init__(self, path: Path):
-        import gguf  # the converter's `convert` extra; imported here so HF folders convert without it
-
+        # the converter's `convert` extra; imported here so HF folders convert without it
+        gguf = require_extra("gguf", f"{path.name}: GGUF input")
         self._gguf = gguf
         self.path = path
         self.folder = path  # what error messages name

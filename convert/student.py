@@ -1,4 +1,4 @@
-"""The student's float32 weights, by artifact name, before encoding (design.md §2).
+"""The student's float32 weights, by artifact name, before encoding (docs/design.md, "The student").
 
 Most are the checkpoint's own tensors (with a LoRA adapter merged in, if given). The student's
 additions are made here, deterministically from the seed:
@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +49,7 @@ class Options:
     attnres_gate: float = 0.0
     seed: int = 0
     lora: str | None = None  # PEFT adapter folder, merged before quantization
+    chat_template: str | None = None  # a Jinja chat template file, embedded in place of the checkpoint's
 
     @property
     def per_row(self) -> bool:
@@ -63,7 +63,8 @@ class Options:
                        seed=self.seed, lora=self.lora)
 
     def recorded(self) -> dict:
-        """The options as the artifact's student_config.json and provenance record them."""
+        """The options as the artifact's student_config.json and provenance record them: what was asked
+        for, never where its files were (provenance names them and their digests)."""
         ternary = self.quant == "ternary"
         calibrated = ternary and self.method == "gptq"
         return {
@@ -79,7 +80,7 @@ class Options:
             "moe": {"experts": self.moe_experts, "top_k": self.moe_top_k, "noise": self.moe_noise, "seed": self.seed}
             if self.moe_experts else None,
             "attnres": {"gate": self.attnres_gate} if self.attnres else None,
-            "lora": Path(self.lora).name if self.lora else None,
+            "lora": "merged" if self.lora else None,
         }
 
 

@@ -23,7 +23,7 @@ class Args:
 def describe(artifact: Artifact) -> dict:
     config = artifact.config
     documents = {}
-    for name in ("student_config.json", "provenance.json", "generation_config.json"):
+    for name in ("student_config.json", "provenance.json", "generation_config.json", "tokenizer_config.json"):
         if name in artifact.documents:
             try:
                 documents[name] = json.loads(artifact.document(name))
@@ -48,11 +48,21 @@ def describe(artifact: Artifact) -> dict:
             "eos_token_ids": list(config.eos_token_ids),
         },
         "student": documents.get("student_config.json"),
+        "chat_template": _chat_template_source(artifact, documents.get("tokenizer_config.json")),
         "bytes_by_kind": bytes_by_kind(artifact),
         "teacher_bf16_bytes": teacher_bf16_bytes(artifact),
         "tensors": len(artifact.tensors),
         "provenance": documents.get("provenance.json"),
     }
+
+
+def _chat_template_source(artifact: Artifact, tokenizer_config) -> str | None:
+    """The document the runtime takes the chat template from (as ferrisres.runtime does), None if none."""
+    if "chat_template.jinja" in artifact.documents:
+        return "chat_template.jinja"
+    if isinstance(tokenizer_config, dict) and tokenizer_config.get("chat_template"):
+        return "tokenizer_config.json"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +110,12 @@ def _text(r: dict) -> str:
     lines += [f"  {kind:<40} {n:>15,}" for kind, n in r["bytes_by_kind"].items()]
     total = sum(r["bytes_by_kind"].values())
     lines.append(f"  {'all weights':<40} {total:>15,}  (the bf16 teacher: {r['teacher_bf16_bytes']:,})")
+    template = r["chat_template"]
+    lines.append(f"chat     template from {template}" if template else
+                 "chat     no chat template: prompts run as raw text (ferrisres-convert --chat-template FILE adds one)")
     p = r["provenance"] if isinstance(r["provenance"], dict) else {}
-    command = p.get("command_line")
-    lines.append(f"made by  {p.get('converter')}: {' '.join(map(str, command)) if isinstance(command, list) else command}")
+    sources = p.get("source_files")
+    lines.append(f"made by  {p.get('converter')} from " + (", ".join(map(str, sources)) if isinstance(sources, dict) else "?"))
     if "verify" in r:
         v = r["verify"]
         lines.append(f"verify   {v['tensors']} tensors and {v['documents']} documents: "

@@ -59,7 +59,7 @@ class ModelConfig:
     num_experts: int = 0
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
-    # The student's additions (design.md §2), recorded so a runtime needs no flags to run it.
+    # The student's additions (docs/design.md), recorded so a runtime needs no flags to run it.
     mlp_experts: int = 0  # each dense MLP expanded into this many experts with a router; 0 = dense
     mlp_top_k: int = 0  # experts each token uses
     attnres: bool = False  # Block AttnRes across blocks that end at full-attention layers

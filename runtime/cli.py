@@ -5,6 +5,7 @@ Sampling defaults come from the artifact's generation config; flags override the
 `--interactive` chats turn by turn, keeping the KV cache between turns.
 """
 
+import os
 import resource
 import sys
 import time
@@ -22,6 +23,7 @@ from .model import Model, load
 from .sampling import SamplingParams
 
 PROG = "ferrisres-run"
+PROGRESS_AFTER = 2.0  # seconds of prefill before its progress is shown
 
 
 @dataclass
@@ -54,14 +56,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: Args, stops: list[str]) -> int:
-    options = _generation_options(args, stops)
+    notes = []  # said once the run is known to go ahead, so that an error stays one line
+    options = _generation_options(args, stops, notes)
     start = time.perf_counter()
     model = load(args.model, cache=args.cache)
     load_seconds = time.perf_counter() - start
+    if args.cache and not any(info.encoding == "ternary" for info in model.artifact.tensors.values()):
+        notes.append(f"--cache {args.cache} changes nothing: {model.artifact.path.name} has no ternary weights to unpack")
     if args.verbose:
         _print_memory(model)
     if args.interactive:
-        return _chat(model, args, options, load_seconds)
+        return _chat(model, args, options, load_seconds, notes)
     prompt = _read_prompt(args)
     if model.chat_template and not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
@@ -71,11 +76,15 @@ def _run(args: Args, stops: list[str]) -> int:
             raise ValueError("--system needs the chat template (this artifact has none, or --raw was given)")
         ids = model.encode(prompt)
     generation = model.generate(ids, args.max_tokens, **options)
+    if not model.chat_template and not args.raw:
+        notes.append(f"{model.artifact.path.name} has no chat template, so the prompt runs as raw text "
+                     "(ferrisres-convert --chat-template FILE adds one; --raw says this is meant)")
+    _print_notes(notes)
     _stream(generation, args.verbose, load_seconds)
     return 0
 
 
-def _generation_options(args: Args, stops: list[str]) -> dict:
+def _generation_options(args: Args, stops: list[str], notes: list[str]) -> dict:
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.max_context is not None and args.max_context <= 0:
@@ -90,7 +99,10 @@ def _generation_options(args: Args, stops: list[str]) -> dict:
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     if args.draft and not args.greedy and args.temperature is None:
         sampling["temperature"] = 0.0  # drafting verifies greedy choices: make greedy the default for it
-    set_threads(args.threads)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.threads > cpus:  # more threads than CPUs only adds switching between them
+        notes.append(f"--threads {args.threads} is more than the {cpus} CPUs this process can use: using {cpus}")
+    set_threads(min(args.threads, cpus))
     return {"stop": tuple(stops), "max_context": args.max_context, "top": args.verbose, "draft": args.draft, **sampling}
 
 
@@ -110,6 +122,7 @@ def _read_prompt(args: Args) -> str:
 
 def _stream(generation: Generation, verbose: bool, load_seconds: float | None) -> None:
     """Print the generation as it comes; then, also when Ctrl-C stops it, the summary line."""
+    generation.on_prefill = _prefill_progress()
     line_open = False  # generated text on the terminal's current line
     try:
         for step in generation:
@@ -128,15 +141,40 @@ def _stream(generation: Generation, verbose: bool, load_seconds: float | None) -
     print(_summary(generation, load_seconds), file=sys.stderr)
 
 
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+
+
+def _prefill_progress():
+    """A reporter of a long prompt's prefill, chunk by chunk, on one stderr line (a line per chunk when
+    stderr is not a terminal), once the prefill has taken more than PROGRESS_AFTER seconds."""
+    start, shown = time.perf_counter(), False
+
+    def report(done: int, total: int) -> None:
+        nonlocal shown
+        if not shown and time.perf_counter() - start < PROGRESS_AFTER:
+            return
+        shown = True
+        line = f"{PROG}: prefill {done}/{total} tokens"
+        if sys.stderr.isatty():
+            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    return report
+
+
 def _end_line(line_open: bool) -> None:
     if line_open:
         sys.stdout.write("\n")
         sys.stdout.flush()
 
 
-def _chat(model: Model, args: Args, options: dict, load_seconds: float) -> int:
+def _chat(model: Model, args: Args, options: dict, load_seconds: float, notes: list[str]) -> int:
     if model.chat_template is None or args.raw:
         raise ValueError("--interactive needs the artifact's chat template (it has none, or --raw was given)")
+    _print_notes(notes)
     session = ChatSession(model, args.system, options.pop("max_context"))
     print(f"{PROG}: chatting with {model.artifact.path.name}. /reset starts over, /exit or Ctrl-D quits, "
           "Ctrl-C stops a reply.", file=sys.stderr)

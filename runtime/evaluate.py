@@ -39,15 +39,15 @@ def dequantized(model: Model, name: str) -> np.ndarray:
     return decode_f32(data, info.encoding)
 
 
-def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128) -> dict:
+def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128, progress=None) -> dict:
     """Quality numbers of `student` against `teacher` on `ids` (both artifacts of the same model).
 
     Logits are made `chunk` positions at a time from the last hidden states, so memory stays bounded
-    even for a 262144-token vocabulary over thousands of positions."""
-    hidden = {}
-    for role, model in (("teacher", teacher), ("student", student)):
-        hidden[role] = []
-        model.decoder.forward(np.asarray(ids), KVCache(model.config), last_only=True, hidden_states=hidden[role])
+    even for a 262144-token vocabulary over thousands of positions. `progress(text)`, if given, is told
+    how far the work is after each chunk of it."""
+    report = progress or (lambda text: None)
+    hidden = {role: _hidden_states(model, ids, lambda done, r=role: report(f"{r} forward {done}/{len(ids)} tokens"))
+              for role, model in (("teacher", teacher), ("student", student))}
     targets = np.asarray([*ids[1:], -1])
     nll = {"teacher": 0.0, "student": 0.0}
     kl_sum, agree = 0.0, 0
@@ -60,6 +60,7 @@ def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128) ->
             nll[role] -= float(logp[role][np.flatnonzero(predicted), targets[rows][predicted]].sum())
         kl_sum += float(np.sum(np.exp(logp["teacher"]) * (logp["teacher"] - logp["student"])))
         agree += int(np.sum(logp["teacher"].argmax(-1) == logp["student"].argmax(-1)))
+        report(f"logits compared {min(start + chunk, len(ids))}/{len(ids)} positions")
     n = len(ids)
     return {
         "tokens": n,
@@ -70,6 +71,18 @@ def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128) ->
         "layer_cosine": [float(np.mean(_cosine(t, s))) for t, s in zip(hidden["teacher"], hidden["student"])],
         "weight_relative_error": _weight_error(teacher, student),
     }
+
+
+def _hidden_states(model: Model, ids: list[int], progress, chunk: int = 256) -> list[np.ndarray]:
+    """Every layer's output [tokens, hidden] over `ids`, computed `chunk` tokens at a time through the
+    KV cache (exact: a causal model), so progress can be told along the way."""
+    cache, parts = KVCache(model.config), []
+    for start in range(0, len(ids), chunk):
+        layers: list[np.ndarray] = []
+        model.decoder.forward(np.asarray(ids[start : start + chunk]), cache, last_only=True, hidden_states=layers)
+        parts.append(layers)
+        progress(min(start + chunk, len(ids)))
+    return [np.concatenate(layer) for layer in zip(*parts)]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -106,21 +119,41 @@ def _evaluate(args: Args) -> int:
     teacher, student = load(args.teacher), load(args.student)
     if teacher.config.to_json() != student.config.to_json() and teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError("the two artifacts are not of the same model")
+    if _quant(teacher) == "ternary" and _quant(student) != "ternary":
+        print(f"{PROG}: warning: the teacher {args.teacher} is a ternary student and the student {args.student} "
+              "is not: are they swapped? (KL and agreement are measured from the first one's view)", file=sys.stderr)
     if (args.text is None) == (args.ids is None):
         raise ValueError("give exactly one of --text and --ids")
     if args.text is not None:
         ids = teacher.encode(open(args.text, encoding="utf-8").read())
     else:
         ids = [int(t) for t in args.ids.split(",") if t.strip()]
-    report = compare(teacher, student, ids)
+    report = compare(teacher, student, ids, progress=lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True))
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(_rounded(report), indent=2))
     else:
-        print(f"tokens {report['tokens']}: perplexity teacher {report['teacher_perplexity']:.3f}, "
-              f"student {report['student_perplexity']:.3f}; KL(teacher||student) {report['kl_teacher_student']:.4f}; "
-              f"top-1 agreement {report['top1_agreement']:.3f}; weight error {report['weight_relative_error']}")
+        weight_error = report["weight_relative_error"]
+        print(f"tokens {report['tokens']}: perplexity teacher {report['teacher_perplexity']:.4g}, "
+              f"student {report['student_perplexity']:.4g}; KL(teacher||student) {report['kl_teacher_student']:.4f}; "
+              f"top-1 agreement {report['top1_agreement']:.3f}; weight error "
+              + ("-" if weight_error is None else f"{weight_error:.3f}"))
         print("layer cosine: " + " ".join(f"{c:.3f}" for c in report["layer_cosine"]))
     return 0
+
+
+def _quant(model: Model) -> str | None:
+    return model.student_config.get("quant")
+
+
+def _rounded(value, digits: int = 6):
+    """Numbers to `digits` significant digits: more than float32 computation (and the comparison) holds."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    return value
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The Gemma 4 text decoder in numpy, exactly as Hugging Face transformers computes it (and Gemma 3's,
 which is the same decoder without per-layer embeddings, KV sharing, V norm and layer scalars).
 
-Reference: transformers 5.24 `models/gemma4/modeling_gemma4.py`, summarised with line numbers in
-../shared/reference/gemma4-transformers.md §4. Weights are views into the memory-mapped artifact;
+Reference: transformers 5.24 `models/gemma4/modeling_gemma4.py`; the math as implemented here is
+docs/gemma4-math.md. Weights are views into the memory-mapped artifact;
 projections are `Linear`s that decode their stored encoding chunk by chunk.
 """
 
@@ -365,7 +365,7 @@ class Tokens:
 
 
 class BlockAttnRes:
-    """Block AttnRes (design.md §2) over one forward step, made causal with prefix means.
+    """Block AttnRes (docs/design.md, "The student") over one forward step, made causal with prefix means.
 
     r_0(t) is the mean over s <= t of the scaled input embedding; r_b(t), for block b, the mean over
     s <= t of its layers' outputs, averaged over those layers. At the end of block b the hidden state

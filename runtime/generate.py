@@ -20,6 +20,7 @@ from .sampling import SamplingParams, sample, token_probabilities
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
 MAX_NGRAM = 3  # prompt lookup matches the last 3, 2 or 1 tokens
 DRAFT_TOKENS = min(10, SLACK - 1)  # drafts verified per forward pass; the cache can take back SLACK
+PREFILL_CHUNK = 256  # prompt tokens per pass when prefill progress is reported: ~3 s each at E2B scale
 
 
 class Step(NamedTuple):
@@ -36,7 +37,8 @@ class Generation:
     """An iterator of `Step`s; afterwards `tokens`, `text`, `stop_reason` and the timings describe the run.
 
     `cache` and `context` continue an earlier conversation: the cache holds `context` (the token ids
-    already processed), and only `new_ids` are prefilled.
+    already processed), and only `new_ids` are prefilled. Set `on_prefill` to a function (done, total)
+    to hear how a prompt longer than PREFILL_CHUNK tokens is getting on: it is then prefilled in chunks.
     """
 
     def __init__(self, model, new_ids: list[int], params: SamplingParams, max_tokens: int,
@@ -54,6 +56,7 @@ class Generation:
         self.max_context = max_context or model.config.max_position_embeddings
         self.want_top = top
         self.draft = draft
+        self.on_prefill = None
         self.tokens: list[int] = []
         self.stop_reason: str | None = None  # "eos", "stop_string", "max_tokens", "context_full"; None while running
         self.prefill_seconds = 0.0
@@ -145,7 +148,12 @@ class Generation:
         """A forward step that leaves the cache as it was if interrupted (Ctrl-C), so a chat can go on."""
         state = self.cache.snapshot()
         try:
-            logits = self.model.forward(ids, self.cache, last_only=not all_positions)
+            if self.on_prefill is not None and not all_positions and len(ids) > PREFILL_CHUNK:
+                for start in range(0, len(ids), PREFILL_CHUNK):  # the same cache, as a chat turn extends it
+                    logits = self.model.forward(ids[start : start + PREFILL_CHUNK], self.cache, last_only=True)
+                    self.on_prefill(min(start + PREFILL_CHUNK, len(ids)), len(ids))
+            else:
+                logits = self.model.forward(ids, self.cache, last_only=not all_positions)
         except BaseException:
             self.cache.restore(state)
             raise

@@ -4,7 +4,7 @@ A packed ternary (or bf16/f16/int8) matrix is never expanded whole. Its rows are
 cache-sized chunk at a time into one reusable float32 buffer, and each chunk is multiplied by all
 tokens at once (sgemv for one token, sgemm for a prompt). Ternary decoding is one `np.take`
 through a 256-entry table whose items are the four float32 weights a byte holds: the fastest
-numpy unpacking measured on a 2-core machine (../shared/reference/numpy-ternary-perf.md, "a2").
+numpy unpacking measured on a 2-core machine (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Linear:
 
     def keep_int8(self) -> None:
         """Unpack a ternary matrix once into resident int8 codes (4x its packed size in RAM): each use
-        then only casts them, skipping the table lookup (numpy-ternary-perf.md "d1": ~1.4x faster)."""
+        then only casts them, skipping the table lookup (docs/kernels.md: ~1.4x faster)."""
         if self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
             lut8 = ternary_lut().astype(np.int8).view(np.int32).reshape(256)  # one packed byte -> 4 int8
             self.data = np.take(lut8, self.data).view(np.int8)

@@ -1,8 +1,10 @@
-"""Dequantize an artifact's weights with plain numpy, independently of the runtime's kernels."""
+"""Dequantize an artifact's weights with plain numpy, independently of the runtime's kernels, and bound
+how far a float32 forward over them may be from the exact one."""
 
 from __future__ import annotations
 
 import numpy as np
+from reference_forward import float32_bounds
 
 from ferrisres.format import Artifact, decode_f32, unpack_ternary
 from ferrisres.format.encodings import GROUPED_TERNARY, hadamard
@@ -38,3 +40,22 @@ def _grouped_ternary(packed: np.ndarray, scales: np.ndarray, shape: tuple[int, .
         blocks = np.kron(np.eye(n_in // rotation), hadamard(rotation))  # R, block diagonal
         w = w @ blocks
     return w
+_bounds: dict[tuple, float] = {}
+
+
+def float32_bound(model, ids) -> float:
+    """How far a float32 forward of `model` on `ids` may be from the exact one (reference_forward's
+    `float32_bounds` on the dequantized weights), cached per artifact and prompt. Two float32 runs that
+    differ only in how they batch or sum are each within it of the exact logits: 2x apart at most."""
+    key = (str(model.artifact.path), np.asarray(ids).tobytes())
+    if key not in _bounds:
+        weights = dequantized_weights(model.artifact)
+        _bounds[key] = float32_bounds(weights, model.config, np.asarray(ids))["logits"]
+    return _bounds[key]
+
+
+def oracle_tolerance(model, ref) -> float:
+    """How far `model`'s logits may be from transformers' float32 ones in `ref` (the prompt and its greedy
+    continuation): both are float32 implementations, each within the float32 bound of the exact logits
+    (transformers' float32 norms and softmax round about once per value, far less than a product does)."""
+    return 2 * float32_bound(model, [*ref["ids"], *ref["greedy"][:-1]])

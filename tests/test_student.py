@@ -3,14 +3,11 @@ artifact's dequantized weights, so the kernels add no error beyond float32 round
 
 import numpy as np
 import pytest
-from artifact_weights import dequantized_weights
+from artifact_weights import dequantized_weights, float32_bound
 from conftest import PER_ROW, reference
 from reference_forward import reference_logits
 
 from ferrisres.runtime import load
-
-ATOL = 1e-4  # design.md §5 rung 2, for the ternary student
-TEACHER_ATOL = 1e-3  # bf16/f16 teachers: float32 noise of the deeper, unquantized paths, as in rung 1
 
 
 ENCODINGS = {  # every way the converter stores a projection
@@ -22,22 +19,26 @@ ENCODINGS = {  # every way the converter stores a projection
 
 
 @pytest.mark.parametrize(
-    "checkpoint,quant,options,atol",
+    "checkpoint,quant,options",
     [
-        *[("tiny_gemma4", "ternary", options, ATOL) for options in ENCODINGS.values()],
-        ("tiny_gemma4_bf16", "ternary", {}, ATOL),
-        ("tiny_gemma4_bf16", "ternary", PER_ROW, ATOL),
-        ("tiny_gemma4", "bf16", {}, TEACHER_ATOL),
-        ("tiny_gemma4", "f16", {}, TEACHER_ATOL),
+        *[("tiny_gemma4", "ternary", options) for options in ENCODINGS.values()],
+        ("tiny_gemma4_bf16", "ternary", {}),
+        ("tiny_gemma4_bf16", "ternary", PER_ROW),
+        ("tiny_gemma4", "bf16", {}),
+        ("tiny_gemma4", "f16", {}),
     ],
     ids=[*ENCODINGS, "bf16-source", "bf16-source-per-row", "bf16-teacher", "f16-teacher"],
 )
-def test_runtime_equals_fake_quant_forward(converted, checkpoint, quant, options, atol):
+def test_runtime_equals_fake_quant_forward(converted, checkpoint, quant, options):
     """The reference runs in float64: the difference is the runtime's own float32 rounding."""
     model = load(converted(checkpoint, quant, **options))
     ids = reference(checkpoint)["ids"]
     expected = reference_logits(dequantized_weights(model.artifact), model.config, ids)
-    np.testing.assert_allclose(model.logits(ids), expected, rtol=0, atol=atol)
+    # float32 products over these reductions and depths: 7e-4 to 3e-3 here, 15-50x what any OpenBLAS
+    # kernel gives; a decoding or scaling error moves the logits by > 0.1 (test_student_differs_...).
+    # A two-plane product sums twice the terms and a rotated input is rounded once more: a factor of
+    # about sqrt(2) on the products' rounding, well inside that margin.
+    np.testing.assert_allclose(model.logits(ids), expected, rtol=0, atol=float32_bound(model, ids))
 
 
 def test_default_student_weights_are_two_rotated_trit_planes_with_group_scales(converted):
@@ -66,8 +67,9 @@ def test_per_row_student_weights_are_ternary_with_row_scales(converted):
 
 
 def test_student_differs_from_teacher(converted):
-    """Guards the comparison above: ternarization must actually have changed the function."""
+    """Guards the comparison above: ternarization changes the function by far more than float32 rounding
+    may, so a tolerance of that rounding cannot hide a wrong weight."""
     ids = reference("tiny_gemma4")["ids"]
     teacher = load(converted("tiny_gemma4", "f32")).logits(ids)
-    student = load(converted("tiny_gemma4", "ternary")).logits(ids)
-    assert np.abs(teacher - student).max() > 0.1
+    student = load(converted("tiny_gemma4", "ternary"))
+    assert np.abs(teacher - student.logits(ids)).max() > 10 * float32_bound(student, ids)
