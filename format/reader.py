@@ -14,8 +14,8 @@ failure is an `ArtifactError` whose message names the file and the dataset:
 - attributes are checked for their type and size before they are read (`shape`: a short integer
   array; `encoding` and `blake2b`: text; `blake2b`: 64 hex digits), so memory stays bounded by the
   file whatever a header declares; sizes are computed with Python integers (no overflow);
-- with `check_model`, the known JSON documents parse as JSON objects, the model config's values have
-  the types and ranges the runtime needs, and every tensor agrees with the config (`schema.py`).
+- with `check_model`, the known JSON documents parse as JSON objects, every field the runtime reads
+  has the type and range `documents.py` gives it, and every tensor agrees with the config (`schema.py`).
 What open does not check is the data itself: `verify()` compares every dataset with its digest.
 """
 
@@ -35,6 +35,7 @@ import h5py
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 import numpy as np
 
+from .documents import DOCUMENT_CHECKS, MAX_TEMPLATE
 from .encodings import ENCODINGS, packed_columns
 from .errors import ArtifactError
 from .model_config import ModelConfig
@@ -49,7 +50,7 @@ _DIGEST = re.compile(r"[0-9a-fA-F]{64}")  # BLAKE2b-256, hex
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 REQUIRED_DOCUMENTS = ("model_config.json", "tokenizer.json")
 JSON_DOCUMENTS = ("model_config.json", "student_config.json", "tokenizer_config.json", "generation_config.json",
-                  "provenance.json")  # each, when present, must be a JSON object
+                  "provenance.json")  # each, when present, must be a JSON object (documents.py checks their fields)
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,20 @@ class Artifact:
                     raise ArtifactError(f"{self.path}: document {name} is not valid JSON ({_one_line(e)})") from None
                 if not isinstance(value, dict):
                     raise ArtifactError(f"{self.path}: document {name} is not a JSON object")
+                if name in DOCUMENT_CHECKS:
+                    try:
+                        DOCUMENT_CHECKS[name](value)
+                    except ArtifactError as e:
+                        raise ArtifactError(f"{self.path}: {e}") from None
+        template = self.documents.get("chat_template.jinja")
+        if template is not None and template.nbytes > MAX_TEMPLATE:
+            raise ArtifactError(f"{self.path}: document chat_template.jinja has {template.nbytes} bytes, more than a "
+                                f"chat template may have ({MAX_TEMPLATE})")
 
     def _model_config(self) -> ModelConfig:
         text = self.document("model_config.json")
         try:
             config = ModelConfig.from_json(text)
-            _check_config_values(config)
         except ArtifactError as e:
             raise ArtifactError(f"{self.path}: {e}") from None
         return config
@@ -456,44 +465,3 @@ def _describe_dtype(dtype: np.dtype) -> str:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return f"{type(e).__name__}: {text[:200]}"
-
-
-def _check_config_values(c: ModelConfig) -> None:
-    """Types and ranges of the model config's values that its constructor leaves unchecked and the
-    runtime computes with (a string, NaN or 0 there would fail deep inside a forward pass)."""
-
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def bad(name: str, expected: str, value) -> ArtifactError:
-        return ArtifactError(f"model config: {name} must be {expected}, got {str(value)[:50]!r}")
-
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "sliding_window", "max_position_embeddings",
-                 "ple_vocab_size"):
-        if not is_int(getattr(c, name)) or getattr(c, name) <= 0:
-            raise bad(name, "a positive integer", getattr(c, name))
-    for name in ("ple_dim", "bos_token_id", "pad_token_id"):
-        if not is_int(getattr(c, name)) or getattr(c, name) < 0:
-            raise bad(name, "an integer >= 0", getattr(c, name))
-    if c.bos_token_id >= c.vocab_size:
-        raise bad("bos_token_id", f"below vocab_size {c.vocab_size}", c.bos_token_id)
-    for name in ("head_dims", "kv_heads", "intermediate_sizes", "kv_sources", "eos_token_ids"):
-        for v in getattr(c, name):
-            if not is_int(v) or v < 0:
-                raise bad(f"every entry of {name}", "an integer >= 0", v)
-    if not isinstance(c.k_eq_v, bool):
-        raise bad("k_eq_v", "true or false", c.k_eq_v)
-    if not is_number(c.rms_norm_eps) or c.rms_norm_eps < 0:
-        raise bad("rms_norm_eps", "a finite number >= 0", c.rms_norm_eps)
-    if c.final_logit_softcapping is not None and not (is_number(c.final_logit_softcapping) and c.final_logit_softcapping > 0):
-        raise bad("final_logit_softcapping", "null or a finite number > 0", c.final_logit_softcapping)
-    for t, r in c.rope.items():
-        if not is_number(r.theta) or r.theta <= 0:
-            raise bad(f"rope {t} theta", "a finite number > 0", r.theta)
-        if not is_number(r.partial_rotary_factor) or not 0 <= r.partial_rotary_factor <= 1:
-            raise bad(f"rope {t} partial_rotary_factor", "a number in [0, 1]", r.partial_rotary_factor)
-        if not is_number(r.factor) or r.factor <= 0:
-            raise bad(f"rope {t} factor", "a finite number > 0", r.factor)

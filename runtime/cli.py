@@ -22,6 +22,7 @@ from .model import Model, load
 from .sampling import SamplingParams
 
 PROG = "ferrisres-run"
+MAX_THREADS = 256  # far above any useful count; each thread is a real OS thread with its own stack
 
 
 @dataclass
@@ -90,8 +91,20 @@ def _generation_options(args: Args, stops: list[str]) -> dict:
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     if args.draft and not args.greedy and args.temperature is None:
         sampling["temperature"] = 0.0  # drafting verifies greedy choices: make greedy the default for it
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {str(args.threads)[:40]}")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system), *(("--stop", t) for t in stops)):
+        _check_utf8(flag, text)
     set_threads(args.threads)
     return {"stop": tuple(stops), "max_context": args.max_context, "top": args.verbose, "draft": args.draft, **sampling}
+
+
+def _check_utf8(flag: str, text: str | None) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer takes."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{flag} is not valid UTF-8 (character {e.start})") from None
 
 
 def _read_prompt(args: Args) -> str:

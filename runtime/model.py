@@ -10,6 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ferrisres.format import Artifact, ArtifactError
+from ferrisres.format.documents import check_tokenizer
 
 from .chat_template import render_chat, special_token_variables, template_of
 from .gemma4 import Gemma4
@@ -47,8 +48,15 @@ class Model:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         """The checkpoint's `tokenizers` tokenizer (parsed on first use: it is tens of MB for Gemma)."""
+        text = self.artifact.document("tokenizer.json")
         try:
-            return Tokenizer.from_str(self.artifact.document("tokenizer.json"))
+            check_tokenizer(json.loads(text))  # its settings, before the tokenizers library trusts them
+        except (ValueError, RecursionError) as e:
+            raise ArtifactError(f"{self.artifact.path}: tokenizer.json is not valid JSON ({e})") from None
+        except ArtifactError as e:
+            raise ArtifactError(f"{self.artifact.path}: {e}") from None
+        try:
+            return Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             raise ArtifactError(f"{self.artifact.path}: tokenizer.json cannot be loaded ({e})") from None
 
