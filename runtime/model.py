@@ -61,6 +61,11 @@ class Model:
             raise ArtifactError(f"{self.artifact.path}: tokenizer.json cannot be loaded ({e})") from None
 
     @cached_property
+    def _longest_token(self) -> int:
+        """Characters of the vocabulary's longest token: no token of a text stands for more."""
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+    @cached_property
     def chat_template(self) -> str | None:
         """The checkpoint's Jinja chat template, if it has one."""
         file = self.artifact.document("chat_template.jinja") if "chat_template.jinja" in self.artifact.documents else None
@@ -80,6 +85,9 @@ class Model:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text` as is. With `add_bos`, they start with exactly one BOS (never doubled)."""
+        context = self.config.max_position_embeddings
+        if len(text) > context * self._longest_token:  # cannot fit: refused before tokenizing it all
+            raise ValueError(f"the prompt has {len(text)} characters, more than {context} tokens of context can hold")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         bos = self.config.bos_token_id
         if add_bos:
