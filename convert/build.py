@@ -12,6 +12,7 @@ for the big embedding tables, one block of rows) at a time. What the student is:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
+from ferrisres.format.documents import check_document
+from ferrisres.format.errors import ArtifactError
+from ferrisres.format.reader import Artifact
 from ferrisres.format.schema import SCALE_SUFFIX
 
 from . import __version__
@@ -60,6 +64,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         generation_config = _read_json(model_dir / "generation_config.json")
     config = student_config(model_config(text_config, eos_token_ids(text_config, generation_config)), options)
     documents = gguf_input.documents() if gguf_input is not None else _folder_documents(model_dir, generation_config)
+    _check_documents(model_dir, config, documents)
     # ---- end of input ----
     lora = LoraAdapter(Path(options.lora)) if options.lora else None
     checkpoint = gguf_input if gguf_input is not None else Checkpoint(model_dir)
@@ -72,7 +77,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         lora.check_targets(set(sources), checkpoint)
     _log_skipped(checkpoint, set(sources))
 
-    with ArtifactWriter(out, overwrite=overwrite) as writer:
+    with ArtifactWriter(out, overwrite=overwrite, check=_reopen) as writer:
         writer.add_document("model_config.json", config.to_json())
         writer.add_document("student_config.json", options.recorded())
         for document, content in documents.items():  # tokenizer.json, tokenizer_config.json, ...
@@ -94,6 +99,26 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         if options.quant == "ternary":
             _write_int8_head(writer, weights, shapes["embed_tokens"])
     return config
+
+
+def _check_documents(model_dir: Path, config: ModelConfig, documents: dict[str, str | dict]) -> None:
+    """The checks the runtime makes when it opens the artifact, made on what is about to be embedded."""
+    texts = {"model_config.json": config.to_json(), **documents}
+    try:
+        ModelConfig.from_json(texts["model_config.json"])
+        for name, content in texts.items():
+            check_document(name, content if isinstance(content, str) else json.dumps(content))
+    except ArtifactError as e:
+        raise ConversionError(f"{model_dir}: {e}") from None
+
+
+def _reopen(written: Path) -> None:
+    """The complete artifact, opened with the runtime's own checks before it takes its final name."""
+    try:
+        with Artifact.open(written, hdf5_lock=False) as artifact:
+            check_document("tokenizer.json", artifact.document("tokenizer.json"))
+    except ArtifactError as e:
+        raise ConversionError(f"the artifact written would not open, so it was not kept: {e}") from None
 
 
 def _folder_documents(model_dir: Path, generation_config: dict | None) -> dict[str, str | dict]:

@@ -11,6 +11,7 @@ the file. A problem is an `ArtifactError` naming the document and the field.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ MAX_EXPERTS = 1024  # experts of an MoE block or of an expanded MLP (Gemma 4 26B
 MAX_POSITIONS = 1 << 24  # context length (Gemma 4: 131,072 or 262,144)
 MAX_TOKEN_ID = (1 << 31) - 1  # what every tokenizer and numpy index type holds
 MAX_TEMPLATE = 1 << 20  # bytes of a chat template (Gemma 4's is ~15 KB)
-MAX_SPECIAL_TOKEN = 1 << 10  # characters of a special token's text (bos_token, ...)
+MAX_ADDED_TOKEN = 1 << 10  # characters of an added token's text
 
 Check = Callable[[object], str | None]  # a value's problem in a few words, or None if it is fine
 
@@ -183,10 +184,8 @@ GENERATION_CONFIG_FIELDS: dict[str, Check] = {
 }
 
 
-# ---- tokenizer_config.json: the chat template and the special tokens a template may read ----
+# ---- tokenizer_config.json: the chat template (its special tokens are read only when they are strings) ----
 
-_SPECIAL_TOKEN = lambda v: None if v is None or not text(MAX_SPECIAL_TOKEN)(v) else \
-    obj({"content": text(MAX_SPECIAL_TOKEN)}, required=("content",))(v)  # noqa: E731
 _NAMED_TEMPLATE = obj({"name": text(256), "template": text(MAX_TEMPLATE)}, required=("name", "template"))
 
 
@@ -197,14 +196,11 @@ def check_tokenizer_config(value: dict) -> None:
         if problem:
             raise ArtifactError(f"tokenizer_config.json: chat_template must be a string of at most {MAX_TEMPLATE} "
                                 f"characters or a list of {{name, template}} objects, got {_shown(template)}")
-    for key, token in value.items():
-        if key.endswith("_token"):
-            check_fields("tokenizer_config.json", value, {key: _SPECIAL_TOKEN})
 
 
 # ---- tokenizer.json: what the tokenizers library would trust ----
 
-_ADDED_TOKEN = obj({"id": integer(0, MAX_TOKEN_ID), "content": text(MAX_SPECIAL_TOKEN)}, required=("id", "content"))
+_ADDED_TOKEN = obj({"id": integer(0, MAX_TOKEN_ID), "content": text(MAX_ADDED_TOKEN)}, required=("id", "content"))
 TOKENIZER_FIELDS: dict[str, Check] = {
     # The runtime encodes one text at a time: it never pads, and never cuts a prompt short. The
     # tokenizers library allocates a fixed padding length up front (10^12 aborts it), so these must be off.
@@ -232,3 +228,20 @@ DOCUMENT_CHECKS: dict[str, Callable[[dict], None]] = {
     "tokenizer_config.json": check_tokenizer_config,
     "tokenizer.json": check_tokenizer,
 }
+
+
+def check_document(name: str, text: str) -> dict | None:
+    """Document `name` parsed, when it is one of the JSON documents, and checked; returns its value."""
+    if not name.endswith(".json"):
+        if name == "chat_template.jinja":
+            check_chat_template(text)
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"document {name} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"document {name} is not a JSON object")
+    if name in DOCUMENT_CHECKS:
+        DOCUMENT_CHECKS[name](value)
+    return value

@@ -22,7 +22,6 @@ What open does not check is the data itself: `verify()` compares every dataset w
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import mmap
 import os
@@ -35,7 +34,7 @@ import h5py
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 import numpy as np
 
-from .documents import DOCUMENT_CHECKS, MAX_TEMPLATE
+from .documents import MAX_TEMPLATE, check_document
 from .encodings import ENCODINGS, packed_columns
 from .errors import ArtifactError
 from .model_config import ModelConfig
@@ -88,14 +87,15 @@ class Artifact:
         self._bytes = np.frombuffer(buffer, dtype=np.uint8)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, check_model: bool = True) -> "Artifact":
+    def open(cls, path: str | os.PathLike, check_model: bool = True, *, hdf5_lock: bool = True) -> "Artifact":
         """Open and validate. With `check_model` (always, but for tools and tests of the bare container)
-        the documents and the model config are parsed and every tensor checked against the config."""
+        the documents and the model config are parsed and every tensor checked against the config.
+        `hdf5_lock=False` is for the writer's own check of its partial file, which it holds locked."""
         path = Path(path)
         st = _stat_regular_file(path)
         try:
             # locking="best-effort": a read-only open must work on file systems without locks too
-            with h5py.File(path, "r", locking="best-effort") as f:
+            with h5py.File(path, "r", locking="best-effort" if hdf5_lock else False) as f:
                 version = _check_header(path, f)
                 walk = _Walk(path, f, st.st_size)
                 documents = walk.group(META_GROUP, tensors=False)
@@ -124,18 +124,10 @@ class Artifact:
                 raise ArtifactError(f"{self.path}: document {name} is missing")
         for name in JSON_DOCUMENTS:
             if name in self.documents:
-                text = self.document(name)
                 try:
-                    value = json.loads(text)
-                except (ValueError, RecursionError) as e:
-                    raise ArtifactError(f"{self.path}: document {name} is not valid JSON ({_one_line(e)})") from None
-                if not isinstance(value, dict):
-                    raise ArtifactError(f"{self.path}: document {name} is not a JSON object")
-                if name in DOCUMENT_CHECKS:
-                    try:
-                        DOCUMENT_CHECKS[name](value)
-                    except ArtifactError as e:
-                        raise ArtifactError(f"{self.path}: {e}") from None
+                    check_document(name, self.document(name))
+                except ArtifactError as e:
+                    raise ArtifactError(f"{self.path}: {e}") from None
         template = self.documents.get("chat_template.jinja")
         if template is not None and template.nbytes > MAX_TEMPLATE:
             raise ArtifactError(f"{self.path}: document chat_template.jinja has {template.nbytes} bytes, more than a "

@@ -10,7 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ferrisres.format import Artifact, ArtifactError
-from ferrisres.format.documents import check_tokenizer
+from ferrisres.format.documents import check_document
 
 from .chat_template import render_chat, special_token_variables, template_of
 from .gemma4 import Gemma4
@@ -50,9 +50,7 @@ class Model:
         """The checkpoint's `tokenizers` tokenizer (parsed on first use: it is tens of MB for Gemma)."""
         text = self.artifact.document("tokenizer.json")
         try:
-            check_tokenizer(json.loads(text))  # its settings, before the tokenizers library trusts them
-        except (ValueError, RecursionError) as e:
-            raise ArtifactError(f"{self.artifact.path}: tokenizer.json is not valid JSON ({e})") from None
+            check_document("tokenizer.json", text)  # its settings, before the tokenizers library trusts them
         except ArtifactError as e:
             raise ArtifactError(f"{self.artifact.path}: {e}") from None
         try:
