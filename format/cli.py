@@ -51,6 +51,8 @@ def run_main(prog: str, body: Callable[[], int], user_errors: tuple[type[BaseExc
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:  # raised anywhere: a tool that knows what was too large says so in the message
+        return fail(prog, str(e) or "out of memory")
 
 
 def fail(prog: str, message: str) -> int:

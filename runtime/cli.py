@@ -72,7 +72,11 @@ def _run(args: Args, stops: list[str]) -> int:
             raise ValueError("--system needs the chat template (this artifact has none, or --raw was given)")
         ids = model.encode(prompt)
     generation = model.generate(ids, args.max_tokens, **options)
-    _stream(generation, args.verbose, load_seconds)
+    try:
+        _stream(generation, args.verbose, load_seconds)
+    except MemoryError:
+        raise MemoryError(f"{args.model}: out of memory with a prompt of {len(ids)} tokens (a shorter prompt needs "
+                          "less)") from None
     return 0
 
 
