@@ -32,6 +32,7 @@ from .gguf_source import GGUFSource, is_gguf
 from .hf_config import eos_token_ids, model_config, read_config, read_json_object, text_config_with_defaults
 from .lora import LoraAdapter
 from .quantize import int8_rows, ternarize
+from .source_files import read_source, source_file
 from .student import Options, StudentWeights, student_config
 
 log = logging.getLogger("ferrisres.convert")
@@ -124,11 +125,11 @@ def _reopen(written: Path) -> None:
 def _folder_documents(model_dir: Path, generation_config: dict | None) -> dict[str, str | dict]:
     """The tokenizer and generation documents of a checkpoint folder, as the artifact embeds them."""
     tokenizer = model_dir / "tokenizer.json"
-    if not tokenizer.is_file():
+    if source_file(tokenizer) is None:
         raise ConversionError(f"{model_dir} has no tokenizer.json")
     documents: dict[str, str | dict] = {"tokenizer.json": _read_text(tokenizer)}
     for optional in ("tokenizer_config.json", "chat_template.jinja"):
-        if (model_dir / optional).is_file():
+        if source_file(model_dir / optional):
             documents[optional] = _read_text(model_dir / optional)
     if generation_config is not None:
         documents["generation_config.json"] = generation_config
@@ -208,7 +209,7 @@ def _log_skipped(checkpoint: Checkpoint, used: set[str]) -> None:
 
 def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options, command_line: list[str] | None) -> dict:
     extra = model_dir.iterdir() if model_dir.is_dir() else ()  # a GGUF file is its own only source
-    files = sorted({*checkpoint.files, *(p for p in extra if p.suffix in (".json", ".jinja") and p.is_file())})
+    files = sorted({*checkpoint.files, *(p for p in extra if p.suffix in (".json", ".jinja") and source_file(p))})
     provenance = {
         "converter": f"ferrisres {__version__}",
         "command_line": command_line,
@@ -227,13 +228,13 @@ def _file_digest(path: Path) -> str:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_source(path).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConversionError(f"{path} is not valid UTF-8 (byte {e.start})") from None
 
 
 def _read_json(path: Path) -> dict | None:
-    return read_json_object(path) if path.is_file() else None
+    return read_json_object(path) if source_file(path) else None
 
 
 def _progress(items, enabled: bool):
