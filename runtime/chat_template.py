@@ -8,18 +8,13 @@ access to Python internals, no file or module access, and no mutation of the dat
 The sandbox bounds what a template may reach, not how much it may compute: loops, `~`, `%`, format
 widths, `tojson(indent=...)` or `lipsum` can build gigabytes or run for ever, and no hook sees every
 one of them. So the render runs in a forked child process under an address-space limit, its output
-counted as it is produced, and killed when its time is up: every construct, known or not, ends in one
-`ChatTemplateError` within RENDER_SECONDS and RENDER_MEMORY.
+counted as it is produced, and killed when its time is up (`ferrisres.format.isolated`): every
+construct, known or not, ends in one `ChatTemplateError` within RENDER_SECONDS and RENDER_MEMORY.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import resource
-import select
-import signal
-import time
 from datetime import datetime
 from functools import lru_cache
 
@@ -29,6 +24,8 @@ from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ferrisres.format.isolated import run_isolated
 
 
 class ChatTemplateError(ValueError):
@@ -46,8 +43,10 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     variables.setdefault("tools", None)  # as transformers passes them: a template tests `tools is not none`
     variables.setdefault("documents", None)
     compiled = _compile(template)
-    return _in_child(lambda: _render(compiled, messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **variables))
+    return run_isolated(lambda: _render(compiled, messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **variables),
+                        seconds=RENDER_SECONDS, memory=RENDER_MEMORY,
+                        failure=lambda why: ChatTemplateError(f"chat template rendering {why}"))
 
 
 def _render(compiled: jinja2.Template, **context) -> str:
@@ -65,70 +64,6 @@ def _render(compiled: jinja2.Template, **context) -> str:
     except Exception as e:  # a broken or hostile template fails in many ways (1/0, recursion, ...): all are its fault
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
     return "".join(pieces)
-
-
-def _in_child(render) -> str:
-    """`render()` in a forked child under RENDER_MEMORY, killed after RENDER_SECONDS; its text or its error.
-
-    A child rather than a thread: a thread stuck in a loop, or in one huge C-level string operation,
-    cannot be stopped, and a MemoryError in this process could strike anywhere."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: render, send "0" + text or "1" + error, and leave without any cleanup
-        try:
-            os.close(read_end)
-            _limit_address_space(RENDER_MEMORY)
-            try:
-                reply = b"0" + render().encode("utf-8", "surrogatepass")
-            except ChatTemplateError as e:
-                reply = b"1" + str(e).encode("utf-8", "replace")
-            with os.fdopen(write_end, "wb") as out:
-                out.write(reply)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        reply = _read_reply(read_end, time.monotonic() + RENDER_SECONDS, 1 + 4 * MAX_OUTPUT)
-    finally:
-        os.close(read_end)
-        if reply is None or isinstance(reply, Exception):
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-    if reply is None:
-        raise ChatTemplateError(f"chat template did not finish rendering in {RENDER_SECONDS:.0f} s")
-    if isinstance(reply, Exception):
-        raise reply
-    if not reply:
-        raise ChatTemplateError(f"chat template rendering ended abnormally (status {status})")
-    text = reply[1:].decode("utf-8", "surrogatepass")
-    if reply[:1] == b"1":
-        raise ChatTemplateError(text)
-    return text
-
-
-def _read_reply(fd: int, deadline: float, limit: int) -> bytes | Exception | None:
-    """What the child writes until it closes the pipe; None when the deadline passes first."""
-    chunks, size = [], 0
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return None
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            return ChatTemplateError(f"chat template renders more than {MAX_OUTPUT} characters")
-        chunks.append(chunk)
-
-
-def _limit_address_space(extra: int) -> None:
-    """Allow this process `extra` bytes of address space beyond what it uses now (never above its limit)."""
-    with open("/proc/self/statm") as f:
-        used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = used + extra if soft == resource.RLIM_INFINITY else min(soft, used + extra)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
 @lru_cache(maxsize=4)

@@ -46,8 +46,8 @@ TOO_LARGE = "renders more than|needs more than"
 ], ids=["loop", "tilde-doubling", "percent", "format-filter", "str-format", "tojson-indent", "center", "indent",
         "join", "strftime_now"])
 def test_output_and_memory_are_bounded_for_every_construct(template):
-    # copying a string that doubles up to the memory bound may outlast the time bound on a loaded machine
-    _refused_quickly(template, TOO_LARGE + ("|did not finish rendering" if "~" in template else ""))
+    # building up to the memory bound may outlast the time bound on a loaded machine: either bound may stop it
+    _refused_quickly(template, TOO_LARGE + "|did not finish")
 
 
 @pytest.mark.parametrize("template", [
@@ -57,7 +57,7 @@ def test_output_and_memory_are_bounded_for_every_construct(template):
     "{% for i in range(100000) %}{{ f(1) }}{% endfor %}",
 ], ids=["nested-loops", "lipsum", "macro-loops"])
 def test_render_time_is_bounded(template):
-    _refused_quickly(template, f"did not finish rendering in {SECONDS:.0f} s")
+    _refused_quickly(template, f"rendering did not finish in {SECONDS:.0f} s")
 
 
 def test_errors_and_plain_templates_still_come_back_from_the_child():
@@ -76,7 +76,7 @@ def test_a_template_that_never_ends_stops_the_run_in_one_line(base, tmp_path):
                          chat_template_jinja="{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
                                              "{% endfor %}")
     run = run_boxed("ferrisres-run", str(bad), "-p", "Hi", "-n", "2", timeout=60)
-    refused(run, "chat template did not finish rendering in 10 s")
+    refused(run, "chat template rendering did not finish in 10 s")
 
 
 def test_a_prompt_longer_than_the_context_is_refused_before_tokenizing(base, tmp_path):
