@@ -116,7 +116,7 @@ def _check_documents(model_dir: Path, config: ModelConfig, documents: dict[str, 
 def _reopen(written: Path) -> None:
     """The complete artifact, opened with the runtime's own checks before it takes its final name."""
     try:
-        with Artifact.open(written, hdf5_lock=False) as artifact:
+        with Artifact.open(written) as artifact:
             check_document("tokenizer.json", artifact.document("tokenizer.json"))
     except ArtifactError as e:
         raise ConversionError(f"the artifact written would not open, so it was not kept: {e}") from None

@@ -22,6 +22,7 @@ What open does not check is the data itself: `verify()` compares every dataset w
 from __future__ import annotations
 
 import bisect
+import io
 import math
 import mmap
 import os
@@ -37,10 +38,13 @@ import numpy as np
 from .documents import MAX_TEMPLATE, check_document
 from .encodings import ENCODINGS, packed_columns
 from .errors import ArtifactError
+from .isolated import run_isolated
 from .model_config import ModelConfig
 from .schema import check_tensors
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP, digest
 
+WALK_SECONDS = 120.0  # the structure of Gemma 4 E2B (~2,000 datasets) is walked in well under a second
+WALK_MEMORY = 512 << 20  # bytes of address space the walk may add (HDF5's caches, the datasets' records)
 _MIN_ALIGNMENT = 64  # what a reader demands; the writer uses ALIGNMENT
 _SUPERBLOCK_BYTES = 100  # the largest HDF5 superblock with its root entry (version 1, 8-byte addresses)
 _MAX_RANK = 8  # dimensions of a dataset or of a `shape` attribute
@@ -87,26 +91,16 @@ class Artifact:
         self._bytes = np.frombuffer(buffer, dtype=np.uint8)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, check_model: bool = True, *, hdf5_lock: bool = True) -> "Artifact":
+    def open(cls, path: str | os.PathLike, check_model: bool = True) -> "Artifact":
         """Open and validate. With `check_model` (always, but for tools and tests of the bare container)
-        the documents and the model config are parsed and every tensor checked against the config.
-        `hdf5_lock=False` is for the writer's own check of its partial file, which it holds locked."""
+        the documents and the model config are parsed and every tensor checked against the config."""
         path = Path(path)
         st = _stat_regular_file(path)
-        try:
-            # locking="best-effort": a read-only open must work on file systems without locks too
-            with h5py.File(path, "r", locking="best-effort" if hdf5_lock else False) as f:
-                version = _check_header(path, f)
-                walk = _Walk(path, f, st.st_size)
-                documents = walk.group(META_GROUP, tensors=False)
-                tensors = walk.group(TENSOR_GROUP, tensors=True)
-                walk.check_overlaps()
-        except ArtifactError:
-            raise
-        except OSError:
-            raise ArtifactError(f"{path} is not a .tern artifact, or is damaged (HDF5 cannot read it)") from None
-        except Exception as e:  # h5py raises many types on damaged files; all mean the same to a user
-            raise ArtifactError(f"{path}: damaged artifact structure ({_one_line(e)})") from None
+        # HDF5 allocates what a length field in the file declares before checking it (a 4-byte patch to
+        # an attribute made it take 2.1 GB): the walk runs in a child with bounded memory and time.
+        version, documents, tensors = run_isolated(
+            lambda: _walk_structure(path, st.st_size), seconds=WALK_SECONDS, memory=WALK_MEMORY,
+            failure=lambda why: ArtifactError(f"{path}: reading its HDF5 structure {why}"))
         artifact = cls(path, version, tensors, documents, *_map(path, st))
         if check_model:
             try:
@@ -198,6 +192,43 @@ class Artifact:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _RecordedReads(io.FileIO):
+    """The file, read-only, remembering the (offset, size) of every read."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "r")
+        self.reads: list[tuple[int, int]] = []
+
+    def readinto(self, buffer) -> int:
+        self.reads.append((self.tell(), len(buffer)))
+        return super().readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.tell()
+        data = super().read(size)
+        self.reads.append((start, len(data)))
+        return data
+
+
+def _walk_structure(path: Path, file_size: int) -> tuple[tuple[int, int], dict, dict]:
+    """The format version, documents and tensors of the file, every object checked (see the module's doc)."""
+    try:
+        # HDF5 reads through a Python file object, so that every byte it reads as metadata is seen
+        with _RecordedReads(path) as source, h5py.File(source, "r") as f:
+            version = _check_header(path, f)
+            walk = _Walk(path, f, file_size)
+            documents = walk.group(META_GROUP, tensors=False)
+            tensors = walk.group(TENSOR_GROUP, tensors=True)
+            walk.check_overlaps(source.reads)
+            return version, documents, tensors
+    except ArtifactError:
+        raise
+    except OSError:
+        raise ArtifactError(f"{path} is not a .tern artifact, or is damaged (HDF5 cannot read it)") from None
+    except Exception as e:  # h5py raises many types on damaged files; all mean the same to a user
+        raise ArtifactError(f"{path}: damaged artifact structure ({_one_line(e)})") from None
 
 
 def _stat_regular_file(path: Path) -> os.stat_result:
@@ -353,8 +384,10 @@ class _Walk:
             raise ArtifactError(f"{where}: attribute {DIGEST_ATTR!r} is not a BLAKE2b-256 digest (64 hex digits)")
         return TensorInfo(name, encoding, shape, stored, offset, nbytes, value.lower())
 
-    def check_overlaps(self) -> None:
-        """No two datasets share a byte, and no dataset covers an object header the walk went through."""
+    def check_overlaps(self, metadata_reads: list[tuple[int, int]]) -> None:
+        """No two datasets share a byte, no dataset covers an object header the walk went through, nor any
+        byte HDF5 read while walking (superblock, headers and their continuations, B-trees, heaps: the
+        walk reads no dataset's data, so every byte it read is metadata)."""
         spans = sorted(self.spans)
         for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
             if start < end:
@@ -366,6 +399,11 @@ class _Walk:
             i = bisect.bisect_right(starts, address) - 1
             if i >= 0 and address < spans[i][1]:
                 raise ArtifactError(f"{self.path}: dataset {spans[i][2]} overlaps HDF5 metadata (the object header of {what})")
+        for start, size in metadata_reads:
+            i = bisect.bisect_left(starts, start + size) - 1  # the last dataset starting before the read ends
+            if i >= 0 and spans[i][1] > start:
+                raise ArtifactError(f"{self.path}: dataset {spans[i][2]} overlaps HDF5 metadata (bytes {start} to "
+                                    f"{start + size} were read as metadata)")
 
 
 def _open_hard_link(gid, name: str, where: str):

@@ -15,6 +15,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class Run:
     stdout: str
     stderr: str
     seconds: float
+    peak_mb: float  # the largest resident set of the tool and of any child process it waited for
 
 
 def run_boxed(tool: str, *args: str, memory: int = MEMORY_LIMIT, timeout: float = TIMEOUT,
@@ -44,10 +46,26 @@ def run_boxed(tool: str, *args: str, memory: int = MEMORY_LIMIT, timeout: float 
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
     start = time.monotonic()
-    p = subprocess.run([exe, *args], input=stdin if stdin is not None else b"", capture_output=True,
-                       timeout=timeout, preexec_fn=limit, env={**os.environ, **_ENV})
-    decode = lambda b: b.decode("utf-8", "replace")  # noqa: E731
-    return Run([tool, *map(str, args)], p.returncode, decode(p.stdout), decode(p.stderr), time.monotonic() - start)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as given:
+        given.write(stdin or b"")
+        given.seek(0)
+        p = subprocess.Popen([exe, *args], stdin=given, stdout=out, stderr=err, preexec_fn=limit,
+                             env={**os.environ, **_ENV})
+        while True:  # wait4, not wait: it gives the peak memory of the tool and its descendants
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - start > timeout:
+                p.kill()
+                p.wait()
+                raise subprocess.TimeoutExpired([exe, *map(str, args)], timeout)
+            time.sleep(0.02)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        decode = lambda b: b.decode("utf-8", "replace")  # noqa: E731
+        return Run([tool, *map(str, args)], p.returncode, decode(out.read()), decode(err.read()),
+                   time.monotonic() - start, usage.ru_maxrss / 1024)
 
 
 def refused(run: Run, *fragments: str) -> str:
