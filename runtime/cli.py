@@ -22,6 +22,7 @@ from .model import Model, load
 from .sampling import SamplingParams
 
 PROG = "ferrisres-run"
+MAX_PROMPT_BYTES = 64 << 20  # far more text than any context holds (131,072 tokens are ~0.5 MB of text)
 MAX_THREADS = 256  # far above any useful count; each thread is a real OS thread with its own stack
 
 
@@ -117,7 +118,10 @@ def _read_prompt(args: Args) -> str:
     source = args.prompt_file if args.prompt is None else (args.prompt if args.prompt == "-" else None)
     if source is None:
         return args.prompt
-    data = sys.stdin.buffer.read() if source == "-" else open(source, "rb").read()
+    with (open(sys.stdin.fileno(), "rb", closefd=False) if source == "-" else open(source, "rb")) as f:
+        data = f.read(MAX_PROMPT_BYTES + 1)  # bounded: --prompt-file /dev/zero would never end
+    if len(data) > MAX_PROMPT_BYTES:
+        raise ValueError(f"prompt from {'stdin' if source == '-' else source} is larger than {MAX_PROMPT_BYTES >> 20} MiB")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -55,3 +55,23 @@ def test_huge_weights_end_in_one_line_without_numpy_warnings(converted, tmp_path
 def test_sane_flags_still_run(base):
     ran(run_boxed("ferrisres-run", str(base), "-p", "Hi", "-n", "2", "--raw", "--top-k", str(2**31 - 1),
                   "--temperature", "1", "--seed", str(2**64 - 1), "--threads", "2"))
+
+
+def test_a_prompt_file_that_never_ends_is_read_to_a_bound(base):
+    run = run_boxed("ferrisres-run", str(base), "--prompt-file", "/dev/zero", "-n", "1")
+    refused(run, "prompt from /dev/zero is larger than 64 MiB")
+    assert run.peak_mb < 400
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--moe-experts", "2", "--moe-noise", "1e300"], "--moe-noise must be in [0, 1]"),  # wrote Inf weights
+    (["--moe-experts", "2", "--moe-noise", "nan"], "--moe-noise must be in [0, 1]"),
+    (["--moe-experts", "4", "--moe-top-k", HUGE], "--moe-top-k must be between 1 and --moe-experts"),
+    (["--moe-experts", "1000000000"], "mlp_experts must be an integer in [0, 1024]"),
+])
+def test_out_of_range_converter_flags_write_nothing(tmp_path, flags, fragment):
+    from conftest import FIXTURES
+
+    out = tmp_path / "out.tern"
+    refused(run_boxed("ferrisres-convert", str(FIXTURES / "tiny_gemma4"), "-o", str(out), "--quiet", *flags), fragment)
+    assert not out.exists()
