@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ferrisres.format.cli import parse_args, run_main
+from ferrisres.format.cli import parse_args, read_text, run_main
 from ferrisres.format.memory import memory_summary
 
 from .chat import ChatSession
@@ -22,7 +22,6 @@ from .model import Model, load
 from .sampling import SamplingParams
 
 PROG = "ferrisres-run"
-MAX_PROMPT_BYTES = 64 << 20  # far more text than any context holds (131,072 tokens are ~0.5 MB of text)
 MAX_THREADS = 256  # far above any useful count; each thread is a real OS thread with its own stack
 
 
@@ -118,15 +117,7 @@ def _read_prompt(args: Args) -> str:
     source = args.prompt_file if args.prompt is None else (args.prompt if args.prompt == "-" else None)
     if source is None:
         return args.prompt
-    with (open(sys.stdin.fileno(), "rb", closefd=False) if source == "-" else open(source, "rb")) as f:
-        data = f.read(MAX_PROMPT_BYTES + 1)  # bounded: --prompt-file /dev/zero would never end
-    if len(data) > MAX_PROMPT_BYTES:
-        raise ValueError(f"prompt from {'stdin' if source == '-' else source} is larger than {MAX_PROMPT_BYTES >> 20} MiB")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        where = "stdin" if source == "-" else source
-        raise ValueError(f"prompt from {where} is not valid UTF-8 (byte {e.start})") from None
+    return read_text(source, "prompt")
 
 
 def _stream(generation: Generation, verbose: bool, load_seconds: float | None) -> None:

@@ -75,3 +75,13 @@ def test_out_of_range_converter_flags_write_nothing(tmp_path, flags, fragment):
     out = tmp_path / "out.tern"
     refused(run_boxed("ferrisres-convert", str(FIXTURES / "tiny_gemma4"), "-o", str(out), "--quiet", *flags), fragment)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--ids", HUGE + ",1"], f"token id {HUGE} is outside the vocabulary"),
+    (["--ids", "1"], "at least 2 tokens"),  # divided by zero
+    (["--ids", "a,b"], "--ids must be comma-separated integers"),
+    (["--text", "/dev/zero"], "text from /dev/zero is larger than 64 MiB"),
+])
+def test_evaluation_inputs_are_checked(base, flags, fragment):
+    refused(run_boxed("ferrisres-eval", str(base), str(base), *flags), fragment)
