@@ -100,8 +100,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(read_source(index))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ConversionError(f"{index} is not a valid safetensors index") from None
+        for name in names:  # a shard is a file of the folder: "../x" or "/etc/x" would read elsewhere
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise ConversionError(f"{index} names {str(name)[:100]!r}, which is not a file name in {folder}")
         files = [folder / n for n in names]
         for f in files:
             if source_file(f) is None:
@@ -127,7 +130,7 @@ def _read_header(file: Path) -> list[SourceTensor]:
             raise ConversionError(f"{file} is not a valid safetensors file (header length {n})")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ConversionError(f"{file} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{file} has a corrupt safetensors header")

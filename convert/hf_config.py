@@ -44,8 +44,8 @@ def read_json_object(path: Path) -> dict:
     """A checkpoint's JSON file that must hold an object, or a ConversionError naming the file."""
     try:
         value = json.loads(read_source(path).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ConversionError(f"{path} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(value, dict):
         raise ConversionError(f"{path} is not a JSON object")
     return value

@@ -30,7 +30,7 @@ class LoraAdapter:
             r, alpha = int(config["r"]), float(config["lora_alpha"])
             if not 1 <= r <= 2**20 or not np.isfinite(alpha):
                 raise ValueError(r)
-        except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: int(Infinity)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):  # OverflowError: int(Infinity)
             raise ConversionError(f"{config_path}: needs an integer r in [1, 2^20] and a finite lora_alpha") from None
         for unsupported in ("use_dora", "fan_in_fan_out"):
             if config.get(unsupported):

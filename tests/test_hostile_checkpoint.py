@@ -173,3 +173,25 @@ def test_malformed_safetensors_headers_are_one_line(folder, tmp_path, change, fr
         return
     refused(run, fragment)
     assert not out.exists()
+
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "model.safetensors.index.json",
+                                  "tokenizer_config.json", "tokenizer.json"])
+def test_json_nested_beyond_the_parser_is_one_line(folder, tmp_path, name):
+    (folder / name).write_text(DEEP)  # a RecursionError traceback before
+    _convert_refused(folder, tmp_path, name)
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/hostname", "sub/model.safetensors", ".."])
+def test_an_index_naming_files_outside_the_folder_is_refused(folder, tmp_path, shard):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    _convert_refused(folder, tmp_path, "model.safetensors.index.json names", "which is not a file name in")
+
+
+def test_a_deeply_nested_safetensors_header_is_one_line(folder, tmp_path):
+    header = (DEEP + " " * (-len(DEEP) % 8)).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    _convert_refused(folder, tmp_path, "corrupt safetensors header")
