@@ -39,7 +39,8 @@ def integer(low: int, high: int) -> Check:
 
 def number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Check:
     def check(v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        # an int is finite whatever its size (math.isfinite(10**400) would raise OverflowError)
+        ok = isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and not isinstance(v, bool)
         if ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high):
             return None
         return f"a finite number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"

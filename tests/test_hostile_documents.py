@@ -69,6 +69,7 @@ def _config(**changes):
     (_config(attention_scale=float("nan")), "attention_scale must be"),
     (_config(attention_scale="big"), "attention_scale must be"),
     (_config(attention_scale=-1.0), "attention_scale must be"),
+    (_config(attention_scale=10**400), "attention_scale must be"),  # beyond float: OverflowError before
     (_config(attn_logit_softcapping=0), "attn_logit_softcapping must be"),
     (_config(final_logit_softcapping=1e300), "final_logit_softcapping must be"),
     (_config(rms_norm_eps=[1]), "rms_norm_eps must be"),
@@ -94,6 +95,7 @@ def test_model_config_fields_are_typed_and_ranged_at_open(base, tmp_path, change
     ({"do_sample": True, "top_k": 2.5}, "top_k must be"),  # a traceback in sampling
     ({"do_sample": True, "top_k": 10**23}, "top_k must be"),
     ({"do_sample": True, "temperature": "hot"}, "temperature must be"),
+    ({"do_sample": True, "temperature": 10**400}, "temperature must be"),
     ({"do_sample": True, "top_p": 0}, "top_p must be"),
     ({"do_sample": "yes"}, "do_sample must be"),
     ({"repetition_penalty": -1}, "repetition_penalty must be"),
