@@ -195,3 +195,19 @@ def test_a_deeply_nested_safetensors_header_is_one_line(folder, tmp_path):
     header = (DEEP + " " * (-len(DEEP) % 8)).encode()
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     _convert_refused(folder, tmp_path, "corrupt safetensors header")
+
+
+def test_a_gguf_vocabulary_piece_of_a_megabyte_is_refused_in_bounded_time(tmp_path):
+    """Merges are found by splitting every piece at every position: one huge piece took for ever."""
+    import test_gguf
+
+    path = tmp_path / "long-piece.gguf"
+    tokens = list(test_gguf.TOKENS)
+    tokens[-1] = "x" * (1 << 20)
+    original = test_gguf.TOKENS
+    test_gguf.TOKENS = tokens
+    try:
+        write_gguf(path)
+    finally:
+        test_gguf.TOKENS = original
+    _convert_refused(path, tmp_path, "tokenizer.ggml.tokens must be strings of at most 256 characters")
