@@ -4,28 +4,30 @@ Some work on hostile input cannot be bounded from inside: HDF5 allocates whateve
 the file declares before it checks it, and a Jinja template can loop for ever or build gigabytes in
 one C-level string operation. A thread cannot be stopped, and a MemoryError in this process could
 strike anywhere; a child can be killed, and its address-space limit (RLIMIT_AS) turns a runaway
-allocation into an error inside it. The child sends back its result, or the exception it raised,
-pickled; it leaves with os._exit, so nothing of the parent (buffers, atexit handlers) runs twice.
+allocation into an error inside it. The child sends back its result as JSON, or the message of its
+error (never a pickle: the child has just parsed hostile bytes); it leaves with os._exit, so nothing
+of the parent (buffers, atexit handlers) runs twice.
 Linux (fork, /proc); the child only computes, so the threads fork does not copy are not missed.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import resource
 import select
 import signal
 import time
 from collections.abc import Callable
 
-_MAX_REPLY = 1 << 28  # bytes of a pickled result
+_MAX_REPLY = 1 << 28  # bytes of a result
 
 
-def run_isolated(work: Callable[[], object], *, seconds: float, memory: int,
-                 failure: Callable[[str], Exception]) -> object:
+def run_isolated(work: Callable[[], object], *, seconds: float, memory: int, error: type[Exception],
+                 what: str) -> object:
     """`work()` run in a child allowed `memory` more bytes of address space and `seconds` of time: its
-    result, or the exception it raised. A timeout, a crash or an oversized reply raises `failure(why)`."""
+    result (JSON-serializable). An `error` it raises is raised here with the same message; any other
+    failure (another exception, a timeout, a crash) raises `error` saying that `what` failed."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -33,9 +35,12 @@ def run_isolated(work: Callable[[], object], *, seconds: float, memory: int,
             os.close(read_end)
             _limit_address_space(memory)
             try:
-                reply = pickle.dumps((True, work()))
-            except Exception as e:  # noqa: BLE001 - every failure of the work is the parent's to raise
-                reply = pickle.dumps((False, e))
+                reply = {"result": work()}
+            except error as e:
+                reply = {"error": str(e)}
+            except Exception as e:  # noqa: BLE001 - every failure of the work is the parent's to report
+                reply = {"error": f"{what} failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"}
+            reply = json.dumps(reply).encode()
             with os.fdopen(write_end, "wb") as out:
                 out.write(reply)
         finally:
@@ -50,15 +55,15 @@ def run_isolated(work: Callable[[], object], *, seconds: float, memory: int,
             os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     if reply is None:
-        raise failure(f"did not finish in {seconds:.0f} s")
+        raise error(f"{what} did not finish in {seconds:.0f} s")
     if reply is _TOO_LARGE:
-        raise failure(f"gave a result larger than {_MAX_REPLY >> 20} MiB")
+        raise error(f"{what} gave a result larger than {_MAX_REPLY >> 20} MiB")
     if not reply:
-        raise failure(f"ended abnormally ({_describe(status)})")
-    ok, value = pickle.loads(reply)
-    if not ok:
-        raise value
-    return value
+        raise error(f"{what} ended abnormally ({_describe(status)})")
+    reply = json.loads(reply)
+    if "error" in reply:
+        raise error(reply["error"])
+    return reply["result"]
 
 
 _TOO_LARGE = object()

@@ -28,7 +28,7 @@ import mmap
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import h5py
@@ -99,8 +99,10 @@ class Artifact:
         # HDF5 allocates what a length field in the file declares before checking it (a 4-byte patch to
         # an attribute made it take 2.1 GB): the walk runs in a child with bounded memory and time.
         version, documents, tensors = run_isolated(
-            lambda: _walk_structure(path, st.st_size), seconds=WALK_SECONDS, memory=WALK_MEMORY,
-            failure=lambda why: ArtifactError(f"{path}: reading its HDF5 structure {why}"))
+            lambda: _walk_structure(path, st.st_size), seconds=WALK_SECONDS, memory=WALK_MEMORY, error=ArtifactError,
+            what=f"{path}: reading its HDF5 structure")
+        version = tuple(version)
+        documents, tensors = (_tensor_infos(records) for records in (documents, tensors))
         artifact = cls(path, version, tensors, documents, *_map(path, st))
         if check_model:
             try:
@@ -222,13 +224,23 @@ def _walk_structure(path: Path, file_size: int) -> tuple[tuple[int, int], dict, 
             documents = walk.group(META_GROUP, tensors=False)
             tensors = walk.group(TENSOR_GROUP, tensors=True)
             walk.check_overlaps(source.reads)
-            return version, documents, tensors
+            return version, _records(documents), _records(tensors)  # as JSON, from the child that walked
     except ArtifactError:
         raise
     except OSError:
         raise ArtifactError(f"{path} is not a .tern artifact, or is damaged (HDF5 cannot read it)") from None
     except Exception as e:  # h5py raises many types on damaged files; all mean the same to a user
         raise ArtifactError(f"{path}: damaged artifact structure ({_one_line(e)})") from None
+
+
+def _records(infos: dict[str, TensorInfo]) -> list[list]:
+    return [list(astuple(info)) for info in infos.values()]
+
+
+def _tensor_infos(records: list[list]) -> dict[str, TensorInfo]:
+    infos = [TensorInfo(name, encoding, tuple(shape), tuple(stored), offset, nbytes, digest)
+             for name, encoding, shape, stored, offset, nbytes, digest in records]
+    return {info.name: info for info in infos}
 
 
 def _stat_regular_file(path: Path) -> os.stat_result:

@@ -45,8 +45,8 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     compiled = _compile(template)
     return run_isolated(lambda: _render(compiled, messages=messages, add_generation_prompt=add_generation_prompt,
                                         **variables),
-                        seconds=RENDER_SECONDS, memory=RENDER_MEMORY,
-                        failure=lambda why: ChatTemplateError(f"chat template rendering {why}"))
+                        seconds=RENDER_SECONDS, memory=RENDER_MEMORY, error=ChatTemplateError,
+                        what="chat template rendering")
 
 
 def _render(compiled: jinja2.Template, **context) -> str:
