@@ -12,6 +12,7 @@ for the big embedding tables, one block of rows) at a time. What the student is:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -23,6 +24,9 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
+from ferrisres.format.documents import check_document
+from ferrisres.format.errors import ArtifactError
+from ferrisres.format.reader import Artifact
 from ferrisres.format.schema import SCALE_SUFFIX
 
 from . import __version__
@@ -32,6 +36,7 @@ from .gguf_source import GGUFSource, is_gguf
 from .hf_config import eos_token_ids, model_config, read_config, read_json_object, text_config_with_defaults
 from .lora import LoraAdapter
 from .quantize import TritPlanes, group_size_for, int8_rows, rotation_for, round_to_planes, ternarize
+from .source_files import read_source, source_file
 from .student import Options, StudentWeights, student_config
 
 log = logging.getLogger("ferrisres.convert")
@@ -72,6 +77,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
     documents = gguf_input.documents() if gguf_input is not None else _folder_documents(model_dir, generation_config)
     if options.chat_template:
         documents["chat_template.jinja"] = read_chat_template(Path(options.chat_template))
+    _check_documents(model_dir, config, documents)
     # ---- end of input ----
     lora = LoraAdapter(Path(options.lora)) if options.lora else None
     checkpoint = gguf_input if gguf_input is not None else Checkpoint(model_dir)
@@ -85,7 +91,7 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
     _log_skipped(checkpoint, set(sources))
 
     with _calibration(model_dir, out, options, weights, shapes) as calibration, \
-            ArtifactWriter(out, overwrite=overwrite) as writer:
+            ArtifactWriter(out, overwrite=overwrite, check=_reopen) as writer:
         writer.add_document("model_config.json", config.to_json())
         writer.add_document("student_config.json", options.recorded())
         for document, content in documents.items():  # tokenizer.json, tokenizer_config.json, ...
@@ -160,14 +166,34 @@ def _write_projection(writer: ArtifactWriter, name: str, shape: tuple[int, ...],
     writer.add_tensor(name + SCALE_SUFFIX, scales, "f16")
 
 
+def _check_documents(model_dir: Path, config: ModelConfig, documents: dict[str, str | dict]) -> None:
+    """The checks the runtime makes when it opens the artifact, made on what is about to be embedded."""
+    texts = {"model_config.json": config.to_json(), **documents}
+    try:
+        ModelConfig.from_json(texts["model_config.json"])
+        for name, content in texts.items():
+            check_document(name, content if isinstance(content, str) else json.dumps(content))
+    except ArtifactError as e:
+        raise ConversionError(f"{model_dir}: {e}") from None
+
+
+def _reopen(written: Path) -> None:
+    """The complete artifact, opened with the runtime's own checks before it takes its final name."""
+    try:
+        with Artifact.open(written) as artifact:
+            check_document("tokenizer.json", artifact.document("tokenizer.json"))
+    except ArtifactError as e:
+        raise ConversionError(f"the artifact written would not open, so it was not kept: {e}") from None
+
+
 def _folder_documents(model_dir: Path, generation_config: dict | None) -> dict[str, str | dict]:
     """The tokenizer and generation documents of a checkpoint folder, as the artifact embeds them."""
     tokenizer = model_dir / "tokenizer.json"
-    if not tokenizer.is_file():
+    if source_file(tokenizer) is None:
         raise ConversionError(f"{model_dir} has no tokenizer.json")
     documents: dict[str, str | dict] = {"tokenizer.json": _read_text(tokenizer)}
     for optional in ("tokenizer_config.json", "chat_template.jinja"):
-        if (model_dir / optional).is_file():
+        if source_file(model_dir / optional):
             documents[optional] = _read_text(model_dir / optional)
     if generation_config is not None:
         documents["generation_config.json"] = generation_config
@@ -250,7 +276,7 @@ def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options) -> di
     command line as typed: the same input content and options give the same bytes, wherever the files
     are and whatever the output is called."""
     extra = model_dir.iterdir() if model_dir.is_dir() else ()  # a GGUF file is its own only source
-    files = sorted({*checkpoint.files, *(p for p in extra if p.suffix in (".json", ".jinja") and p.is_file())})
+    files = sorted({*checkpoint.files, *(p for p in extra if p.suffix in (".json", ".jinja") and source_file(p))})
     sources = {p.name: _file_digest(p) for p in files}
     if options.lora:
         for name in ("adapter_config.json", "adapter_model.safetensors"):  # what LoraAdapter reads
@@ -274,7 +300,7 @@ def _file_digest(path: Path) -> str:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_source(path).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConversionError(f"{path} is not valid UTF-8 (byte {e.start})") from None
 
@@ -292,7 +318,7 @@ def read_chat_template(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict | None:
-    return read_json_object(path) if path.is_file() else None
+    return read_json_object(path) if source_file(path) else None
 
 
 def _progress(items, enabled: bool):

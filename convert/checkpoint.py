@@ -20,6 +20,7 @@ import numpy as np
 from ferrisres.format import bf16_to_f32
 
 from .errors import ConversionError
+from .source_files import read_source, source_file
 
 SOURCE_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 _MAX_HEADER = 100_000_000  # the limit the safetensors reference implementation enforces
@@ -95,21 +96,24 @@ class Checkpoint:
 
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if source_file(index):
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(read_source(index))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ConversionError(f"{index} is not a valid safetensors index") from None
+        for name in names:  # a shard is a file of the folder: "../x" or "/etc/x" would read elsewhere
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise ConversionError(f"{index} names {str(name)[:100]!r}, which is not a file name in {folder}")
         files = [folder / n for n in names]
         for f in files:
-            if not f.is_file():
+            if source_file(f) is None:
                 raise ConversionError(f"{index} names {f.name}, which is missing")
         return files
     single = folder / "model.safetensors"
-    if single.is_file():
+    if source_file(single):
         return [single]
-    found = sorted(folder.glob("*.safetensors"))
+    found = sorted(p for p in folder.glob("*.safetensors") if source_file(p))
     if not found:
         raise ConversionError(f"{folder} has no model.safetensors or model.safetensors.index.json")
     return found
@@ -126,7 +130,7 @@ def _read_header(file: Path) -> list[SourceTensor]:
             raise ConversionError(f"{file} is not a valid safetensors file (header length {n})")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ConversionError(f"{file} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{file} has a corrupt safetensors header")

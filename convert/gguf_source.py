@@ -36,7 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ferrisres.format.documents import MAX_LAYERS
+
 from .errors import ConversionError, require_extra
+from .gguf_header import check_gguf_header
 from .gguf_tokenizer import GGUFVocab, eos_token_ids, tokenizer_documents
 
 SUPPORTED_ARCHITECTURES = ("gemma3",)
@@ -109,6 +112,7 @@ class GGUFSource:
         self.path = path
         self.folder = path  # what error messages name
         self.files = [path]
+        check_gguf_header(path)
         try:
             self.reader = gguf.GGUFReader(path, "r")
         except (ValueError, OSError, KeyError, IndexError, EOFError) as e:
@@ -198,9 +202,13 @@ class GGUFSource:
         value = self.metadata.get(f"{self.architecture}.{key}")
         if value is None:
             return default
-        if kind is float:
-            return float(str(np.float32(value)))  # the decimal the float32 came from: 1e-06, not 9.99999997e-07
-        return kind(value)
+        try:
+            if kind is float:
+                return float(str(np.float32(value)))  # the decimal the float32 came from: 1e-06, not 9.99999997e-07
+            return kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConversionError(f"{self.path.name}: GGUF metadata {self.architecture}.{key} is not a "
+                                  f"{kind.__name__}: {str(value)[:40]}") from None
 
     def _gemma3_config(self) -> dict:
         """The text config as transformers' Gemma3TextConfig (config.json of a Gemma3ForCausalLM) holds it."""
@@ -211,6 +219,9 @@ class GGUFSource:
         if missing:
             raise ConversionError(f"{name}: GGUF metadata lacks {self.architecture}.{missing[0]}")
         layers, hidden = required["block_count"], required["embedding_length"]
+        if not 1 <= layers <= MAX_LAYERS:  # per-layer lists are built from it next
+            raise ConversionError(f"{name}: GGUF metadata {self.architecture}.block_count {layers} is not in "
+                                  f"[1, {MAX_LAYERS}]")
         heads = required["attention.head_count"]
         head_dim = m("attention.key_length", int, 256)
         if m("attention.value_length", int, head_dim) != head_dim:

@@ -20,12 +20,15 @@ How each token type becomes what SentencePiece does with it:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .errors import ConversionError
+
+MAX_PIECE = 256  # characters of one vocabulary piece
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's '▁'
@@ -65,11 +68,18 @@ class GGUFVocab:
         n = len(tokens)
         if scores is None or types is None or len(scores) != n or len(types) != n:
             raise ConversionError("GGUF tokenizer: tokenizer.ggml.scores / token_type are missing or not one per token")
+        # merges are found by splitting each piece at every position: a megabyte piece would take for ever
+        if not all(isinstance(t, str) and len(t) <= MAX_PIECE for t in tokens):
+            raise ConversionError(f"GGUF tokenizer: tokenizer.ggml.tokens must be strings of at most {MAX_PIECE} "
+                                  "characters (Gemma's longest has 31)")
+        if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores) or not all(
+                isinstance(t, int) for t in types):
+            raise ConversionError("GGUF tokenizer: tokenizer.ggml.scores must be finite numbers, token_type integers")
         ids = {}
         for key, name in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("unk_id", "unknown_token_id"),
                           ("pad_id", "padding_token_id"), ("eot_id", "eot_token_id")):
             value = meta.get(p + name)
-            if value is not None and not 0 <= int(value) < n:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n):
                 raise ConversionError(f"GGUF tokenizer: {p}{name}={value} is not a token id (vocabulary of {n})")
             ids[key] = None if value is None else int(value)
         return cls(

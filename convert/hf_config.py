@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 from ferrisres.format import FULL, SLIDING, ArtifactError, ModelConfig, RopeConfig
+from ferrisres.format.documents import MAX_LAYERS
 
 from .errors import ConversionError
+from .source_files import read_source, source_file
 
 # Gemma4TextConfig's class defaults (not E2B's values: a config.json states those).
 _DEFAULTS = {
@@ -41,9 +43,9 @@ _FAMILIES = {"gemma4": ("gemma4_text", _DEFAULTS), "gemma4_text": ("gemma4_text"
 def read_json_object(path: Path) -> dict:
     """A checkpoint's JSON file that must hold an object, or a ConversionError naming the file."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+        value = json.loads(read_source(path).decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ConversionError(f"{path} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(value, dict):
         raise ConversionError(f"{path} is not a JSON object")
     return value
@@ -52,7 +54,7 @@ def read_json_object(path: Path) -> dict:
 def read_config(folder: Path) -> tuple[dict, dict]:
     """The text config dict (defaults filled in) and the whole config.json of a checkpoint folder."""
     path = folder / "config.json"
-    if not path.is_file():
+    if source_file(path) is None:
         raise ConversionError(f"{folder} has no config.json")
     whole = read_json_object(path)
     model_type = whole.get("model_type")
@@ -81,7 +83,7 @@ def model_config(text: dict, eos_token_ids: list[int]) -> ModelConfig:
     if c["hidden_activation"] != "gelu_pytorch_tanh":
         raise ConversionError(f"config: hidden_activation {c['hidden_activation']!r} is not supported")
     gemma3 = c["model_type"] == "gemma3_text"
-    L = _int(c, "num_hidden_layers")
+    L = _int(c, "num_hidden_layers", maximum=MAX_LAYERS)
     pattern = _int(c, "sliding_window_pattern") if gemma3 else 6
     layer_types = list(c.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(L)])
     if len(layer_types) != L:
@@ -161,11 +163,13 @@ def _moe_block(c: dict) -> dict:
     }
 
 
-def _int(c: dict, key: str, minimum: int = 1) -> int:
-    """c[key] as an int >= minimum, or a ConversionError naming the key."""
+def _int(c: dict, key: str, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
+    """c[key] as an int in [minimum, maximum], or a ConversionError naming the key (per-layer lists are
+    built from some of these before the model config is checked: they must be bounded here)."""
     value = c.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
-        raise ConversionError(f"config: {key}={value!r} is not an integer >= {minimum}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value <= maximum
+            or value != int(value)):
+        raise ConversionError(f"config: {key}={str(value)[:40]} is not an integer in [{minimum}, {maximum}]")
     return int(value)
 
 

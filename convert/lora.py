@@ -13,6 +13,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .errors import ConversionError
+from .source_files import read_source, source_file
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -22,19 +23,21 @@ class LoraAdapter:
 
     def __init__(self, folder: Path):
         config_path = folder / "adapter_config.json"
-        if not config_path.is_file():
+        if source_file(config_path) is None:
             raise ConversionError(f"--lora {folder}: no adapter_config.json")
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config = json.loads(read_source(config_path).decode("utf-8"))
             r, alpha = int(config["r"]), float(config["lora_alpha"])
-        except (ValueError, KeyError, TypeError):
-            raise ConversionError(f"{config_path}: needs numeric r and lora_alpha") from None
+            if not 1 <= r <= 2**20 or not np.isfinite(alpha):
+                raise ValueError(r)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):  # OverflowError: int(Infinity)
+            raise ConversionError(f"{config_path}: needs an integer r in [1, 2^20] and a finite lora_alpha") from None
         for unsupported in ("use_dora", "fan_in_fan_out"):
             if config.get(unsupported):
                 raise ConversionError(f"{config_path}: {unsupported} adapters are not supported")
         if config.get("rank_pattern") or config.get("alpha_pattern"):
             raise ConversionError(f"{config_path}: per-module rank_pattern/alpha_pattern is not supported")
-        if not (folder / "adapter_model.safetensors").is_file():
+        if source_file(folder / "adapter_model.safetensors") is None:
             raise ConversionError(f"--lora {folder}: no adapter_model.safetensors (pickled .bin adapters are not read)")
         self.scale = alpha / np.sqrt(r) if config.get("use_rslora") else alpha / r
         self.weights = Checkpoint(folder)

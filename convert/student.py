@@ -132,8 +132,8 @@ def student_config(base: ModelConfig, options: Options) -> ModelConfig:
     """The model config of the student: the teacher's, with its MoE expansion and AttnRes."""
     if not isinstance(options.seed, int) or options.seed < 0:
         raise ConversionError(f"--seed must be an integer >= 0, got {options.seed}")
-    if not math.isfinite(options.moe_noise) or options.moe_noise < 0:
-        raise ConversionError(f"--moe-noise must be a finite number >= 0, got {options.moe_noise}")
+    if not 0 <= options.moe_noise <= 1:  # relative to each tensor's RMS: 1e300 overflowed the weights to Inf
+        raise ConversionError(f"--moe-noise must be in [0, 1], got {options.moe_noise}")
     if not math.isfinite(options.attnres_gate):
         raise ConversionError(f"--attnres-gate must be a finite number, got {options.attnres_gate}")
     defaults = Options()

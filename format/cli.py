@@ -14,6 +14,8 @@ from argparse_dataclass import ArgumentParser
 
 from .errors import ArtifactError
 
+MAX_TEXT_BYTES = 64 << 20  # far more text than any context holds (131,072 tokens are ~0.5 MB of text)
+
 
 def parse_args(options_class, prog: str, description: str, argv: list[str] | None, repeatable: str | None = None):
     """Parse `argv` into the dataclass `options_class`. The flag `repeatable` (e.g. "--stop") may be
@@ -51,6 +53,22 @@ def run_main(prog: str, body: Callable[[], int], user_errors: tuple[type[BaseExc
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:  # raised anywhere: a tool that knows what was too large says so in the message
+        return fail(prog, str(e) or "out of memory")
+
+
+def read_text(source: str, what: str) -> str:
+    """The UTF-8 text of file `source` (- = stdin), read to a bound: a text file given to a tool may be
+    /dev/zero or a pipe that never ends."""
+    where = "stdin" if source == "-" else source
+    with (open(sys.stdin.fileno(), "rb", closefd=False) if source == "-" else open(source, "rb")) as f:
+        data = f.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise ValueError(f"{what} from {where} is larger than {MAX_TEXT_BYTES >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} from {where} is not valid UTF-8 (byte {e.start})") from None
 
 
 def fail(prog: str, message: str) -> int:

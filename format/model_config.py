@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from .documents import check_model_config
 from .errors import ArtifactError
 
 ARCHITECTURES = ("gemma4_text", "gemma3_text")
@@ -129,7 +130,8 @@ class ModelConfig:
             known = {f.name for f in fields(cls)}
             unknown = set(d) - known
             if unknown:
-                raise ArtifactError(f"model config: unknown fields {sorted(unknown)}")
+                raise ArtifactError(f"model config: unknown fields {sorted(unknown)[:5]}")
+            check_model_config(d)
             d["rope"] = {k: RopeConfig(**v) for k, v in d["rope"].items()}
             for k in ("layer_types", "head_dims", "kv_heads", "intermediate_sizes", "kv_sources", "eos_token_ids"):
                 d[k] = tuple(d[k])

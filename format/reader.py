@@ -14,33 +14,37 @@ failure is an `ArtifactError` whose message names the file and the dataset:
 - attributes are checked for their type and size before they are read (`shape`: a short integer
   array; `encoding` and `blake2b`: text; `blake2b`: 64 hex digits), so memory stays bounded by the
   file whatever a header declares; sizes are computed with Python integers (no overflow);
-- with `check_model`, the known JSON documents parse as JSON objects, the model config's values have
-  the types and ranges the runtime needs, and every tensor agrees with the config (`schema.py`).
+- with `check_model`, the known JSON documents parse as JSON objects, every field the runtime reads
+  has the type and range `documents.py` gives it, and every tensor agrees with the config (`schema.py`).
 What open does not check is the data itself: `verify()` compares every dataset with its digest.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
+import io
 import math
 import mmap
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import h5py
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 import numpy as np
 
+from .documents import MAX_TEMPLATE, check_document
 from .encodings import ENCODINGS, GROUPED_TERNARY, packed_columns
 from .errors import ArtifactError
+from .isolated import run_isolated
 from .model_config import ModelConfig
 from .schema import check_tensors
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP, digest
 
+WALK_SECONDS = 120.0  # the structure of Gemma 4 E2B (~2,000 datasets) is walked in well under a second
+WALK_MEMORY = 512 << 20  # bytes of address space the walk may add (HDF5's caches, the datasets' records)
 _MIN_ALIGNMENT = 64  # what a reader demands; the writer uses ALIGNMENT
 _SUPERBLOCK_BYTES = 100  # the largest HDF5 superblock with its root entry (version 1, 8-byte addresses)
 _MAX_RANK = 8  # dimensions of a dataset or of a `shape` attribute
@@ -49,7 +53,7 @@ _DIGEST = re.compile(r"[0-9a-fA-F]{64}")  # BLAKE2b-256, hex
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 REQUIRED_DOCUMENTS = ("model_config.json", "tokenizer.json")
 JSON_DOCUMENTS = ("model_config.json", "student_config.json", "tokenizer_config.json", "generation_config.json",
-                  "provenance.json")  # each, when present, must be a JSON object
+                  "provenance.json")  # each, when present, must be a JSON object (documents.py checks their fields)
 
 
 @dataclass(frozen=True)
@@ -95,20 +99,13 @@ class Artifact:
         the documents and the model config are parsed and every tensor checked against the config."""
         path = Path(path)
         st = _stat_regular_file(path)
-        try:
-            # locking="best-effort": a read-only open must work on file systems without locks too
-            with h5py.File(path, "r", locking="best-effort") as f:
-                version = _check_header(path, f)
-                walk = _Walk(path, f, st.st_size)
-                documents = walk.group(META_GROUP, tensors=False)
-                tensors = walk.group(TENSOR_GROUP, tensors=True)
-                walk.check_overlaps()
-        except ArtifactError:
-            raise
-        except OSError:
-            raise ArtifactError(f"{path} is not a .tern artifact, or is damaged (HDF5 cannot read it)") from None
-        except Exception as e:  # h5py raises many types on damaged files; all mean the same to a user
-            raise ArtifactError(f"{path}: damaged artifact structure ({_one_line(e)})") from None
+        # HDF5 allocates what a length field in the file declares before checking it (a 4-byte patch to
+        # an attribute made it take 2.1 GB): the walk runs in a child with bounded memory and time.
+        version, documents, tensors = run_isolated(
+            lambda: _walk_structure(path, st.st_size), seconds=WALK_SECONDS, memory=WALK_MEMORY, error=ArtifactError,
+            what=f"{path}: reading its HDF5 structure")
+        version = tuple(version)
+        documents, tensors = (_tensor_infos(records) for records in (documents, tensors))
         artifact = cls(path, version, tensors, documents, *_map(path, st))
         if check_model:
             try:
@@ -126,19 +123,19 @@ class Artifact:
                 raise ArtifactError(f"{self.path}: document {name} is missing")
         for name in JSON_DOCUMENTS:
             if name in self.documents:
-                text = self.document(name)
                 try:
-                    value = json.loads(text)
-                except (ValueError, RecursionError) as e:
-                    raise ArtifactError(f"{self.path}: document {name} is not valid JSON ({_one_line(e)})") from None
-                if not isinstance(value, dict):
-                    raise ArtifactError(f"{self.path}: document {name} is not a JSON object")
+                    check_document(name, self.document(name))
+                except ArtifactError as e:
+                    raise ArtifactError(f"{self.path}: {e}") from None
+        template = self.documents.get("chat_template.jinja")
+        if template is not None and template.nbytes > MAX_TEMPLATE:
+            raise ArtifactError(f"{self.path}: document chat_template.jinja has {template.nbytes} bytes, more than a "
+                                f"chat template may have ({MAX_TEMPLATE})")
 
     def _model_config(self) -> ModelConfig:
         text = self.document("model_config.json")
         try:
             config = ModelConfig.from_json(text)
-            _check_config_values(config)
         except ArtifactError as e:
             raise ArtifactError(f"{self.path}: {e}") from None
         return config
@@ -200,6 +197,53 @@ class Artifact:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _RecordedReads(io.FileIO):
+    """The file, read-only, remembering the (offset, size) of every read."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "r")
+        self.reads: list[tuple[int, int]] = []
+
+    def readinto(self, buffer) -> int:
+        self.reads.append((self.tell(), len(buffer)))
+        return super().readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.tell()
+        data = super().read(size)
+        self.reads.append((start, len(data)))
+        return data
+
+
+def _walk_structure(path: Path, file_size: int) -> tuple[tuple[int, int], dict, dict]:
+    """The format version, documents and tensors of the file, every object checked (see the module's doc)."""
+    try:
+        # HDF5 reads through a Python file object, so that every byte it reads as metadata is seen
+        with _RecordedReads(path) as source, h5py.File(source, "r") as f:
+            version = _check_header(path, f)
+            walk = _Walk(path, f, file_size)
+            documents = walk.group(META_GROUP, tensors=False)
+            tensors = walk.group(TENSOR_GROUP, tensors=True)
+            walk.check_overlaps(source.reads)
+            return version, _records(documents), _records(tensors)  # as JSON, from the child that walked
+    except ArtifactError:
+        raise
+    except OSError:
+        raise ArtifactError(f"{path} is not a .tern artifact, or is damaged (HDF5 cannot read it)") from None
+    except Exception as e:  # h5py raises many types on damaged files; all mean the same to a user
+        raise ArtifactError(f"{path}: damaged artifact structure ({_one_line(e)})") from None
+
+
+def _records(infos: dict[str, TensorInfo]) -> list[list]:
+    return [list(astuple(info)) for info in infos.values()]
+
+
+def _tensor_infos(records: list[list]) -> dict[str, TensorInfo]:
+    infos = [TensorInfo(name, encoding, tuple(shape), tuple(stored), offset, nbytes, digest)
+             for name, encoding, shape, stored, offset, nbytes, digest in records]
+    return {info.name: info for info in infos}
 
 
 def _stat_regular_file(path: Path) -> os.stat_result:
@@ -357,8 +401,10 @@ class _Walk:
             raise ArtifactError(f"{where}: attribute {DIGEST_ATTR!r} is not a BLAKE2b-256 digest (64 hex digits)")
         return TensorInfo(name, encoding, shape, stored, offset, nbytes, value.lower(), rotation)
 
-    def check_overlaps(self) -> None:
-        """No two datasets share a byte, and no dataset covers an object header the walk went through."""
+    def check_overlaps(self, metadata_reads: list[tuple[int, int]]) -> None:
+        """No two datasets share a byte, no dataset covers an object header the walk went through, nor any
+        byte HDF5 read while walking (superblock, headers and their continuations, B-trees, heaps: the
+        walk reads no dataset's data, so every byte it read is metadata)."""
         spans = sorted(self.spans)
         for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
             if start < end:
@@ -370,6 +416,11 @@ class _Walk:
             i = bisect.bisect_right(starts, address) - 1
             if i >= 0 and address < spans[i][1]:
                 raise ArtifactError(f"{self.path}: dataset {spans[i][2]} overlaps HDF5 metadata (the object header of {what})")
+        for start, size in metadata_reads:
+            i = bisect.bisect_left(starts, start + size) - 1  # the last dataset starting before the read ends
+            if i >= 0 and spans[i][1] > start:
+                raise ArtifactError(f"{self.path}: dataset {spans[i][2]} overlaps HDF5 metadata (bytes {start} to "
+                                    f"{start + size} were read as metadata)")
 
 
 def _open_hard_link(gid, name: str, where: str):
@@ -479,44 +530,3 @@ def _describe_dtype(dtype: np.dtype) -> str:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return f"{type(e).__name__}: {text[:200]}"
-
-
-def _check_config_values(c: ModelConfig) -> None:
-    """Types and ranges of the model config's values that its constructor leaves unchecked and the
-    runtime computes with (a string, NaN or 0 there would fail deep inside a forward pass)."""
-
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def bad(name: str, expected: str, value) -> ArtifactError:
-        return ArtifactError(f"model config: {name} must be {expected}, got {str(value)[:50]!r}")
-
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "sliding_window", "max_position_embeddings",
-                 "ple_vocab_size"):
-        if not is_int(getattr(c, name)) or getattr(c, name) <= 0:
-            raise bad(name, "a positive integer", getattr(c, name))
-    for name in ("ple_dim", "bos_token_id", "pad_token_id"):
-        if not is_int(getattr(c, name)) or getattr(c, name) < 0:
-            raise bad(name, "an integer >= 0", getattr(c, name))
-    if c.bos_token_id >= c.vocab_size:
-        raise bad("bos_token_id", f"below vocab_size {c.vocab_size}", c.bos_token_id)
-    for name in ("head_dims", "kv_heads", "intermediate_sizes", "kv_sources", "eos_token_ids"):
-        for v in getattr(c, name):
-            if not is_int(v) or v < 0:
-                raise bad(f"every entry of {name}", "an integer >= 0", v)
-    if not isinstance(c.k_eq_v, bool):
-        raise bad("k_eq_v", "true or false", c.k_eq_v)
-    if not is_number(c.rms_norm_eps) or c.rms_norm_eps < 0:
-        raise bad("rms_norm_eps", "a finite number >= 0", c.rms_norm_eps)
-    if c.final_logit_softcapping is not None and not (is_number(c.final_logit_softcapping) and c.final_logit_softcapping > 0):
-        raise bad("final_logit_softcapping", "null or a finite number > 0", c.final_logit_softcapping)
-    for t, r in c.rope.items():
-        if not is_number(r.theta) or r.theta <= 0:
-            raise bad(f"rope {t} theta", "a finite number > 0", r.theta)
-        if not is_number(r.partial_rotary_factor) or not 0 <= r.partial_rotary_factor <= 1:
-            raise bad(f"rope {t} partial_rotary_factor", "a number in [0, 1]", r.partial_rotary_factor)
-        if not is_number(r.factor) or r.factor <= 0:
-            raise bad(f"rope {t} factor", "a finite number > 0", r.factor)

@@ -1,8 +1,10 @@
 """Streaming, atomic writer of `.tern` artifacts.
 
 Tensors are added one at a time and written straight to disk, so memory holds one tensor at most.
-Everything goes to a temporary file beside the target, renamed over it only when the artifact is
-complete: an interrupted or failed write never leaves a file under the final name.
+Everything goes to a temporary file beside the target, which takes the final name only when the
+artifact is complete and has passed the caller's `check` (the converter reopens it with the reader):
+an interrupted, failed or refused write never leaves a file under the final name. Without `overwrite`
+the final name is taken with a hard link, which fails rather than replace a file created meanwhile.
 
 The temporary file is `.<name>.<random>.partial` in the target's folder. Its writer holds an
 exclusive lock (flock) on it until it is renamed or removed; the lock dies with the process, so a
@@ -21,6 +23,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,8 +88,13 @@ def remove_stale_partials(path: str | os.PathLike) -> tuple[list[Path], list[Pat
 class ArtifactWriter:
     """Write an artifact: `with ArtifactWriter(path) as w: w.add_document(...); w.add_tensor(...)`."""
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False,
+                 check: Callable[[Path], None] | None = None):
+        """`check(temporary_path)` runs on the complete, closed file before it takes the final name: if it
+        raises, nothing is renamed (the converter reopens the file with the reader there)."""
         self.path = Path(path)
+        self._overwrite = overwrite
+        self._check = check
         if self.path.exists() and not overwrite:
             raise ArtifactError(f"{self.path} already exists")
         if not self.path.parent.is_dir():
@@ -127,14 +135,16 @@ class ArtifactWriter:
             self._lock, self._tmp = fd, Path(tmp)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # a cleaner (remove_stale_partials) locked it first and is deleting it: start again
             except OSError:
                 return  # a file system without locks: the file is still ours, only not marked as in use
-            try:
-                if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
-                    return
-            except FileNotFoundError:
-                pass
-            # A cleaner removed the file between its creation and our lock: start again.
+            else:
+                try:
+                    if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                        return  # locked, and still the file under that name: no cleaner can take it now
+                except FileNotFoundError:
+                    pass  # a cleaner removed the file between its creation and our lock: start again
             os.close(fd)
             self._lock = self._tmp = None
         raise ArtifactError(f"cannot create a temporary file in {self.path.parent}")
@@ -234,7 +244,10 @@ class ArtifactWriter:
                 self._file = None
                 os.fsync(self._lock)
                 os.chmod(self._tmp, 0o644 & ~_umask())
-                os.replace(self._tmp, self.path)
+            if self._check is not None:
+                self._check(self._tmp)
+            with self._io():
+                self._rename()
             self._tmp = None
             _fsync_folder(self.path.parent)  # make the rename itself durable
         except BaseException:
@@ -242,6 +255,28 @@ class ArtifactWriter:
             raise
         finally:
             self._unlock()
+
+    def _rename(self) -> None:
+        """The temporary file takes the final name. Without `overwrite` a file that appeared there meanwhile
+        (created by someone else while this one was written) is never replaced: a hard link fails if the name
+        exists, where a rename would silently replace it."""
+        if self._overwrite:
+            os.replace(self._tmp, self.path)
+            return
+        taken = ArtifactError(f"{self.path} was created by someone else while this artifact was being written; "
+                              "it was left as it is (replace it with --force)")
+        try:
+            os.link(self._tmp, self.path)
+        except FileExistsError:
+            raise taken from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if self.path.exists():  # a file system without hard links: the best left is to look just before
+                raise taken from None
+            os.rename(self._tmp, self.path)
+            return
+        self._tmp.unlink()
 
     def _discard(self) -> None:
         if self._file is not None:

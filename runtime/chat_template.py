@@ -4,6 +4,12 @@ Rendered as Hugging Face transformers renders them (`apply_chat_template`): the 
 filters and globals, so a template gives the same text here as there. Templates come inside
 artifacts, which may come from anyone, so they run in Jinja's immutable sandbox: no attribute
 access to Python internals, no file or module access, and no mutation of the data passed in.
+
+The sandbox bounds what a template may reach, not how much it may compute: loops, `~`, `%`, format
+widths, `tojson(indent=...)` or `lipsum` can build gigabytes or run for ever, and no hook sees every
+one of them. So the render runs in a forked child process under an address-space limit, its output
+counted as it is produced, and killed when its time is up (`ferrisres.format.isolated`): every
+construct, known or not, ends in one `ChatTemplateError` within RENDER_SECONDS and RENDER_MEMORY.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from functools import lru_cache
 
 import jinja2
 from jinja2 import nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ferrisres.format.isolated import run_isolated
 
 
 class ChatTemplateError(ValueError):
@@ -24,6 +33,8 @@ class ChatTemplateError(ValueError):
 
 
 MAX_OUTPUT = 1 << 24  # characters: a template may not build strings or lists larger than this
+RENDER_SECONDS = 10.0  # a chat template renders in milliseconds; this is for ones that never end
+RENDER_MEMORY = 1 << 30  # bytes of address space a render may add to the process's own
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
@@ -32,15 +43,35 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     variables.setdefault("tools", None)  # as transformers passes them: a template tests `tools is not none`
     variables.setdefault("documents", None)
     compiled = _compile(template)
+    return run_isolated(lambda: _render(compiled, messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **variables),
+                        seconds=RENDER_SECONDS, memory=RENDER_MEMORY, error=ChatTemplateError,
+                        what="chat template rendering")
+
+
+def _render(compiled: jinja2.Template, **context) -> str:
+    pieces, size = [], 0
     try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > MAX_OUTPUT:
+                raise ChatTemplateError(f"chat template renders more than {MAX_OUTPUT} characters")
+            pieces.append(piece)
+    except ChatTemplateError:
+        raise
+    except MemoryError:
+        raise ChatTemplateError(f"chat template needs more than {RENDER_MEMORY >> 20} MiB of memory") from None
     except Exception as e:  # a broken or hostile template fails in many ways (1/0, recursion, ...): all are its fault
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+    return "".join(pieces)
 
 
 @lru_cache(maxsize=4)
 def _compile(template: str) -> jinja2.Template:
-    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
+    # Jinja evaluates constant expressions while compiling, here, outside the bounded child (`{{ '%2000000000d'
+    # % 1 }}` would build its 2 GB at compile time): optimized=False and _RuntimeOutput leave them to the render.
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag],
+                          optimized=False)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -50,10 +81,18 @@ def _compile(template: str) -> jinja2.Template:
         raise ChatTemplateError(f"chat template does not compile: {type(e).__name__}: {e}") from e
 
 
+class _RuntimeOutput(CodeGenerator):
+    """Jinja's code generator, except that it never computes an output expression at compile time."""
+
+    def _output_child_to_const(self, node, frame, finalize):
+        raise nodes.Impossible()
+
+
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, plus a bound on `*` and `**` so a template cannot exhaust memory."""
 
     intercepted_binops = frozenset(["*", "**"])
+    code_generator_class = _RuntimeOutput
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":

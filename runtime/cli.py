@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ferrisres.format.cli import parse_args, run_main
+from ferrisres.format.cli import parse_args, read_text, run_main
 from ferrisres.format.memory import memory_summary
 
 from .chat import ChatSession
@@ -24,6 +24,7 @@ from .sampling import SamplingParams
 
 PROG = "ferrisres-run"
 PROGRESS_AFTER = 2.0  # seconds of prefill before its progress is shown
+MAX_THREADS = 256  # far above any useful count; each thread is a real OS thread with its own stack
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _run(args: Args, stops: list[str]) -> int:
     start = time.perf_counter()
     model = load(args.model, cache=args.cache)
     load_seconds = time.perf_counter() - start
-    if args.cache and not any(info.encoding == "ternary" for info in model.artifact.tensors.values()):
+    if args.cache and not any(info.encoding.startswith("ternary") for info in model.artifact.tensors.values()):
         notes.append(f"--cache {args.cache} changes nothing: {model.artifact.path.name} has no ternary weights to unpack")
     if args.verbose:
         _print_memory(model)
@@ -80,7 +81,11 @@ def _run(args: Args, stops: list[str]) -> int:
         notes.append(f"{model.artifact.path.name} has no chat template, so the prompt runs as raw text "
                      "(ferrisres-convert --chat-template FILE adds one; --raw says this is meant)")
     _print_notes(notes)
-    _stream(generation, args.verbose, load_seconds)
+    try:
+        _stream(generation, args.verbose, load_seconds)
+    except MemoryError:
+        raise MemoryError(f"{args.model}: out of memory with a prompt of {len(ids)} tokens (a shorter prompt needs "
+                          "less)") from None
     return 0
 
 
@@ -99,11 +104,23 @@ def _generation_options(args: Args, stops: list[str], notes: list[str]) -> dict:
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     if args.draft and not args.greedy and args.temperature is None:
         sampling["temperature"] = 0.0  # drafting verifies greedy choices: make greedy the default for it
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {str(args.threads)[:40]}")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system), *(("--stop", t) for t in stops)):
+        _check_utf8(flag, text)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.threads > cpus:  # more threads than CPUs only adds switching between them
         notes.append(f"--threads {args.threads} is more than the {cpus} CPUs this process can use: using {cpus}")
     set_threads(min(args.threads, cpus))
     return {"stop": tuple(stops), "max_context": args.max_context, "top": args.verbose, "draft": args.draft, **sampling}
+
+
+def _check_utf8(flag: str, text: str | None) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer takes."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{flag} is not valid UTF-8 (character {e.start})") from None
 
 
 def _read_prompt(args: Args) -> str:
@@ -112,12 +129,7 @@ def _read_prompt(args: Args) -> str:
     source = args.prompt_file if args.prompt is None else (args.prompt if args.prompt == "-" else None)
     if source is None:
         return args.prompt
-    data = sys.stdin.buffer.read() if source == "-" else open(source, "rb").read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        where = "stdin" if source == "-" else source
-        raise ValueError(f"prompt from {where} is not valid UTF-8 (byte {e.start})") from None
+    return read_text(source, "prompt")
 
 
 def _stream(generation: Generation, verbose: bool, load_seconds: float | None) -> None:

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from ferrisres.format import decode_f32, unpack_ternary
-from ferrisres.format.cli import parse_args, run_main
+from ferrisres.format.cli import parse_args, read_text, run_main
 from ferrisres.format.schema import SCALE_SUFFIX
 
 from .kv_cache import KVCache
@@ -125,9 +125,17 @@ def _evaluate(args: Args) -> int:
     if (args.text is None) == (args.ids is None):
         raise ValueError("give exactly one of --text and --ids")
     if args.text is not None:
-        ids = teacher.encode(open(args.text, encoding="utf-8").read())
+        ids = teacher.encode(read_text(args.text, "text"))
     else:
-        ids = [int(t) for t in args.ids.split(",") if t.strip()]
+        try:
+            ids = [int(t) for t in args.ids.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--ids must be comma-separated integers, got {args.ids[:40]!r}") from None
+    if len(ids) < 2:
+        raise ValueError("evaluating needs at least 2 tokens (each predicts the next)")
+    bad = [i for i in ids if not 0 <= i < teacher.config.vocab_size]
+    if bad:
+        raise ValueError(f"token id {str(bad[0])[:40]} is outside the vocabulary (0..{teacher.config.vocab_size - 1})")
     report = compare(teacher, student, ids, progress=lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(_rounded(report), indent=2))

@@ -59,13 +59,26 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+SCORES_BYTES = 32 << 20  # attention scores held at once, whatever the prompt's length
+
+
 def attention(q, keys, values, q_positions, k_positions, window: int | None, scale: float = 1.0,
               softcap: float | None = None) -> np.ndarray:
     """Causal (optionally sliding-window) grouped-query attention. Gemma 4's scale is 1.0 (its q/k norms
     fix the scores' size); Gemma 3's is query_pre_attn_scalar ** -0.5.
 
     q [T, nH, hd]; keys/values [S, kvh, hd]; query head j reads kv head j // (nH // kvh). Returns [T, nH*hd].
+    The queries are taken in chunks of rows (each row's softmax is its own, so the result is the same):
+    all scores of a long prompt at once would grow with its square (14k tokens: gigabytes).
     """
+    rows = max(1, SCORES_BYTES // (q.itemsize * q.shape[1] * len(keys)))
+    if len(q) <= rows:
+        return _attention(q, keys, values, q_positions, k_positions, window, scale, softcap)
+    return np.concatenate([_attention(q[r : r + rows], keys, values, q_positions[r : r + rows], k_positions, window,
+                                      scale, softcap) for r in range(0, len(q), rows)])
+
+
+def _attention(q, keys, values, q_positions, k_positions, window, scale, softcap) -> np.ndarray:
     T, n_heads, hd = q.shape
     kv_heads = keys.shape[1]
     group = n_heads // kv_heads

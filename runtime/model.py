@@ -10,6 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ferrisres.format import Artifact, ArtifactError
+from ferrisres.format.documents import check_document
 
 from .chat_template import render_chat, special_token_variables, template_of
 from .gemma4 import Gemma4
@@ -47,10 +48,20 @@ class Model:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         """The checkpoint's `tokenizers` tokenizer (parsed on first use: it is tens of MB for Gemma)."""
+        text = self.artifact.document("tokenizer.json")
         try:
-            return Tokenizer.from_str(self.artifact.document("tokenizer.json"))
+            check_document("tokenizer.json", text)  # its settings, before the tokenizers library trusts them
+        except ArtifactError as e:
+            raise ArtifactError(f"{self.artifact.path}: {e}") from None
+        try:
+            return Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             raise ArtifactError(f"{self.artifact.path}: tokenizer.json cannot be loaded ({e})") from None
+
+    @cached_property
+    def _longest_token(self) -> int:
+        """Characters of the vocabulary's longest token: no token of a text stands for more."""
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
     @cached_property
     def chat_template(self) -> str | None:
@@ -72,6 +83,9 @@ class Model:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text` as is. With `add_bos`, they start with exactly one BOS (never doubled)."""
+        context = self.config.max_position_embeddings
+        if len(text) > context * self._longest_token:  # cannot fit: refused before tokenizing it all
+            raise ValueError(f"the prompt has {len(text)} characters, more than {context} tokens of context can hold")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         bos = self.config.bos_token_id
         if add_bos:

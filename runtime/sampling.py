@@ -6,6 +6,7 @@ temperature, then the truncations, each on the distribution the previous one lef
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,19 +24,20 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
+        # Upper bounds too: a top_k or seed of 10^23 is no int64, and 1e300 overflows the arithmetic.
         checks = (
-            ("temperature", lambda v: v >= 0, ">= 0"),
-            ("top_k", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+            ("temperature", lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
+            ("top_k", lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer in [0, 2^31)"),
             ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
             ("min_p", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("repetition_penalty", lambda v: v > 0, "> 0"),
-            ("seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+            ("repetition_penalty", lambda v: 1e-6 <= v <= 1e6, "in [1e-6, 1e6]"),
+            ("seed", lambda v: isinstance(v, int) and 0 <= v < 2**64, "an integer in [0, 2^64)"),
         )
         for name, ok, expected in checks:
             value = getattr(self, name)
-            is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-            if not is_number or not ok(value):
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or not ok(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be {expected}, got {str(value)[:40]}")
 
     @property
     def greedy(self) -> bool:

@@ -14,7 +14,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import jinja2
 import pytest
 from tokenizers import Tokenizer
 
@@ -216,11 +215,10 @@ def test_the_gemma4_template_refuses_string_tool_arguments(template):
     "{{ self.__init__.__globals__ }}",
 ])
 def test_sandbox_refuses_escapes(attack):
-    """Refused with ChatTemplateError, raised from Jinja's SecurityError (the cause is suppressed in the
-    message chain but kept as __context__)."""
-    with pytest.raises(ChatTemplateError, match="unsafe") as refused:
+    """Refused with ChatTemplateError naming Jinja's SecurityError (raised in the render's child process,
+    so only its message crosses over)."""
+    with pytest.raises(ChatTemplateError, match="SecurityError: .*unsafe"):
         render_chat(attack, [{"role": "user", "content": "x"}])
-    assert isinstance(refused.value.__context__, jinja2.exceptions.SecurityError)
 
 
 @pytest.mark.parametrize("attack", [

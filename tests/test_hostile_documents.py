@@ -1,0 +1,123 @@
+"""Hostile documents inside an artifact: tokenizer.json settings (class 1 of issue 13) and every field of
+every document the runtime reads (class 3). Each is refused at open (or, for tokenizer.json, before the
+tokenizers library sees it) with one line naming the file, the document and the field, under a memory
+limit and a timeout: no abort inside a library, no allocation sized by the document, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hostile import document, refused, run_boxed, with_documents
+
+RUN = ("ferrisres-run",)
+RUN_ARGS = ("-p", "Hi", "-n", "2", "--raw")
+
+
+@pytest.fixture(scope="module")
+def base(converted):
+    return converted("tiny_gemma4")
+
+
+def _both_tools(path, *fragments):
+    """The runtime and the inspector both refuse `path` with one line naming it and `fragments`."""
+    refused(run_boxed("ferrisres-run", str(path), *RUN_ARGS), str(path), *fragments)
+    refused(run_boxed("ferrisres-inspect", str(path)), str(path), *fragments)
+
+
+# ---- class 1: tokenizer.json settings the tokenizers library would trust ----
+
+_PADDING = {"strategy": {"Fixed": 10**12}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+            "pad_type_id": 0, "pad_token": "<pad>"}
+_TRUNCATION = {"direction": "Right", "max_length": 10, "strategy": "LongestFirst", "stride": 100}
+_ADDED = {"id": 10**12, "content": "x", "single_word": False, "lstrip": False, "rstrip": False,
+          "normalized": False, "special": True}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda t: {**t, "padding": _PADDING}, "padding must be null"),  # aborted the tokenizers library
+    (lambda t: {**t, "padding": {**_PADDING, "strategy": {"Fixed": 5 * 10**7}}}, "padding must be null"),  # 3-5 GB
+    (lambda t: {**t, "padding": {**_PADDING, "strategy": "BatchLongest", "pad_to_multiple_of": 10**12}},
+     "padding must be null"),
+    (lambda t: {**t, "truncation": _TRUNCATION}, "truncation must be null"),
+    (lambda t: {**t, "added_tokens": [*t["added_tokens"], _ADDED]}, "added_tokens"),
+    (lambda t: {**t, "added_tokens": [{"content": 5}]}, "added_tokens"),
+    (lambda t: {**t, "model": {**t["model"], "type": "Fancy"}}, "model must be"),
+    (lambda t: {**t, "model": 3}, "model must be"),
+], ids=["padding-1e12", "padding-5e7", "pad-multiple", "truncation", "added-id-huge", "added-malformed",
+        "model-type", "model-not-object"])
+def test_tokenizer_settings_are_refused_before_the_library_sees_them(base, tmp_path, change, fragment):
+    bad = with_documents(base, tmp_path / "bad.tern", tokenizer_json=change(document(base, "tokenizer.json")))
+    line = refused(run_boxed("ferrisres-run", str(bad), *RUN_ARGS), str(bad), "tokenizer.json", fragment)
+    assert len(line) < 400
+
+
+# ---- class 3: every field of every document the runtime reads ----
+
+def _config(**changes):
+    return lambda c: {**c, **changes}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (_config(mlp_experts=10**6, mlp_top_k=2), "mlp_experts must be an integer in [0, 1024]"),  # exhausted memory
+    (_config(mlp_experts=2.0, mlp_top_k=1), "mlp_experts must be an integer"),
+    (_config(num_experts=10**30), "num_experts must be"),
+    (_config(hidden_size=10**40), "hidden_size must be"),
+    (_config(num_layers=10**9), "num_layers must be"),
+    (_config(vocab_size=True), "vocab_size must be"),
+    (_config(attention_scale=float("nan")), "attention_scale must be"),
+    (_config(attention_scale="big"), "attention_scale must be"),
+    (_config(attention_scale=-1.0), "attention_scale must be"),
+    (_config(attention_scale=10**400), "attention_scale must be"),  # beyond float: OverflowError before
+    (_config(attn_logit_softcapping=0), "attn_logit_softcapping must be"),
+    (_config(final_logit_softcapping=1e300), "final_logit_softcapping must be"),
+    (_config(rms_norm_eps=[1]), "rms_norm_eps must be"),
+    (_config(value_norm="yes"), "value_norm must be"),
+    (_config(max_position_embeddings=10**25), "max_position_embeddings must be"),
+    (_config(sliding_window=0), "sliding_window must be"),
+    (_config(bos_token_id=512), "bos_token_id 512 is not below vocab_size 512"),
+    (_config(eos_token_ids=[2**40]), "eos_token_ids must be"),
+    (_config(head_dims=[16.0] * 10), "head_dims must be"),
+    (_config(kv_sources=[{}] * 10), "kv_sources must be"),
+    (_config(layer_types=[[]] * 10), "layer_types must be"),
+    (_config(rope={"full_attention": {"rope_type": "default", "theta": 1e400}}), "rope full_attention must be"),
+    (_config(rope={"sliding_attention": {"rope_type": "default", "theta": 1.0, "extra": 1}}), "rope sliding_attention"),
+    (_config(rope=[]), "rope must be"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_model_config_fields_are_typed_and_ranged_at_open(base, tmp_path, change, fragment):
+    config = change(document(base, "model_config.json"))
+    bad = with_documents(base, tmp_path / "bad.tern", model_config_json=json.dumps(config))  # NaN as Python writes it
+    _both_tools(bad, "model config", fragment)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"do_sample": True, "top_k": 2.5}, "top_k must be"),  # a traceback in sampling
+    ({"do_sample": True, "top_k": 10**23}, "top_k must be"),
+    ({"do_sample": True, "temperature": "hot"}, "temperature must be"),
+    ({"do_sample": True, "temperature": 10**400}, "temperature must be"),
+    ({"do_sample": True, "top_p": 0}, "top_p must be"),
+    ({"do_sample": "yes"}, "do_sample must be"),
+    ({"repetition_penalty": -1}, "repetition_penalty must be"),
+    ({"eos_token_id": [1, "two"]}, "eos_token_id must be"),
+])
+def test_generation_config_fields_are_typed_and_ranged_at_open(base, tmp_path, changes, fragment):
+    bad = with_documents(base, tmp_path / "bad.tern",
+                         generation_config_json={**document(base, "generation_config.json"), **changes})
+    _both_tools(bad, "generation_config.json", fragment)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"chat_template": [{"name": ["default"], "template": "x"}]}, "chat_template must be"),  # unhashable name
+    ({"chat_template": 42}, "chat_template must be"),
+    ({"chat_template": "x" * ((1 << 20) + 1)}, "chat_template must be"),
+])
+def test_tokenizer_config_fields_are_typed_and_ranged_at_open(base, tmp_path, changes, fragment):
+    bad = with_documents(base, tmp_path / "bad.tern",
+                         tokenizer_config_json={**document(base, "tokenizer_config.json"), **changes})
+    _both_tools(bad, "tokenizer_config.json", fragment)
+
+
+def test_chat_template_file_size_is_bounded_at_open(base, tmp_path):
+    bad = with_documents(base, tmp_path / "bad.tern", chat_template_jinja="{{ 'x' }}" + " " * (1 << 20))
+    _both_tools(bad, "chat_template.jinja", "more than a chat template may have")
