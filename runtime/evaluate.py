@@ -12,9 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from ferrisres.format import decode_f32, unpack_ternary
+from ferrisres.format import decode_f32
 from ferrisres.format.cli import parse_args, read_text, run_main
-from ferrisres.format.schema import SCALE_SUFFIX
 
 from .kv_cache import KVCache
 from .model import Model, load
@@ -29,14 +28,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def dequantized(model: Model, name: str) -> np.ndarray:
-    """A weight of the artifact as float32 with its scale applied (whole tensor: for evaluation only)."""
+    """A weight of the artifact as float32 with its scales applied, in the basis of the unrotated input
+    (whole tensor: for evaluation only)."""
     info = model.artifact.tensors[name]
-    data = model.artifact.tensor(name)
-    if info.encoding in ("ternary", "int8"):
-        w = unpack_ternary(data.reshape(-1, data.shape[-1]), info.shape[-1]) if info.encoding == "ternary" else data.astype(np.float32)
-        scale = model.artifact.tensor(name + SCALE_SUFFIX).reshape(-1)
-        return (w.reshape(-1, info.shape[-1]) * (scale[:, None] if scale.size > 1 else scale[0])).reshape(info.shape)
-    return decode_f32(data, info.encoding)
+    if len(info.shape) == 1:
+        return decode_f32(model.artifact.tensor(name), info.encoding)
+    return np.stack([linear.dequantize() for linear in model.decoder.linears_of(name)]).reshape(info.shape)
 
 
 def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128, progress=None) -> dict:
@@ -93,7 +90,7 @@ def _weight_error(teacher: Model, student: Model) -> float | None:
     """||W_student - W_teacher|| / ||W_teacher|| over all ternary projections both artifacts hold."""
     error = norm = 0.0
     for name, info in student.artifact.tensors.items():
-        if info.encoding != "ternary" or name not in teacher.artifact.tensors:
+        if not info.encoding.startswith("ternary") or name not in teacher.artifact.tensors:
             continue
         t = dequantized(teacher, name).astype(np.float64)
         error += float(np.sum((dequantized(student, name) - t) ** 2))

@@ -137,9 +137,9 @@ class Gemma4:
         return self._artifact.tensors[name].encoding, self._artifact.tensor(name)
 
     def _linear(self, name: str) -> Linear:
-        return self._linears(name)[0]
+        return self.linears_of(name)[0]
 
-    def _linears(self, name: str) -> list[Linear]:
+    def linears_of(self, name: str) -> list[Linear]:
         """A weight as Linears: one for a matrix [out, in], one per expert for [experts, out, in]
         (Gemma 4's MoE block)."""
         info = self._artifact.tensors[name]
@@ -164,7 +164,7 @@ class Gemma4:
         weights = {}
         for name, info in self._artifact.tensors.items():
             if name.startswith(prefix) and not name.endswith(SCALE_SUFFIX):
-                load = {1: self._artifact.tensor, 2: self._linear, 3: self._linears}[len(info.shape)]
+                load = {1: self._artifact.tensor, 2: self._linear, 3: self.linears_of}[len(info.shape)]
                 weights[name[len(prefix):]] = load(name)
         return weights
 
