@@ -283,6 +283,8 @@ def _provenance(model_dir: Path, checkpoint: Checkpoint, options: Options) -> di
             sources[f"lora/{name}"] = _file_digest(Path(options.lora) / name)
     if options.chat_template:
         sources["chat_template/" + Path(options.chat_template).name] = _file_digest(Path(options.chat_template))
+    if options.quant == "ternary" and options.method == "gptq" and options.calibration != "teacher":
+        sources["calibration/" + Path(options.calibration).name] = _file_digest(Path(options.calibration))
     provenance = {
         "converter": f"ferrisres {__version__}",
         "options": options.recorded(),

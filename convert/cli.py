@@ -38,12 +38,12 @@ class Args:
     )
     method: str = field(default="gptq", metadata={"choices": ["gptq", "rtn"], "help": "gptq: calibrated, each column's rounding error compensated in the others (default); rtn: round to nearest, no calibration"})
     planes: int = field(default=2, metadata={"choices": [1, 2], "help": "ternary planes per weight: 2 (default, ~4.5 bits/weight) or 1 (the strict 1.58-bit student, ~2.25)"})
-    group: str = field(default="64", metadata={"help": "input columns per scale (default 64), or 'row' for one scale per row"})
-    rotate: str = field(default="64", metadata={"help": "rotate each linear's input by block Hadamard matrices of this order (default 64), or 'none'"})
+    group: Optional[str] = field(default=None, metadata={"help": "input columns per scale (default 64; with --scheme: row), or 'row' for one scale per row"})
+    rotate: Optional[str] = field(default=None, metadata={"help": "rotate each linear's input by block Hadamard matrices of this order (default 64; with --scheme: none), or 'none'"})
     calibration: str = field(default="teacher", metadata={"help": "calibration text: 'teacher' (sampled from the model itself, default) or a UTF-8 text file"})
     calibration_tokens: int = field(default=8192, metadata={"help": "calibration tokens (default 8192, in sequences of 128)"})
-    scheme: str = field(
-        default=DEFAULT_SCHEME, metadata={"choices": SCHEMES, "help": f"per-row scale scheme of --method rtn --planes 1 --group row --rotate none (default {DEFAULT_SCHEME})"}
+    scheme: Optional[str] = field(
+        default=None, metadata={"choices": SCHEMES, "help": f"the original per-row student's scale scheme (with --method rtn --planes 1; {DEFAULT_SCHEME} when the flags ask for that student)"}
     )
     moe_experts: int = field(default=0, metadata={"help": "expand every dense MLP into N >= 2 experts with a router (default: dense)"})
     moe_top_k: int = field(default=2, metadata={"help": "experts each token uses (default 2)"})
@@ -85,11 +85,12 @@ def _convert(args: Args) -> int:
     if not args.quiet:
         require_extra("tqdm", "the progress bar (or pass --quiet)")
     _remove_stale_partials(out)
+    per_row = args.scheme is not None  # the original student: one scale per row, by this scheme
     convert(
         Path(args.model_path), out, Options(
-            quant=args.quant, method=args.method, planes=args.planes, group=_size_flag("--group", args.group, "row"),
-            rotate=_size_flag("--rotate", args.rotate, "none"), calibration=args.calibration,
-            calibration_tokens=args.calibration_tokens, scheme=args.scheme, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
+            quant=args.quant, method=args.method, planes=args.planes, group=_size_flag("--group", args.group, "row", per_row),
+            rotate=_size_flag("--rotate", args.rotate, "none", per_row), calibration=args.calibration,
+            calibration_tokens=args.calibration_tokens, scheme=args.scheme or DEFAULT_SCHEME, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
             moe_noise=args.moe_noise, seed=args.seed, attnres=args.attnres, attnres_gate=args.attnres_gate,
             lora=args.lora, chat_template=args.chat_template),
         overwrite=args.force, progress=not args.quiet,
@@ -101,8 +102,11 @@ def _convert(args: Args) -> int:
     return 0
 
 
-def _size_flag(flag: str, value: str, off: str) -> int:
-    """A size flag's value: a positive integer, or `off` (0)."""
+def _size_flag(flag: str, value: str | None, off: str, per_row: bool) -> int:
+    """A size flag's value: a positive integer, or `off` (0). Not given: 64, or `off` for the per-row
+    student that --scheme asks for."""
+    if value is None:
+        return 0 if per_row else 64
     if value == off:
         return 0
     if not value.isdigit() or int(value) == 0 or len(value) > 6:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -73,8 +74,8 @@ class Options:
             "planes": self.planes if ternary else None,
             "group": (self.group or "row") if ternary else None,
             "rotate": self.rotate if ternary else None,
-            "calibration": ({"source": Path(self.calibration).name, "tokens": self.calibration_tokens}
-                            if calibrated else None),
+            "calibration": ({"source": "teacher" if self.calibration == "teacher" else "text file",
+                             "tokens": self.calibration_tokens} if calibrated else None),
             "scheme": self.scheme if ternary and self.per_row else None,
             "head": "int8-row" if self.quant == "ternary" else "tied",
             "moe": {"experts": self.moe_experts, "top_k": self.moe_top_k, "noise": self.moe_noise, "seed": self.seed}
@@ -177,7 +178,7 @@ def _check_quantization(options: Options, defaults: Options) -> None:
     if options.rotate < 0 or options.rotate & (options.rotate - 1) or options.rotate == 1:
         raise ConversionError(f"--rotate must be a power of two >= 2 or 'none', got {options.rotate}")
     if options.scheme != defaults.scheme and not options.per_row:
-        raise ConversionError("--scheme sets per-row scales: it needs --method rtn --planes 1 --group row --rotate none")
+        raise ConversionError("--scheme sets per-row scales: it needs --method rtn --planes 1 (and no --group or --rotate)")
     if options.method != "gptq":
         for flag in ("calibration", "calibration_tokens"):
             if getattr(options, flag) != getattr(defaults, flag):

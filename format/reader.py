@@ -241,8 +241,8 @@ def _records(infos: dict[str, TensorInfo]) -> list[list]:
 
 
 def _tensor_infos(records: list[list]) -> dict[str, TensorInfo]:
-    infos = [TensorInfo(name, encoding, tuple(shape), tuple(stored), offset, nbytes, digest)
-             for name, encoding, shape, stored, offset, nbytes, digest in records]
+    infos = [TensorInfo(name, encoding, tuple(shape), tuple(stored), offset, nbytes, digest, rotation)
+             for name, encoding, shape, stored, offset, nbytes, digest, rotation in records]
     return {info.name: info for info in infos}
 
 

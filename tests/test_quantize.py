@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, PER_ROW
+from conftest import FIXTURES, run_tool
 from safetensors.numpy import load_file
 
 from ferrisres.convert.quantize import SCHEMES, ternarize
@@ -226,12 +226,12 @@ def test_ferrisres_all_zero_tensor_has_alpha_1():
 
 
 def test_ferrisres_scheme_in_an_artifact_is_the_original_on_the_source_weights(tmp_path):
-    """End to end: `--scheme ferrisres` stores the original's codes and alpha for each projection."""
-    from ferrisres.convert.build import convert
-    from ferrisres.convert.student import Options
-
+    """End to end, through the command line: `--scheme ferrisres --method rtn --planes 1` stores the
+    original's codes and alpha for each projection (per row: no groups, no rotation)."""
     out = tmp_path / "ferrisres.tern"
-    convert(FIXTURES / "tiny_gemma4", out, Options(**PER_ROW, scheme="ferrisres"), progress=False)
+    result = run_tool("ferrisres-convert", str(FIXTURES / "tiny_gemma4"), "-o", str(out), "--quiet",
+                      "--scheme", "ferrisres", "--method", "rtn", "--planes", "1")
+    assert result.returncode == 0, result.stderr
     model = load(out)
     source = load_file(FIXTURES / "tiny_gemma4" / "model.safetensors")
     for name in ("layers.0.per_layer_input_gate", "layers.3.self_attn.k_proj", "layers.9.per_layer_projection"):
