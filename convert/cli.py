@@ -23,6 +23,7 @@ from ferrisres.format.writer import remove_stale_partials
 from .build import QUANTS, Options, convert
 from .errors import ConversionError
 from .quantize import DEFAULT_SCHEME, SCHEMES
+from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
 
 PROG = "ferrisres-convert"
 
@@ -37,6 +38,15 @@ class Args:
     )
     scheme: str = field(
         default=DEFAULT_SCHEME, metadata={"choices": SCHEMES, "help": f"ternary scale scheme (default {DEFAULT_SCHEME})"}
+    )
+    tables: Optional[str] = field(
+        default=None,
+        metadata={"choices": TABLE_CHOICES, "help": "encoding of the token and per-layer embedding tables: int8 per "
+                  "row, int4 per group of 32 or 64 values (default for a student: "
+                  f"{DEFAULT_TABLES} / per-layer {DEFAULT_PER_LAYER_TABLE}; a teacher keeps its --quant)"},
+    )
+    per_layer_table: Optional[str] = field(
+        default=None, metadata={"choices": TABLE_CHOICES, "help": "encoding of the per-layer embedding table alone"},
     )
     moe_experts: int = field(default=0, metadata={"help": "expand every dense MLP into N >= 2 experts with a router (default: dense)"})
     moe_top_k: int = field(default=2, metadata={"help": "experts each token uses (default 2)"})
@@ -82,7 +92,7 @@ def _convert(args: Args, argv: list[str]) -> int:
         Path(args.model_path), out, Options(
             quant=args.quant, scheme=args.scheme, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
             moe_noise=args.moe_noise, seed=args.seed, attnres=args.attnres, attnres_gate=args.attnres_gate,
-            lora=args.lora),
+            lora=args.lora, tables=args.tables, per_layer_table=args.per_layer_table),
         overwrite=args.force, command_line=[PROG, *_without_output_path(argv)], progress=not args.quiet,
     )
     size = out.stat().st_size

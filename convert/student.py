@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .lora import LoraAdapter
 from .quantize import DEFAULT_SCHEME
+from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
 
 # Checkpoint parameters stored without a ".weight" suffix.
 BARE_PARAMETERS = ("layer_scalar", "router.scale", "router.per_expert_scale", "experts.gate_up_proj", "experts.down_proj")
@@ -42,13 +43,31 @@ class Options:
     attnres_gate: float = 0.0
     seed: int = 0
     lora: str | None = None  # PEFT adapter folder, merged before quantization
+    tables: str | None = None  # both embedding tables' encoding (None: the student's default, a teacher's quant)
+    per_layer_table: str | None = None  # the per-layer table's, if not that of --tables
+
+    def table_encodings(self) -> dict[str, str]:
+        """The encoding of each embedding table, by artifact name."""
+        if self.tables is not None:
+            default, per_layer = self.tables, self.tables
+        elif self.quant == "ternary":
+            default, per_layer = DEFAULT_TABLES, DEFAULT_PER_LAYER_TABLE
+        else:  # a teacher keeps its tables as the rest of its weights unless asked
+            default, per_layer = self.quant, self.quant
+        return {"embed_tokens": default, "embed_tokens_per_layer": self.per_layer_table or per_layer}
+
+    def head_copy(self) -> bool:
+        """A ternary student with float tables gets an int8 copy of the tied head (the fastest head in
+        numpy); with quantized tables the head is the quantized token embedding itself."""
+        return self.quant == "ternary" and self.table_encodings()["embed_tokens"] == "bf16"
 
     def recorded(self) -> dict:
         """The options as the artifact's student_config.json and provenance record them."""
         return {
             "quant": self.quant,
             "scheme": self.scheme if self.quant == "ternary" else None,
-            "head": "int8-row" if self.quant == "ternary" else "tied",
+            "head": "int8-row" if self.head_copy() else "tied",
+            "tables": self.table_encodings(),
             "moe": {"experts": self.moe_experts, "top_k": self.moe_top_k, "noise": self.moe_noise, "seed": self.seed}
             if self.moe_experts else None,
             "attnres": {"gate": self.attnres_gate} if self.attnres else None,
@@ -119,6 +138,11 @@ def student_config(base: ModelConfig, options: Options) -> ModelConfig:
             raise ConversionError(f"{flag} has no effect without {needs}")
     if options.quant != "ternary" and options.scheme != defaults.scheme:
         raise ConversionError(f"--scheme applies to ternary students, not to --quant {options.quant}")
+    for flag, value in (("--tables", options.tables), ("--per-layer-table", options.per_layer_table)):
+        if value is not None and value not in TABLE_CHOICES:
+            raise ConversionError(f"{flag} must be one of {', '.join(TABLE_CHOICES)}, got {value!r}")
+    if options.per_layer_table is not None and not base.ple_dim:
+        raise ConversionError("--per-layer-table: this model has no per-layer embedding table")
     if options.moe_experts:
         if base.moe_block:
             raise ConversionError("--moe-experts: this model already has Gemma 4's own MoE block; its experts are kept as they are")

@@ -16,6 +16,8 @@ ENCODINGS: dict[str, np.dtype] = {
     "bf16": np.dtype("<u2"),
     "int8": np.dtype("i1"),
     "ternary": np.dtype("u1"),
+    "int4-g32": np.dtype("u1"),  # embedding tables only (tables.py)
+    "int4-g64": np.dtype("u1"),
     "i64": np.dtype("<i8"),
     "bytes": np.dtype("u1"),
 }

@@ -39,6 +39,7 @@ from .encodings import ENCODINGS, packed_columns
 from .errors import ArtifactError
 from .model_config import ModelConfig
 from .schema import check_tensors
+from .tables import INT4_GROUPS, int4_stored_columns
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP, digest
 
 _MIN_ALIGNMENT = 64  # what a reader demands; the writer uses ALIGNMENT
@@ -67,6 +68,8 @@ def stored_shape_of(encoding: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The dataset shape an encoding uses for a tensor of logical `shape`."""
     if encoding == "ternary":
         return (*shape[:-1], packed_columns(shape[-1]))
+    if encoding in INT4_GROUPS:
+        return (*shape[:-1], int4_stored_columns(encoding, shape[-1]))
     return shape
 
 
