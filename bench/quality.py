@@ -24,6 +24,8 @@ from ferrisres.convert.student import Options
 from ferrisres.runtime import load
 from ferrisres.runtime.evaluate import compare
 
+from tables import SECTION as TABLES_SECTION
+
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / ".cache" / "gemma-3-270m-q4_k_m.gguf"
 CHECKPOINTS = ["tiny_gemma4", "tiny_gemma4_bf16", "tiny_gemma4_e4b", "tiny_gemma4_26b", "tiny_gemma4_31b"]
@@ -94,10 +96,13 @@ def main() -> int:
     means = {s: np.mean([table[n][s]["kl_teacher_student"] for n in table]) for s in SCHEMES}
     lines += ["", "Mean KL over checkpoints: " + ", ".join(f"{s} {v:.4f}" for s, v in sorted(means.items(), key=lambda kv: kv[1]))]
     report = "\n".join(lines)
-    (ROOT / "QUALITY.md").write_text(
+    quality_md = ROOT / "QUALITY.md"
+    old = quality_md.read_text(encoding="utf-8") if quality_md.exists() else ""
+    tables = old[old.index(TABLES_SECTION):] if TABLES_SECTION in old else ""  # written by bench/tables.py
+    quality_md.write_text(
         f"# Ternary schemes against their teacher\n\nMeasured by `make quality` (bench/quality.py) at commit {commit} "
         f"on {platform.machine()} / Python {platform.python_version()}. {__doc__.split(chr(10))[2].strip()}\n\n"
-        + report + "\n")
+        + report + "\n" + ("\n" + tables if tables else ""))
     print(report)
     return 0
 
