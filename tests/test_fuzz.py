@@ -386,9 +386,9 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
     version_at = raw.find(b"1.1\0", name_at)
     for name, at, text, expect, words in [
         ("format", name_at + 10, b"a", REFUSED, ("not a .tern", "ferrisres.aern")),
-        ("format_version 2.0", version_at, b"2", REFUSED, ("2.0", "newer")),
+        ("format_version 2.1", version_at, b"2", REFUSED, ("2.1", "newer")),
         ("format_version 1.9", version_at + 2, b"9", INTACT, ()),
-        ("format_version 1:0", version_at + 1, b":", REFUSED, ("malformed",)),
+        ("format_version 1:1", version_at + 1, b":", REFUSED, ("malformed",)),
     ]:
         add(f"root text/{name}", "attribute text", "ternary",
             lambda src, dst, at=at, text=text: (copy(src, dst), patch(dst, at, text)), {expect}, words)
