@@ -22,6 +22,7 @@ import numpy as np
 from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
 from ferrisres.format.reader import stored_shape_of
 from ferrisres.format.schema import SCALE_SUFFIX, TABLES
+from ferrisres.format.tables import SCALE_ENCODINGS
 
 from . import __version__
 from .checkpoint import Checkpoint
@@ -127,6 +128,7 @@ def _is_router(name: str) -> bool:
 
 def _write_table(writer: ArtifactWriter, weights: StudentWeights, name: str, shape: tuple[int, int],
                  encoding: str) -> None:
+    """An embedding table, streamed a block of rows at a time, as a float or quantized."""
     blocks = _row_blocks(weights, name, shape)
     if encoding in ("bf16", "f16", "f32"):
         writer.add_tensor_rows(name, (_encode(b, encoding) for b in blocks), shape, encoding)
@@ -145,7 +147,7 @@ def _write_quantized_rows(writer: ArtifactWriter, name: str, blocks, shape: tupl
             yield q
 
     writer.add_tensor_rows(name, quantized(), stored_shape_of(encoding, shape), encoding, shape=shape)
-    writer.add_tensor(name + SCALE_SUFFIX, np.concatenate(scales), "f32" if encoding == "int8" else "f16")
+    writer.add_tensor(name + SCALE_SUFFIX, np.concatenate(scales), SCALE_ENCODINGS[encoding])
 
 
 def _row_blocks(weights: StudentWeights, name: str, shape: tuple[int, ...]):

@@ -57,8 +57,8 @@ class Options:
         return {"embed_tokens": default, "embed_tokens_per_layer": self.per_layer_table or per_layer}
 
     def head_copy(self) -> bool:
-        """A ternary student with float tables gets an int8 copy of the tied head (the fastest head in
-        numpy); with quantized tables the head is the quantized token embedding itself."""
+        """A ternary student with a bf16 token embedding gets an int8 copy of the tied head (the fastest
+        head in numpy); with a quantized one the head is that quantized table itself."""
         return self.quant == "ternary" and self.table_encodings()["embed_tokens"] == "bf16"
 
     def recorded(self) -> dict:

@@ -39,8 +39,8 @@ from .encodings import ENCODINGS, packed_columns
 from .errors import ArtifactError
 from .model_config import ModelConfig
 from .schema import check_tensors
-from .tables import INT4_GROUPS, int4_stored_columns
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP, digest
+from .tables import INT4_GROUPS, int4_stored_columns
 
 _MIN_ALIGNMENT = 64  # what a reader demands; the writer uses ALIGNMENT
 _SUPERBLOCK_BYTES = 100  # the largest HDF5 superblock with its root entry (version 1, 8-byte addresses)

@@ -10,14 +10,15 @@ from pathlib import Path
 
 from .errors import ArtifactError
 from .model_config import ModelConfig
-from .tables import INT4_GROUPS, int4_groups
+from .tables import INT4_GROUPS, SCALE_ENCODINGS, scale_shape
 
 TABLES = ("embed_tokens", "embed_tokens_per_layer")  # looked up by row, never multiplied whole
 TABLE_ENCODINGS = ("bf16", "f16", "f32", "int8", *INT4_GROUPS)  # int8 and int4: format 1.1, see tables.py
 LINEAR_ENCODINGS = ("ternary", "int8", "bf16", "f16", "f32")
 SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.weight_scale`
-TABLE_SCALE_ENCODINGS = ("int8", *INT4_GROUPS)  # tables stored with a scale per row (int8) or per group (int4)
+TABLE_SCALE_ENCODINGS = tuple(SCALE_ENCODINGS)  # tables stored with a scale per row (int8) or per group (int4)
 SCALE_SUFFIX = ".weight_scale"  # per row (the tensor's shape without its last axis) or [1] for the whole tensor
+_FLOAT_NAMES = {"f32": "float32", "f16": "float16"}
 HEAD = "lm_head"  # optional: the output head's own copy; without it the head is embed_tokens (tied)
 
 
@@ -110,16 +111,9 @@ def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
         raise ArtifactError(f"{path}: unexpected tensor {extra[0]} for this model config")
 
 
-def table_scale_shape(encoding: str, shape: tuple[int, int]) -> tuple[int, ...]:
-    """Shape of the scale tensor of a table stored as `encoding` (int8: per row; int4: per group of a row)."""
-    rows, n_in = shape
-    return (rows,) if encoding == "int8" else (rows, int4_groups(encoding, n_in))
-
-
 def _check_table_scale(path: Path, name: str, encoding: str, shape: tuple[int, int], scale) -> None:
-    """A table is read by rows, its scale too: one float32 per row (int8) or float16 per group (int4)."""
-    dtype = "f32" if encoding == "int8" else "f16"
-    expected = table_scale_shape(encoding, shape)
+    """A table is read by rows, its scales too: a float32 per row (int8) or a float16 per group (int4), never [1]."""
+    dtype, expected = SCALE_ENCODINGS[encoding], scale_shape(encoding, shape)
     if scale is None or scale.encoding != dtype or scale.shape != expected:
-        raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not {'float32' if dtype == 'f32' else 'float16'} "
+        raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not {_FLOAT_NAMES[dtype]} "
                             f"{list(expected)} (the scales of a table stored as {encoding})")

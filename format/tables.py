@@ -16,11 +16,18 @@ from .encodings import decode_f32
 
 INT4_GROUPS = {"int4-g32": 32, "int4-g64": 64}  # encoding -> values per scale
 INT4_ZERO_CODE = 8
+SCALE_ENCODINGS = {"int8": "f32", **{e: "f16" for e in INT4_GROUPS}}  # a quantized table's scales: their encoding
 
 
 def int4_groups(encoding: str, n_in: int) -> int:
     """Scale groups per row of `n_in` values."""
     return -(-n_in // INT4_GROUPS[encoding])
+
+
+def scale_shape(encoding: str, shape: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of the scales of a table of logical `shape` stored as `encoding`: per row, or per group of a row."""
+    rows, n_in = shape
+    return (rows,) if encoding == "int8" else (rows, int4_groups(encoding, n_in))
 
 
 def int4_stored_columns(encoding: str, n_in: int) -> int:
