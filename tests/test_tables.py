@@ -72,6 +72,21 @@ def test_runtime_equals_reference_over_dequantized_tables(converted, tables, per
         teacher.close()
 
 
+@pytest.mark.parametrize("encoding", ["int8", "int4-g64"])
+def test_per_layer_table_is_read_by_rows_only(converted, monkeypatch, encoding):
+    """The per-layer table (E2B: 262144 x 8960) is never viewed whole: each step reads the rows of its
+    tokens, and those rows' scales, from the file."""
+    path = converted("tiny_gemma4", per_layer_table=encoding)
+    whole, rows = [], []
+    tensor, read_rows = Artifact.tensor, Artifact.rows
+    monkeypatch.setattr(Artifact, "tensor", lambda self, name: (whole.append(name), tensor(self, name))[1])
+    monkeypatch.setattr(Artifact, "rows", lambda self, name, ids: (rows.append((name, list(ids))), read_rows(self, name, ids))[1])
+    ids = reference("tiny_gemma4")["ids"]
+    load(path).logits(ids)
+    assert not [n for n in whole if n.startswith("embed_tokens_per_layer")]
+    assert ("embed_tokens_per_layer", list(ids)) in rows and ("embed_tokens_per_layer.weight_scale", list(ids)) in rows
+
+
 def test_int4_tables_cost_half_of_int8(converted):
     """Sizes as SPEC.md says: vocab x 64 int8 + float32 row scales; int4: half a byte per value (rows
     padded to whole groups: the per-layer table's 80 values take 3 groups of 32) + float16 group scales."""
