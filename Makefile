@@ -39,6 +39,12 @@ run: $(VENV)/.installed
 quality: $(VENV)/.installed
 	$(BIN)/python bench/quality.py $(if $(UPDATE),--update)
 
+# Each embedding-table encoding against float tables on Gemma 3 270M (real weights, needs .cache/, see
+# real-demo): writes bench/tables.json and the "Embedding tables" section of QUALITY.md (~10 min).
+.PHONY: quality-tables
+quality-tables: $(VENV)/.installed
+	$(BIN)/python bench/tables.py
+
 # Speed and memory at real Gemma 4 E2B scale, on a synthetic checkpoint with the exact shapes (cached in
 # bench/.cache/): writes bench/results.json and BENCHMARKS.md (~15 min). QUICK=1: tiny model, ~1 min,
 # to check the harness (results in bench/.cache/quick/).

@@ -28,6 +28,8 @@ from ferrisres.format.encodings import GROUPED_TERNARY
 from ferrisres.runtime import load
 from ferrisres.runtime.evaluate import compare
 
+from tables import SECTION as TABLES_SECTION
+
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / ".cache" / "gemma-3-270m-q4_k_m.gguf"
 TINY = ROOT / "tests/fixtures/tiny_gemma4"
@@ -120,10 +122,12 @@ def main() -> int:
                          f"| {r['kl_teacher_student']:.3f} | {100 * r['top1_agreement']:.1f}% | {r['last_layer_cosine']:.3f} "
                          f"| {r['convert_seconds']:.0f} s, {r['convert_peak_rss_gb']:.2f} GB |")
     report = "\n".join(lines)
+    old = (ROOT / "QUALITY.md").read_text(encoding="utf-8") if (ROOT / "QUALITY.md").exists() else ""
+    tables = old[old.index(TABLES_SECTION):] if TABLES_SECTION in old else ""  # written by bench/tables.py
     report_path.write_text(
         "# How much of its teacher a student keeps\n\n"
         f"Measured by `make quality` (bench/quality.py) at commit {commit} on {machine}. "
-        + " ".join(__doc__.split("\n\n")[1].split()) + "\n\n" + report + "\n")
+        + " ".join(__doc__.split("\n\n")[1].split()) + "\n\n" + report + "\n" + ("\n" + tables if tables else ""))
     print(report)
     progress(f"wrote {json_path.relative_to(ROOT)} and {report_path.relative_to(ROOT)}")
     return 0

@@ -80,6 +80,10 @@ QUICK = dict(
     scaling_decode_new=0, profile=False,
 )
 
+# The dense student with other table encodings than its default (int8 tables, tied head): issue 11.
+TABLE_VARIANTS = {"dense-bf16-tables": ["--tables", "bf16"], "dense-int4-per-layer": ["--per-layer-table", "int4-g32"]}
+LLAMA_CPP_TQ2_0_BYTES = 2.79 * GB  # llama.cpp's TQ2_0 GGUF of the same checkpoint (issue 11)
+
 # A paragraph repeated: a prompt a copying model continues by copying (n-gram drafts then hit).
 COPY_PARAGRAPH = (
     "The quick brown fox jumps over the lazy dog near the river bank, while the old farmer watches from "
@@ -452,8 +456,9 @@ def per_token_bytes(path: Path, context: int) -> dict:
         weights, parts = 0, {}
         for name, info in a.tensors.items():
             n = info.nbytes
-            if name in ("embed_tokens", "embed_tokens_per_layer"):
-                if name == "embed_tokens" and "lm_head" not in a.tensors:
+            table = name.removesuffix(".weight_scale")  # a quantized table's scales are read as the table is
+            if table in ("embed_tokens", "embed_tokens_per_layer"):
+                if table == "embed_tokens" and "lm_head" not in a.tensors:
                     kind = "head (tied embedding)"  # the whole table is the output projection
                 else:
                     n = n // info.shape[0]  # one row
@@ -538,7 +543,7 @@ def main(argv=None) -> int:
     # conversion targets. The others are rounded to nearest (--method rtn): the same encodings, so the
     # same decoding speed, in seconds instead of most of an hour.
     variants = {"dense": [], "moe2": ["--moe-experts", "2", "--moe-top-k", "2", "--method", "rtn"],
-                "bf16": ["--quant", "bf16"]}
+                "bf16": ["--quant", "bf16"], **TABLE_VARIANTS}
     jobs = [(name, main_scale, extra, plan["convert_repeats"]) for name, extra in variants.items()]
     jobs += [("dense", s, ["--method", "rtn"], plan["scaling_convert_repeats"]) for s in plan["scaling_scales"]
              if s != main_scale]
@@ -597,6 +602,9 @@ def main(argv=None) -> int:
             measure_decode("moe2", ctx, plan["decode_new"], plan["moe_repeats"])
     if "bf16" in arts:
         measure_decode("bf16", 64, plan["teacher_new"], 1)
+    for name in TABLE_VARIANTS:  # as the dense student's context-64 runs, to compare with them
+        if name in arts:
+            measure_decode(name, 64, plan["decode_new"], plan["decode_repeats"][64])
     results["decode"] = decode
 
     # -- draft
@@ -849,6 +857,18 @@ def report(r: dict) -> str:
                      + ", ".join(f"{x:.1f}x (k={k})" for k, x in v["ideal_speedup"].items()) + " plain decoding")
     for f in r.get("failures", []):
         lines.append(f"- **failed**: {f['kind']} {f['label']}: `{f['error'].strip().splitlines()[-1][:200]}`")
+
+    lines += ["", "### Embedding tables", "",
+              "The dense student with each table encoding (`--tables`, `--per-layer-table`; the default is int8 "
+              f"for both, the head tied to the int8 embedding), beside llama.cpp's TQ2_0 GGUF ({LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB):", "",
+              "| student | artifact | decode tok/s @64 | peak RSS while decoding |", "|---|---|---|---|"]
+    for name in ("dense-bf16-tables", "dense", "dense-int4-per-layer"):
+        cv, dv = _g(r, "convert", name), _g(dec, name, "64")
+        if cv is None or dv is None or "error" in dv:
+            lines.append(f"| {name} | failed (see results.json) | | |")
+            continue
+        lines.append(f"| {name} | {cv['size_bytes'] / GB:.2f} GB | {_fmt(dv['tok_s'], 'tok/s')} "
+                     f"| {dv['decode_peak_rss_bytes'] / GB:.2f} GB |")
 
     lines += ["", "### Bytes read per decoded token", "",
               "| artifact | layers | head | embedding rows | other | KV cache @64 | total @64 | bound @64 (1 thread / default threads) |",

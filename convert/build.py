@@ -4,9 +4,10 @@ Each weight is read, encoded and written before the next is read, so memory hold
 for the big embedding tables, one block of rows) at a time. What the student is:
 - every decoder projection (q/k/v/o, MLP gate/up/down, per-layer-input gate and projection) becomes
   ternary with float32 scales (`--quant ternary`), or stays a float in the chosen dtype (teacher);
-- norms and layer scalars stay float32; embeddings keep their source precision (bf16 stays bf16);
-- the tied output head of a ternary student gets its own int8 per-row copy, the fastest per-token
-  matvec in numpy (docs/kernels.md, "The output head").
+- norms and layer scalars stay float32; the embedding tables are stored as `--tables` says
+  (a ternary student's default: quantized, see tables.py; a teacher's: its dtype);
+- a ternary student with bf16 tables gets an int8 per-row copy of the tied output head, the fastest
+  per-token matvec in numpy; with quantized tables the head is the quantized token embedding itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pac
 from ferrisres.format.documents import check_document
 from ferrisres.format.errors import ArtifactError
 from ferrisres.format.reader import Artifact
-from ferrisres.format.schema import SCALE_SUFFIX
+from ferrisres.format.reader import stored_shape_of
+from ferrisres.format.schema import SCALE_SUFFIX, TABLES
+from ferrisres.format.tables import SCALE_ENCODINGS
 
 from . import __version__
 from .checkpoint import Checkpoint
@@ -35,9 +38,10 @@ from .errors import ConversionError
 from .gguf_source import GGUFSource, is_gguf
 from .hf_config import eos_token_ids, model_config, read_config, read_json_object, text_config_with_defaults
 from .lora import LoraAdapter
-from .quantize import TritPlanes, group_size_for, int8_rows, rotation_for, round_to_planes, ternarize
+from .quantize import TritPlanes, group_size_for, rotation_for, round_to_planes, ternarize
 from .source_files import read_source, source_file
 from .student import Options, StudentWeights, student_config
+from .tables import quantize_table_rows
 
 log = logging.getLogger("ferrisres.convert")
 
@@ -103,13 +107,16 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
                 _write_projection(writer, name, shape, weights, options, calibration)
             elif len(shape) == 1 or _is_router(name):  # norms, scalars, gates and routers stay float32
                 writer.add_tensor(name, weights.read(name, shape), "f32")
+            elif name in TABLES:
+                _write_table(writer, weights, name, shape, options.table_encodings()[name])
             else:
                 source = weights.source_name(name)
                 encoding = _float_encoding(checkpoint.tensors[source].dtype, options.quant)
                 blocks = (_encode(b, encoding) for b in _row_blocks(weights, name, shape))
                 writer.add_tensor_rows(name, blocks, shape, encoding)
-        if options.quant == "ternary":
-            _write_int8_head(writer, weights, shapes["embed_tokens"])
+        if options.head_copy():  # the tied head as its own int8 copy with per-row scales
+            _write_quantized_rows(writer, HEAD, _row_blocks(weights, "embed_tokens", shapes["embed_tokens"]),
+                                  shapes["embed_tokens"], "int8")
     return config
 
 
@@ -209,18 +216,28 @@ def _is_router(name: str) -> bool:
     return name.endswith(("mlp.router", "router.proj"))
 
 
-def _write_int8_head(writer: ArtifactWriter, weights: StudentWeights, shape: tuple[int, int]) -> None:
-    """The tied head as its own int8 copy with per-row scales, written in blocks of rows."""
+def _write_table(writer: ArtifactWriter, weights: StudentWeights, name: str, shape: tuple[int, int],
+                 encoding: str) -> None:
+    """An embedding table, streamed a block of rows at a time, as a float or quantized."""
+    blocks = _row_blocks(weights, name, shape)
+    if encoding in ("bf16", "f16", "f32"):
+        writer.add_tensor_rows(name, (_encode(b, encoding) for b in blocks), shape, encoding)
+    else:
+        _write_quantized_rows(writer, name, blocks, shape, encoding)
+
+
+def _write_quantized_rows(writer: ArtifactWriter, name: str, blocks, shape: tuple[int, int], encoding: str) -> None:
+    """A table (or the head copy) quantized block by block of rows (format/tables.py), then its scales."""
     scales = []
 
-    def blocks():
-        for block in _row_blocks(weights, "embed_tokens", shape):
-            q, s = int8_rows(block)
+    def quantized():
+        for block in blocks:
+            q, s = quantize_table_rows(block, encoding, name)
             scales.append(s)
             yield q
 
-    writer.add_tensor_rows(HEAD, blocks(), shape, "int8")
-    writer.add_tensor(HEAD + SCALE_SUFFIX, np.concatenate(scales), "f32")
+    writer.add_tensor_rows(name, quantized(), stored_shape_of(encoding, shape), encoding, shape=shape)
+    writer.add_tensor(name + SCALE_SUFFIX, np.concatenate(scales), SCALE_ENCODINGS[encoding])
 
 
 def _row_blocks(weights: StudentWeights, name: str, shape: tuple[int, ...]):

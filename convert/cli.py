@@ -24,6 +24,7 @@ from ferrisres.format.writer import remove_stale_partials
 from .build import QUANTS, Options, convert
 from .errors import ConversionError, require_extra
 from .quantize import DEFAULT_SCHEME, SCHEMES
+from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
 
 PROG = "ferrisres-convert"
 
@@ -44,6 +45,15 @@ class Args:
     calibration_tokens: int = field(default=8192, metadata={"help": "calibration tokens (default 8192, in sequences of 128)"})
     scheme: Optional[str] = field(
         default=None, metadata={"choices": SCHEMES, "help": f"the original per-row student's scale scheme (with --method rtn --planes 1; {DEFAULT_SCHEME} when the flags ask for that student)"}
+    )
+    tables: Optional[str] = field(
+        default=None,
+        metadata={"choices": TABLE_CHOICES, "help": "encoding of the token and per-layer embedding tables: int8 per "
+                  "row, int4 per group of 32 or 64 values (default for a student: "
+                  f"{DEFAULT_TABLES} / per-layer {DEFAULT_PER_LAYER_TABLE}; a teacher keeps its --quant)"},
+    )
+    per_layer_table: Optional[str] = field(
+        default=None, metadata={"choices": TABLE_CHOICES, "help": "encoding of the per-layer embedding table alone"},
     )
     moe_experts: int = field(default=0, metadata={"help": "expand every dense MLP into N >= 2 experts with a router (default: dense)"})
     moe_top_k: int = field(default=2, metadata={"help": "experts each token uses (default 2)"})
@@ -92,7 +102,8 @@ def _convert(args: Args) -> int:
             rotate=_size_flag("--rotate", args.rotate, "none", per_row), calibration=args.calibration,
             calibration_tokens=args.calibration_tokens, scheme=args.scheme or DEFAULT_SCHEME, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
             moe_noise=args.moe_noise, seed=args.seed, attnres=args.attnres, attnres_gate=args.attnres_gate,
-            lora=args.lora, chat_template=args.chat_template),
+            lora=args.lora, chat_template=args.chat_template, tables=args.tables,
+            per_layer_table=args.per_layer_table),
         overwrite=args.force, progress=not args.quiet,
     )
     size = out.stat().st_size

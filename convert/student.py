@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .lora import LoraAdapter
 from .quantize import DEFAULT_SCHEME
+from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
 
 SEQUENCE_TOKENS = 128  # tokens per calibration sequence (BOS included)
 
@@ -51,6 +52,8 @@ class Options:
     seed: int = 0
     lora: str | None = None  # PEFT adapter folder, merged before quantization
     chat_template: str | None = None  # a Jinja chat template file, embedded in place of the checkpoint's
+    tables: str | None = None  # both embedding tables' encoding (None: the student's default, a teacher's quant)
+    per_layer_table: str | None = None  # the per-layer table's, if not that of --tables
 
     @property
     def per_row(self) -> bool:
@@ -62,6 +65,21 @@ class Options:
         return replace(Options(), quant="bf16", moe_experts=self.moe_experts, moe_top_k=self.moe_top_k,
                        moe_noise=self.moe_noise, attnres=self.attnres, attnres_gate=self.attnres_gate,
                        seed=self.seed, lora=self.lora)
+
+    def table_encodings(self) -> dict[str, str]:
+        """The encoding of each embedding table, by artifact name."""
+        if self.tables is not None:
+            default, per_layer = self.tables, self.tables
+        elif self.quant == "ternary":
+            default, per_layer = DEFAULT_TABLES, DEFAULT_PER_LAYER_TABLE
+        else:  # a teacher keeps its tables as the rest of its weights unless asked
+            default, per_layer = self.quant, self.quant
+        return {"embed_tokens": default, "embed_tokens_per_layer": self.per_layer_table or per_layer}
+
+    def head_copy(self) -> bool:
+        """A ternary student with a bf16 token embedding gets an int8 copy of the tied head (the fastest
+        head in numpy); with a quantized one the head is that quantized table itself."""
+        return self.quant == "ternary" and self.table_encodings()["embed_tokens"] == "bf16"
 
     def recorded(self) -> dict:
         """The options as the artifact's student_config.json and provenance record them: what was asked
@@ -77,7 +95,8 @@ class Options:
             "calibration": ({"source": "teacher" if self.calibration == "teacher" else "text file",
                              "tokens": self.calibration_tokens} if calibrated else None),
             "scheme": self.scheme if ternary and self.per_row else None,
-            "head": "int8-row" if self.quant == "ternary" else "tied",
+            "head": "int8-row" if self.head_copy() else "tied",
+            "tables": self.table_encodings(),
             "moe": {"experts": self.moe_experts, "top_k": self.moe_top_k, "noise": self.moe_noise, "seed": self.seed}
             if self.moe_experts else None,
             "attnres": {"gate": self.attnres_gate} if self.attnres else None,
@@ -147,6 +166,11 @@ def student_config(base: ModelConfig, options: Options) -> ModelConfig:
         if given != default and not enabled:
             raise ConversionError(f"{flag} has no effect without {needs}")
     _check_quantization(options, defaults)
+    for flag, value in (("--tables", options.tables), ("--per-layer-table", options.per_layer_table)):
+        if value is not None and value not in TABLE_CHOICES:
+            raise ConversionError(f"{flag} must be one of {', '.join(TABLE_CHOICES)}, got {value!r}")
+    if options.per_layer_table is not None and not base.ple_dim:
+        raise ConversionError("--per-layer-table: this model has no per-layer embedding table")
     if options.moe_experts:
         if base.moe_block:
             raise ConversionError("--moe-experts: this model already has Gemma 4's own MoE block; its experts are kept as they are")

@@ -22,6 +22,8 @@ ENCODINGS: dict[str, np.dtype] = {
     "ternary": np.dtype("u1"),
     "ternary-g1": np.dtype("u1"),
     "ternary-g2": np.dtype("u1"),
+    "int4-g32": np.dtype("u1"),  # embedding tables only (tables.py)
+    "int4-g64": np.dtype("u1"),
     "i64": np.dtype("<i8"),
     "bytes": np.dtype("u1"),
 }

@@ -103,7 +103,8 @@ def _text(r: dict) -> str:
         f"hidden {m['hidden_size']}, {m['heads']} heads / {m['kv_heads']} kv, head dims {m['head_dims']}, "
         f"vocab {m['vocab_size']}, window {m['sliding_window']}, PLE {m['per_layer_embedding_dim']}, "
         f"{m['kv_shared_layers']} KV-shared layers, EOS {m['eos_token_ids']}",
-        f"student  quant {s.get('quant')}, {_quantization(s)}, head {s.get('head')}, {_moe(s.get('moe'))}, "
+        f"student  quant {s.get('quant')}, {_quantization(s)}, head {s.get('head')}, {_tables(s.get('tables'))}, "
+        f"{_moe(s.get('moe'))}, "
         f"{_attnres(s.get('attnres'))}" + (f", LoRA {s['lora']} merged" if s.get("lora") else ""),
         "bytes by kind:",
     ]
@@ -127,6 +128,12 @@ def _moe(moe) -> str:
     if not isinstance(moe, dict):
         return "dense MLPs" if not moe else f"MoE {moe!r}"
     return f"MoE {moe.get('experts')} experts top-{moe.get('top_k')} (noise {moe.get('noise')}, seed {moe.get('seed')})"
+
+
+def _tables(tables) -> str:
+    if not isinstance(tables, dict):
+        return "tables not recorded"  # artifacts of format 1.0
+    return "tables " + " / ".join(f"{name} {encoding}" for name, encoding in tables.items())
 
 
 def _attnres(attnres) -> str:

@@ -11,14 +11,17 @@ from pathlib import Path
 from .encodings import GROUPED_TERNARY
 from .errors import ArtifactError
 from .model_config import ModelConfig
+from .tables import INT4_GROUPS, SCALE_ENCODINGS, scale_shape
 
 TABLES = ("embed_tokens", "embed_tokens_per_layer")  # looked up by row, never multiplied whole
-TABLE_ENCODINGS = ("bf16", "f16", "f32")
+TABLE_ENCODINGS = ("bf16", "f16", "f32", "int8", *INT4_GROUPS)  # int8 and int4: format 1.1, see tables.py
 LINEAR_ENCODINGS = ("ternary", "ternary-g1", "ternary-g2", "int8", "bf16", "f16", "f32")
 SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.weight_scale`
+TABLE_SCALE_ENCODINGS = tuple(SCALE_ENCODINGS)  # tables stored with a scale per row (int8) or per group (int4)
 # ternary and int8: per row (the tensor's shape without its last axis) or [1] for the whole tensor;
 # grouped ternary: float16 [..., out, planes, groups], each group `in / groups` consecutive columns
 SCALE_SUFFIX = ".weight_scale"
+_FLOAT_NAMES = {"f32": "float32", "f16": "float16"}
 HEAD = "lm_head"  # optional: the output head's own copy; without it the head is embed_tokens (tied)
 
 
@@ -98,7 +101,10 @@ def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
         allowed = allowed_encodings(name, shape)
         if info.encoding not in allowed:
             raise ArtifactError(f"{path}: tensor {name} has encoding {info.encoding}, expected one of {', '.join(allowed)}")
-        if info.encoding in SCALED_ENCODINGS:
+        if name in TABLES and info.encoding in TABLE_SCALE_ENCODINGS:
+            _check_table_scale(path, name, info.encoding, shape, tensors.get(name + SCALE_SUFFIX))
+            scales.add(name + SCALE_SUFFIX)
+        elif info.encoding in SCALED_ENCODINGS:
             scale = tensors.get(name + SCALE_SUFFIX)
             if scale is None or scale.encoding != "f32" or scale.shape not in (shape[:-1], (1,)):
                 raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not float32 {list(shape[:-1])} or [1]")
@@ -120,3 +126,11 @@ def _check_group_scale(path: Path, name: str, shape: tuple[int, ...], planes: in
             or groups < 1 or n_in % groups):
         raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not float16 "
                             f"{[*shape[:-1], planes]} + [groups], with groups dividing {n_in}")
+
+
+def _check_table_scale(path: Path, name: str, encoding: str, shape: tuple[int, int], scale) -> None:
+    """A table is read by rows, its scales too: a float32 per row (int8) or a float16 per group (int4), never [1]."""
+    dtype, expected = SCALE_ENCODINGS[encoding], scale_shape(encoding, shape)
+    if scale is None or scale.encoding != dtype or scale.shape != expected:
+        raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not {_FLOAT_NAMES[dtype]} "
+                            f"{list(expected)} (the scales of a table stored as {encoding})")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ferrisres.format import HEAD, Artifact, RopeConfig, decode_f32
+from ferrisres.format import HEAD, Artifact, RopeConfig
 from ferrisres.format.encodings import GROUPED_TERNARY
-from ferrisres.format.schema import SCALE_SUFFIX, SCALED_ENCODINGS
+from ferrisres.format.schema import SCALE_SUFFIX, SCALED_ENCODINGS, TABLE_SCALE_ENCODINGS
+from ferrisres.format.tables import INT4_GROUPS, decode_table_rows
 
-from .kernels import Linear
+from .kernels import Int4Linear, Linear
 from .kv_cache import KVCache
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
@@ -103,18 +104,13 @@ class Gemma4:
     def __init__(self, artifact: Artifact):
         self.config = c = artifact.config
         self._artifact = artifact
-        self.embed_encoding, self.embed_tokens = self._table("embed_tokens")
         self.embed_scale = np.float32(np.sqrt(c.hidden_size))
         if c.ple_dim:
-            self.ple_encoding = artifact.tensors["embed_tokens_per_layer"].encoding
             self.ple_projection = self._linear("per_layer_model_projection")
             self.ple_projection_norm = artifact.tensor("per_layer_projection_norm")
         self.layers = [self._layer(i) for i in range(c.num_layers)]
         self.norm = artifact.tensor("norm")
-        if HEAD in artifact.tensors:
-            self.head = self._linear(HEAD)
-        else:  # tied: the embedding table is the output projection
-            self.head = Linear(self.embed_tokens, self.embed_encoding, (c.vocab_size, c.hidden_size))
+        self.head = self._linear(HEAD if HEAD in artifact.tensors else "embed_tokens")  # else tied: the table is the head
         self.inv_freq = {t: rope_inv_freq(c.rope[t], c.head_dims[i]) for i, t in enumerate(c.layer_types)}
         # Layers from here to the last only read earlier layers' keys/values (None: no such tail).
         tail = [i for i in range(c.num_layers) if all(not c.has_own_kv(j) for j in range(i, c.num_layers))]
@@ -133,10 +129,17 @@ class Gemma4:
         if self.config.ple_dim:
             yield self.ple_projection
 
-    def _table(self, name: str) -> tuple[str, np.ndarray]:
-        return self._artifact.tensors[name].encoding, self._artifact.tensor(name)
+    def _table_rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of an embedding table as float32: only those rows (and their scales) are read."""
+        info = self._artifact.tensors[name]
+        scale = self._artifact.rows(name + SCALE_SUFFIX, ids) if info.encoding in TABLE_SCALE_ENCODINGS else None
+        return decode_table_rows(self._artifact.rows(name, ids), info.encoding, scale, info.shape[1])
 
     def _linear(self, name: str) -> Linear:
+        info = self._artifact.tensors[name]
+        if info.encoding in INT4_GROUPS:  # a tied head over an int4 table
+            return Int4Linear(self._artifact.tensor(name), info.encoding, info.shape,
+                              self._artifact.tensor(name + SCALE_SUFFIX))
         return self.linears_of(name)[0]
 
     def linears_of(self, name: str) -> list[Linear]:
@@ -206,7 +209,7 @@ class Gemma4:
         # Activations are float64 (Linear returns float64): they are vectors, so this costs little, and it
         # keeps float32 rounding from compounding over the layers. The matrix products stay float32.
         ids = tokens.ids
-        x = (decode_f32(self._artifact.rows("embed_tokens", ids), self.embed_encoding) * self.embed_scale).astype(np.float64)
+        x = (self._table_rows("embed_tokens", ids) * self.embed_scale).astype(np.float64)
         tokens.x = x
         tokens.ple = self._per_layer_inputs(ids, x) if c.ple_dim else None
         for t, inv_freq in self.inv_freq.items():
@@ -242,7 +245,7 @@ class Gemma4:
         """Per-layer embeddings (PLE): [T, L, P], layer i's input in [:, i]."""
         c = self.config
         T, L, P = len(ids), c.num_layers, c.ple_dim
-        tokens = decode_f32(self._artifact.rows("embed_tokens_per_layer", ids), self.ple_encoding).reshape(T, L, P) * np.sqrt(P)
+        tokens = self._table_rows("embed_tokens_per_layer", ids).reshape(T, L, P) * np.sqrt(P)
         projected = self.ple_projection(x) * c.hidden_size**-0.5
         projected = rms_norm(projected.reshape(T, L, P), self.ple_projection_norm, c.rms_norm_eps)
         return (projected + tokens) * 2**-0.5

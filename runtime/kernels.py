@@ -17,9 +17,11 @@ from threadpoolctl import ThreadpoolController
 
 from ferrisres.format import ternary_lut
 from ferrisres.format.encodings import GROUPED_TERNARY, rotate_blocks
+from ferrisres.format.tables import INT4_GROUPS, int4_lut
 
 CHUNK_BYTES = 2 << 20  # float32 bytes of decoded rows per chunk: 1-4 MiB measured best
 _LUT16 = ternary_lut().view(np.complex128).reshape(256)  # 16-byte items: one packed byte -> 4 float32
+_INT4_LUT8 = int4_lut().view(np.uint64).reshape(256)  # 8-byte items: one packed int4 byte -> 2 float32
 _local = threading.local()  # each thread's decode buffers, one per row width
 _pool: ThreadPoolExecutor | None = None  # workers that split a matrix's rows; None = one thread
 _threads = 1
@@ -142,6 +144,24 @@ def rotated_input(x: np.ndarray, block: int) -> np.ndarray:
     rotated = rotate_blocks(np.asarray(x, dtype=np.float64), block).astype(np.float32)
     _local.rotation = (x, block, rotated)  # holds x itself, so its id cannot be reused while kept
     return rotated
+
+
+class Int4Linear(Linear):
+    """A table stored as int4 with a float16 scale per group of each row, as the tied output head: each
+    chunk of rows is unpacked through a 256-entry table (as ternary rows are) and scaled group by group
+    before its product, so the scales cost one pass over the chunk and the table is never expanded."""
+
+    def __init__(self, data: np.ndarray, encoding: str, shape: tuple[int, int], scale: np.ndarray):
+        super().__init__(data, encoding, shape)  # no per-row scale: the group scales apply while decoding
+        self.group_scale = scale
+        self.group = INT4_GROUPS[encoding]
+        self.width = data.shape[1] * 2  # whole groups: the padding holds zeros, and x is padded to match
+        self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width))
+
+    def _decode(self, r0: int, r1: int, out: np.ndarray) -> None:
+        np.take(_INT4_LUT8, self.data[r0:r1], out=out.view(np.uint64), mode="clip")
+        groups = out.reshape(r1 - r0, -1, self.group)
+        groups *= self.group_scale[r0:r1, :, None].astype(np.float32)  # float16 operands would be cast group by group: 9x slower
 
 
 def _buffer(width: int, rows: int) -> np.ndarray:

@@ -19,6 +19,8 @@ def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
         data = artifact.tensor(name)
         if info.encoding in GROUPED_TERNARY:
             out[name] = _grouped_ternary(data, artifact.tensor(name + ".weight_scale"), info.shape, info.rotation)
+        elif info.encoding.startswith("int4-g"):
+            out[name] = _int4_table(data, artifact.tensor(name + ".weight_scale"), int(info.encoding[6:]), info.shape)
         elif info.encoding in ("ternary", "int8"):
             flat = data.reshape(-1, data.shape[-1])  # 3-D (experts) tensors unpack as rows too
             w = (unpack_ternary(flat, info.shape[-1]) if info.encoding == "ternary" else flat.astype(np.float32)).reshape(info.shape)
@@ -59,3 +61,10 @@ def oracle_tolerance(model, ref) -> float:
     continuation): both are float32 implementations, each within the float32 bound of the exact logits
     (transformers' float32 norms and softmax round about once per value, far less than a product does)."""
     return 2 * float32_bound(model, [*ref["ids"], *ref["greedy"][:-1]])
+
+
+def _int4_table(packed: np.ndarray, scale: np.ndarray, group: int, shape: tuple[int, int]) -> np.ndarray:
+    """SPEC.md: value = (nibble - 8) * the float16 scale of its group; even columns in the low nibbles."""
+    codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(np.float32) - 8
+    values = codes * np.repeat(scale.astype(np.float32), group, axis=1)
+    return values[:, : shape[1]]

@@ -42,7 +42,7 @@ def converted(artifact_dir):
     def get(checkpoint: str, quant: str = "ternary", **options) -> Path:
         key = (checkpoint, quant, tuple(sorted(options.items())))
         if key not in cache:
-            out = artifact_dir / ("-".join([checkpoint, quant, *map(str, options.values())]) + ".tern")
+            out = artifact_dir / ("-".join([checkpoint, quant, *(f"{k}={v}" for k, v in sorted(options.items()))]) + ".tern")
             convert(FIXTURES / checkpoint, out, Options(quant=quant, **options), progress=False)
             cache[key] = out
         return cache[key]

@@ -89,10 +89,11 @@ def test_artifact_embeds_tokenizer_generation_config_and_provenance(converted):
     assert model.config.eos_token_ids == (1,)
 
 
-def test_bf16_source_keeps_bf16_embeddings_in_the_student(converted):
-    model = load(converted("tiny_gemma4_bf16", "ternary"))
+def test_bf16_tables_keep_a_bf16_source_exact_with_an_int8_head_copy(converted):
+    model = load(converted("tiny_gemma4_bf16", "ternary", tables="bf16"))
     assert model.artifact.tensors["embed_tokens"].encoding == "bf16"
     assert model.artifact.tensors["embed_tokens_per_layer"].encoding == "bf16"
+    assert model.artifact.tensors["lm_head"].encoding == "int8"
 
 
 def test_generating_imports_no_converter_dependency(converted):

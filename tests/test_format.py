@@ -15,6 +15,7 @@ from ferrisres.format import (
     ENCODINGS, FULL, SLIDING, Artifact, ArtifactError, ArtifactWriter, ModelConfig, bf16_to_f32, f32_to_bf16,
     pack_ternary, ternary_lut, unpack_ternary,
 )
+from ferrisres.format.tables import pack_int4
 
 ALIGNMENT = 4096  # SPEC: every dataset's data starts on a multiple of this
 
@@ -156,12 +157,14 @@ def written(tmp_path):
     int8 = rng.integers(-127, 128, size=(7, 3)).astype(np.int8)
     norm = rng.standard_normal(9).astype(np.float32)
     rows = rng.standard_normal((10, 4)).astype(np.float32)
+    int4 = rng.integers(-8, 8, size=(2, 33))
     docs = {"notes.txt": "héllo ✓ — ünïcode\n", "config.json": {"b": [1, 2.5, None], "a": "ü"}}
     tensors = {
         "w.f32": ("f32", f32, f32.shape, f32),
         "w.bf16": ("bf16", bf16, bf16.shape, bf16),
         "w.int8": ("int8", int8, int8.shape, int8),
         "w.ternary": ("ternary", pack_ternary(codes), (5, 7), pack_ternary(codes)),
+        "w.int4": ("int4-g32", pack_int4(int4, "int4-g32"), (2, 33), pack_int4(int4, "int4-g32")),
         "norm": ("f32", norm, norm.shape, norm),
     }
     path = tmp_path / "out" / "model.tern"
@@ -180,7 +183,7 @@ def test_round_trip(written):
     path, tensors, docs, codes = written
     assert files_in(path.parent) == ["model.tern"], "temporary files left beside the artifact"
     with Artifact.open(path, check_model=False) as a:
-        assert a.version == (1, 0)
+        assert a.version == (1, 1)
         assert set(a.tensors) == set(tensors)
         for name, (encoding, _, shape, stored) in tensors.items():
             info = a.tensors[name]
@@ -193,6 +196,7 @@ def test_round_trip(written):
             np.testing.assert_array_equal(data, stored)
         np.testing.assert_array_equal(unpack_ternary(a.tensor("w.ternary"), 7), codes)
         assert a.tensors["w.ternary"].stored_shape == (5, 2)
+        assert a.tensors["w.int4"].stored_shape == (2, 32)  # 33 values: two whole groups of 32, two per byte
         assert set(a.documents) == set(docs)
         assert a.document("notes.txt") == docs["notes.txt"]
         assert json.loads(a.document("config.json")) == docs["config.json"]
@@ -207,7 +211,7 @@ def test_every_dataset_is_aligned_and_inside_the_file(written):
     size = path.stat().st_size
     with Artifact.open(path, check_model=False) as a:
         infos = [*a.tensors.values(), *a.documents.values()]
-        assert len(infos) == 8
+        assert len(infos) == 9
         spans = []
         for info in infos:
             assert info.offset % ALIGNMENT == 0, f"{info.name} at offset {info.offset}"

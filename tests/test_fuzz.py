@@ -1,7 +1,8 @@
 """Damaged and hostile `.tern` files never crash, hang or mislead the tools.
 
-Hundreds of mutants of small valid artifacts (the tiny Gemma 4 converted as a ternary student, as
-an f32 teacher, and from its bf16 checkpoint) go through both tools as a user runs them:
+Hundreds of mutants of small valid artifacts (the tiny Gemma 4 converted as a ternary student with
+its default int8 tables, as one with int4 tables, as an f32 teacher, and from its bf16 checkpoint with
+bf16 tables) go through both tools as a user runs them:
 
     ferrisres-run MUTANT -p Hi -n 2 --raw
     ferrisres-inspect MUTANT --verify
@@ -272,6 +273,10 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
             tensors("ternary", lambda d: len(d.shape) == 1 and "scale" not in d.name and d.nbytes >= 256))[0]
     int8 = tensors("ternary", lambda d: d.encoding == "int8")[0]
     bf16 = tensors("bf16", lambda d: d.encoding == "bf16")[0]
+    int4_tables = tensors("int4", lambda d: d.name.startswith("embed_tokens"))  # tables and their float16 scales
+    int4 = next(d for d in int4_tables if d.encoding == "int4-g32")
+    int4_scale = lay["int4"][f"tensors/{int4.name}.weight_scale"]
+    I4, I4S = f"tensors/{int4.name}", f"tensors/{int4_scale.name}"
 
     # -- files that are not artifacts at all
     def write(data: bytes):
@@ -309,10 +314,12 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
         add(f"special/{name}", "not an artifact", None, make, {REFUSED}, words, keep=name in ("FIFO", "folder"))
 
     # -- truncation: at the start, in the superblock, in object headers, in data, near the end
-    for label in ("ternary", "f32"):
+    for label in ("ternary", "f32", "int4"):
         n = size[label]
         cuts = {1, 7, 8, 64, 96, 200, 4095, 4096, 4097, n - 4096, n - 100, n - 1}
         cuts |= {n * k // 29 for k in range(1, 29)} if label == "ternary" else {n * k // 9 for k in range(1, 9)}
+        if label == "int4":  # the table encoding's own datasets: their headers and data
+            cuts = {d.header + 8 for d in int4_tables} | {d.offset + d.nbytes // 2 for d in int4_tables}
         cuts |= {d.header + 8 for d in list(lay[label].values())[::40]}
         for cut in sorted(cuts):
             add(f"truncate/{label}/{cut}", "truncation", label,
@@ -352,10 +359,10 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
                 {REFUSED, VERIFY_FAILS, INTACT})
 
     # -- one byte changed in the data of every dataset: --verify must name exactly that dataset
-    for label in ("ternary", "f32", "bf16"):
+    for label in ("ternary", "f32", "bf16", "int4"):
         rng = random.Random(f"data-{label}")
         for d in lay[label].values():
-            if label == "bf16" and d.encoding != "bf16":
+            if label == "bf16" and d.encoding != "bf16" or label == "int4" and d not in int4_tables:
                 continue  # the rest is as in the ternary student
             at, mask = d.offset + rng.randrange(d.nbytes), rng.randrange(1, 256)
             expect = {VERIFY_FAILS} if d.group == "tensors" else {VERIFY_FAILS, REFUSED}
@@ -376,12 +383,12 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
         add(f"digest text/{d.key} not hex", "attribute text", "ternary",
             lambda src, dst, at=at: (copy(src, dst), patch(dst, at, b"g")), {REFUSED}, (d.name, "blake2b"))
     name_at = find_once(raw, b"ferrisres.tern")
-    version_at = raw.find(b"1.0\0", name_at)
+    version_at = raw.find(b"1.1\0", name_at)
     for name, at, text, expect, words in [
         ("format", name_at + 10, b"a", REFUSED, ("not a .tern", "ferrisres.aern")),
-        ("format_version 2.0", version_at, b"2", REFUSED, ("2.0", "newer")),
+        ("format_version 2.1", version_at, b"2", REFUSED, ("2.1", "newer")),
         ("format_version 1.9", version_at + 2, b"9", INTACT, ()),
-        ("format_version 1:0", version_at + 1, b":", REFUSED, ("malformed",)),
+        ("format_version 1:1", version_at + 1, b":", REFUSED, ("malformed",)),
     ]:
         add(f"root text/{name}", "attribute text", "ternary",
             lambda src, dst, at=at, text=text: (copy(src, dst), patch(dst, at, text)), {expect}, words)
@@ -472,6 +479,27 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
         add(f"attr/{label}", "dataset attributes", "ternary", attr(target, name, value), {expect},
             (*words, target.split("/", 1)[1]) if expect == REFUSED and target.startswith("tensors") else words,
             verify=verify)
+
+    # -- the int4 table's attributes: each other reading of its bytes is refused, naming the tensor
+    rows, cols = int4.shape
+    for target, name, value, words in [
+        (I4, "encoding", "int4-g64", ("stored as", int4.name)),
+        (I4, "encoding", "ternary", ("stored as", int4.name)),
+        (I4, "encoding", "int8", ("datatype", int4.name)),
+        (I4, "encoding", "int4-g16", ("unknown encoding", int4.name)),
+        (I4, "shape", np.asarray([rows, cols + 1]), ("stored as", int4.name)),
+        (I4, "shape", np.asarray([rows, cols - 1]), ("shape", int4.name)),
+        (I4, "shape", np.asarray([rows - 1, cols]), ("stored as", int4.name)),
+        (I4S, "encoding", "f32", ("datatype", int4_scale.name)),
+        (I4S, "shape", np.asarray([rows * int4_scale.shape[1]]), ("stored as", int4_scale.name)),
+    ]:
+        add(f"int4 attr/{target} {name}={str(value)[:30]}", "dataset attributes", "int4", attr(target, name, value),
+            {REFUSED}, words)
+    add("int4 table/scale missing", "dataset attributes", "int4", h5edit(lambda f: f.__delitem__(I4S)), {REFUSED},
+        (int4_scale.name, "float16"))
+    add("int4 table/per-tensor scale", "dataset attributes", "int4",
+        h5edit(lambda f: rewrite(f, I4S, f[I4S][:1, :1].reshape(1), {"shape": np.asarray([1])})), {REFUSED},
+        (int4_scale.name, "float16"))
 
     # -- JSON documents: valid containers (digests fixed) with contents the tools must refuse or tolerate
     deep = "[" * 100_000 + "]" * 100_000
@@ -679,6 +707,12 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
          lambda f: rewrite(f, f"tensors/{bf16.name}", f[f"tensors/{bf16.name}"][...].view("<f2")), ("datatype",)),
         ("bf16 big-endian", "bf16", f"tensors/{bf16.name}",
          lambda f: rewrite(f, f"tensors/{bf16.name}", f[f"tensors/{bf16.name}"][...].astype(">u2")), ("big-endian",)),
+    ]
+    dtypes += [
+        ("int4 as int8", "int4", I4, lambda f: rewrite(f, I4, f[I4][...].view("i1")), ("datatype",)),
+        ("int4 scale as f32", "int4", I4S, lambda f: rewrite(f, I4S, f[I4S][...].astype("<f4")), ("datatype",)),
+        ("int4 scale big-endian", "int4", I4S, lambda f: rewrite(f, I4S, f[I4S][...].astype(">f2")), ("big-endian",)),
+        ("int4 scale as bf16 bits", "int4", I4S, lambda f: rewrite(f, I4S, f[I4S][...].view("<u2")), ("datatype",)),
     ]
     for name, base, target, edit, words in dtypes:
         add(f"dtype/{name}", "datatype", base, h5edit(edit), {REFUSED}, (*words, target.split("/", 1)[1]),
@@ -1008,7 +1042,8 @@ def test_fuzz(converted, tmp_path):
     bases = {
         "ternary": converted("tiny_gemma4"),
         "f32": converted("tiny_gemma4", "f32"),
-        "bf16": converted("tiny_gemma4_bf16"),
+        "bf16": converted("tiny_gemma4_bf16", tables="bf16"),
+        "int4": converted("tiny_gemma4", tables="int4-g32", per_layer_table="int4-g64"),
     }
     work = tmp_path / "mutants"
     work.mkdir()

@@ -68,12 +68,12 @@ def test_text_summary(student):
     assert f"head dims {sorted({c['head_dim'], c['global_head_dim']})}" in out
     # the quantization scheme
     assert re.search(r"quant ternary, gptq, 2 planes, group 64, rotate 64, calibrated on teacher \(8192 tokens\)", out), out
-    assert "head int8-row" in out
+    assert "head tied, tables embed_tokens int8 / embed_tokens_per_layer int8" in out
     # bytes by kind
     assert "bytes by kind:" in out
     assert amount(kind_line(out, "linear weights (ternary-g2)")) == ternary_bytes(student)
-    assert amount(kind_line(out, "output head copy (int8)")) == c["vocab_size"] * c["hidden_size"]
-    assert amount(kind_line(out, "token embedding (f32)")) == 4 * c["vocab_size"] * c["hidden_size"]
+    assert "output head copy" not in out  # the head is the int8 token embedding
+    assert amount(kind_line(out, "token embedding (int8)")) == c["vocab_size"] * c["hidden_size"]
     with Artifact.open(student) as a:
         n_tensors = len(a.tensors)
     assert f"{n_tensors} tensors" in out
@@ -125,13 +125,14 @@ def test_json(student):
     assert m["kv_shared_layers"] == c["num_kv_shared_layers"]
     assert report["student"]["quant"] == "ternary"
     assert report["student"]["method"] == "gptq" and report["student"]["planes"] == 2
+    assert report["student"]["tables"] == {"embed_tokens": "int8", "embed_tokens_per_layer": "int8"}
     assert report["format_version"] == "1.1"
     assert report["file_bytes"] == student.stat().st_size
     assert report["chat_template"] is None
 
     by_kind = report["bytes_by_kind"]
     assert by_kind["linear weights (ternary-g2)"] == ternary_bytes(student)
-    assert by_kind["output head copy (int8)"] == c["vocab_size"] * c["hidden_size"]
+    assert by_kind["token embedding (int8)"] == c["vocab_size"] * c["hidden_size"]
     assert sum(by_kind.values()) == all_tensor_bytes(student)
     with Artifact.open(student) as a:
         assert report["tensors"] == len(a.tensors)

@@ -238,8 +238,8 @@ def test_interactive_reset_starts_over(chat_artifact):
     assert prompt_tokens(again) == prompt_tokens(first), "after /reset the whole first prompt is prefilled again"
     expected, _ = session_transcript(chat_artifact, lines, 8)
     assert reset.stdout == expected
-    reply = expected.split("\n")[0]
-    assert reset.stdout.count(reply) == 2, "after /reset the same message must get the same (greedy) reply"
+    replies = [r for r in reset.stdout.split("> ") if r]  # each reply follows its input prompt "> "
+    assert len(replies) == 2 and replies[0] == replies[1], "after /reset the same message must get the same (greedy) reply"
 
     # Control: without /reset the second "Hello" would continue the conversation, prefilling another count.
     _, prompts = session_transcript(chat_artifact, ["Hello", "Hello", "/exit"], 8)

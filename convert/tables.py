@@ -1,0 +1,46 @@
+"""How a student's embedding tables are stored (`--tables`, `--per-layer-table`) and their quantizers.
+
+The token embedding and Gemma 4's per-layer embedding table are most of a ternary student's bytes
+(E2B: 262144 x 1536 and 262144 x 8960), so they are quantized row-wise (format/tables.py): int8 with a
+scale per row, or int4 with a float16 scale per group of 32 or 64 values. The defaults were chosen by
+measurement (QUALITY.md, "Embedding tables").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrisres.format.tables import INT4_GROUPS, pack_int4
+
+from .errors import ConversionError
+from .quantize import int8_rows
+
+TABLE_CHOICES = ("bf16", "int8", *INT4_GROUPS)
+DEFAULT_TABLES = "int8"  # a ternary student's token embedding (and so its tied head): QUALITY.md
+DEFAULT_PER_LAYER_TABLE = "int8"  # Gemma 4's per-layer table: see QUALITY.md for why
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def quantize_table_rows(block: np.ndarray, encoding: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The stored rows and their scales of a float32 block of table rows, in a quantized encoding."""
+    if encoding == "int8":
+        return int8_rows(block)
+    return int4_rows(block, encoding, name)
+
+
+def int4_rows(w: np.ndarray, encoding: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 per group of a row: w ~ scale * q, q in [-7, 7], scale = max|group| / 7 in float16
+    (the quantization uses the float16 scale as stored, so its rounding adds no error of its own)."""
+    rows, n_in = w.shape
+    group = INT4_GROUPS[encoding]
+    padded = np.zeros((rows, -(-n_in // group) * group), dtype=np.float32)
+    padded[:, :n_in] = w
+    groups = padded.reshape(rows, -1, group)
+    peak = np.max(np.abs(groups), axis=2)
+    if np.any(peak / 7 > _F16_MAX):
+        raise ConversionError(f"{name}: values up to {peak.max():.3g} do not fit int4 with float16 scales; "
+                              "use --tables int8 or bf16")
+    scale = (peak / 7).astype(np.float16)
+    safe = np.where(scale > 0, scale, 1).astype(np.float32)
+    q = np.clip(np.rint(groups / safe[:, :, None]), -7, 7).astype(np.int8).reshape(rows, -1)
+    return pack_int4(q[:, :n_in], encoding), scale

@@ -1,0 +1,163 @@
+"""Quantized embedding tables (format 1.1): the int4 packing, the quantizers' error bounds, rung 2 for
+every table encoding (the runtime, tied head included, against a float64 forward over the tables as
+SPEC.md dequantizes them), what the converter writes, and what the reader refuses."""
+
+import h5py
+import numpy as np
+import pytest
+from artifact_weights import dequantized_weights
+from conftest import FIXTURES, reference, run_tool
+from reference_forward import reference_logits
+
+from ferrisres.convert.build import Options, convert
+from ferrisres.convert.errors import ConversionError
+from ferrisres.convert.tables import TABLE_CHOICES, int4_rows
+from ferrisres.format import Artifact, ArtifactError
+from ferrisres.format.tables import pack_int4, unpack_int4
+from ferrisres.runtime import load
+
+ATOL = 1e-4  # rung 2 (design.md §5), as for the ternary student in test_student.py
+
+
+def test_int4_packing_is_as_specified():
+    """Codes q + 8, even column in the low nibble; a row is padded to whole groups with code 8 (zero)."""
+    packed = pack_int4(np.array([[-8, 7, 0, 1, -1]]), "int4-g32")
+    assert packed.shape == (1, 16)
+    np.testing.assert_array_equal(packed[0, :4], [0xF0, 0x98, 0x87, 0x88])
+    assert np.all(packed[0, 3:] == 0x88)
+    scale = np.array([[0.5]], np.float16)
+    np.testing.assert_array_equal(unpack_int4(packed, scale, "int4-g32")[0, :6], [-4, 3.5, 0, 0.5, -0.5, 0])
+
+
+@pytest.mark.parametrize("encoding,group", [("int4-g32", 32), ("int4-g64", 64)])
+def test_int4_rows_error_is_at_most_half_a_step(encoding, group):
+    """scale = max|group| / 7 rounded to float16, and q = rint(w / scale) with that stored scale: so
+    |w - scale * q| <= scale / 2 exactly (|w / scale| <= 7 (1 + 2^-11) < 7.5, no clipping)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((40, 100)) * rng.uniform(1e-3, 10, (40, 1))).astype(np.float32)
+    w[3] = 0  # an all-zero row: scale 0, codes 0
+    packed, scale = int4_rows(w, encoding, "t")
+    groups = -(-100 // group)
+    assert packed.shape == (40, groups * group // 2) and scale.shape == (40, groups) and scale.dtype == np.float16
+    peak = np.abs(np.pad(w, ((0, 0), (0, groups * group - 100)))).reshape(40, groups, group).max(axis=2)
+    np.testing.assert_array_equal(scale, (peak / 7).astype(np.float16))
+    values = unpack_int4(packed, scale, encoding)
+    step = np.repeat(scale.astype(np.float32), group, axis=1)
+    assert np.all(np.abs(values[:, :100] - w) <= step[:, :100] / 2 * (1 + 1e-6))
+    assert np.all(values[:, 100:] == 0) and np.all(values[3] == 0)
+
+
+def test_int4_refuses_values_beyond_float16_scales():
+    with pytest.raises(ConversionError, match=r"^embed_tokens: values up to 1e\+06 do not fit int4"):
+        int4_rows(np.full((2, 64), 1e6, np.float32), "int4-g64", "embed_tokens")
+
+
+@pytest.mark.parametrize("tables,per_layer", [(t, None) for t in TABLE_CHOICES] + [("int8", "int4-g64")])
+def test_runtime_equals_reference_over_dequantized_tables(converted, tables, per_layer):
+    """Rung 2 for each table encoding, the tied head reading the quantized embedding itself."""
+    model = load(converted("tiny_gemma4", tables=tables, per_layer_table=per_layer))
+    tensors = model.artifact.tensors
+    assert tensors["embed_tokens"].encoding == tables
+    assert tensors["embed_tokens_per_layer"].encoding == (per_layer or tables)
+    assert ("lm_head" in tensors) == (tables == "bf16")  # bf16 tables keep the int8 head copy
+    ids = reference("tiny_gemma4")["ids"]
+    weights = dequantized_weights(model.artifact)
+    expected = reference_logits(weights, model.config, ids)
+    np.testing.assert_allclose(model.logits(ids), expected, rtol=0, atol=ATOL)
+    # guard: the comparison sees the tables' quantization (float tables move the reference far beyond ATOL)
+    if tables != "bf16":
+        teacher = Artifact.open(converted("tiny_gemma4", "f32"))
+        exact = dict(weights, **{n: teacher.tensor(n) for n in ("embed_tokens", "embed_tokens_per_layer")})
+        assert np.abs(reference_logits(exact, model.config, ids) - expected).max() > 10 * ATOL
+        teacher.close()
+
+
+@pytest.mark.parametrize("encoding", ["int8", "int4-g64"])
+def test_per_layer_table_is_read_by_rows_only(converted, monkeypatch, encoding):
+    """The per-layer table (E2B: 262144 x 8960) is never viewed whole: each step reads the rows of its
+    tokens, and those rows' scales, from the file."""
+    path = converted("tiny_gemma4", per_layer_table=encoding)
+    whole, rows = [], []
+    tensor, read_rows = Artifact.tensor, Artifact.rows
+    monkeypatch.setattr(Artifact, "tensor", lambda self, name: (whole.append(name), tensor(self, name))[1])
+    monkeypatch.setattr(Artifact, "rows", lambda self, name, ids: (rows.append((name, list(ids))), read_rows(self, name, ids))[1])
+    ids = reference("tiny_gemma4")["ids"]
+    load(path).logits(ids)
+    assert not [n for n in whole if n.startswith("embed_tokens_per_layer")]
+    assert ("embed_tokens_per_layer", list(ids)) in rows and ("embed_tokens_per_layer.weight_scale", list(ids)) in rows
+
+
+def test_int4_tables_cost_half_of_int8(converted):
+    """Sizes as SPEC.md says: vocab x 64 int8 + float32 row scales; int4: half a byte per value (rows
+    padded to whole groups: the per-layer table's 80 values take 3 groups of 32) + float16 group scales."""
+    sizes = {}
+    for tables in ("int8", "int4-g32"):
+        a = Artifact.open(converted("tiny_gemma4", tables=tables))
+        sizes[tables] = {n: a.tensors[n].nbytes for n in
+                         ("embed_tokens", "embed_tokens.weight_scale", "embed_tokens_per_layer", "embed_tokens_per_layer.weight_scale")}
+        a.close()
+    assert sizes["int8"] == {"embed_tokens": 512 * 64, "embed_tokens.weight_scale": 512 * 4,
+                             "embed_tokens_per_layer": 512 * 80, "embed_tokens_per_layer.weight_scale": 512 * 4}
+    assert sizes["int4-g32"] == {"embed_tokens": 512 * 32, "embed_tokens.weight_scale": 512 * 2 * 2,
+                                 "embed_tokens_per_layer": 512 * 48, "embed_tokens_per_layer.weight_scale": 512 * 3 * 2}
+
+
+def test_teacher_keeps_its_tables_unless_asked(converted):
+    teacher = Artifact.open(converted("tiny_gemma4", "f32"))
+    assert {teacher.tensors[n].encoding for n in ("embed_tokens", "embed_tokens_per_layer")} == {"f32"}
+    teacher.close()
+    model = load(converted("tiny_gemma4", "f32", tables="int4-g64"))
+    assert model.artifact.tensors["embed_tokens"].encoding == "int4-g64" and "lm_head" not in model.artifact.tensors
+    student = model.artifact.document("student_config.json")
+    assert '"tables": {"embed_tokens": "int4-g64", "embed_tokens_per_layer": "int4-g64"}' in student
+    ids = reference("tiny_gemma4")["ids"]
+    expected = reference_logits(dequantized_weights(model.artifact), model.config, ids)
+    np.testing.assert_allclose(model.logits(ids), expected, rtol=0, atol=1e-3)  # TEACHER_ATOL of test_student.py
+
+
+def test_per_layer_table_flag_needs_a_per_layer_table(tmp_path):
+    out = tmp_path / "x.tern"
+    with pytest.raises(ConversionError, match="^--per-layer-table: this model has no per-layer embedding table$"):
+        convert(FIXTURES / "tiny_gemma3", out, Options(per_layer_table="int8"), progress=False)
+    with pytest.raises(ConversionError, match="^--tables must be one of bf16, int8, int4-g32, int4-g64, got 'int5'$"):
+        convert(FIXTURES / "tiny_gemma4", out, Options(tables="int5"), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_table_encoding_flag_names_the_choices(tmp_path):
+    """argparse's own refusal, as for every flag with choices: usage, then one error line (exit 2)."""
+    result = run_tool("ferrisres-convert", str(FIXTURES / "tiny_gemma4"), "-o", str(tmp_path / "x.tern"), "--tables", "int4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ferrisres-convert: error: argument --tables: invalid choice: 'int4' (choose from 'bf16', 'int8', 'int4-g32', 'int4-g64')")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _rewrite(path, name, data=None, attrs=None):
+    """Replace dataset /tensors/<name> (its data and/or attributes), aligned as the writer aligns."""
+    with h5py.File(path, "r+", alignment_threshold=1, alignment_interval=4096) as f:
+        key = f"tensors/{name}"
+        old_attrs, old_data = dict(f[key].attrs), f[key][...]
+        del f[key]
+        ds = f.create_dataset(key, data=old_data if data is None else data)
+        ds.attrs.update({**old_attrs, **(attrs or {})})
+
+
+@pytest.mark.parametrize("case,edit,message", [
+    ("scale float32", lambda p: _rewrite(p, "embed_tokens.weight_scale", np.ones((512, 2), "<f4"), {"encoding": "f32"}),
+     "tensor embed_tokens.weight_scale is missing or not float16 [512, 2] (the scales of a table stored as int4-g32)"),
+    ("scale per tensor", lambda p: _rewrite(p, "embed_tokens.weight_scale", np.ones(1, "<f2"), {"shape": np.array([1])}),
+     "tensor embed_tokens.weight_scale is missing or not float16 [512, 2]"),
+    ("int4 rows one byte short", lambda p: _rewrite(p, "embed_tokens", np.zeros((512, 31), np.uint8)),
+     "dataset /tensors/embed_tokens is stored as [512, 31], which does not hold logical shape [512, 64]"),
+    ("int4 projection", lambda p: _rewrite(p, "layers.0.self_attn.q_proj", np.zeros((32, 32), np.uint8),
+                                           {"encoding": "int4-g32"}),
+     "tensor layers.0.self_attn.q_proj has encoding int4-g32, expected one of ternary, int8, bf16, f16, f32"),
+])
+def test_reader_refuses_malformed_int4_tables(converted, tmp_path, case, edit, message):
+    path = tmp_path / "x.tern"
+    path.write_bytes(converted("tiny_gemma4", tables="int4-g32").read_bytes())
+    edit(path)
+    with pytest.raises(ArtifactError) as e:
+        Artifact.open(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
