@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
+from ferrisres.format.writer import work_folder
 from ferrisres.format.documents import check_document
 from ferrisres.format.errors import ArtifactError
 from ferrisres.format.reader import Artifact
@@ -132,10 +132,13 @@ def _calibration(model_dir: Path, out: Path, options: Options, weights: StudentW
     from .calibrate import Calibration, calibration_sequences
 
     set_threads(os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.calibration-") as work:
-        float_student = Path(work) / "float-student.tern"
+    with work_folder(out) as work:
+        float_student = work / "float-student.tern"
         log.info("calibration: writing the float student (bf16) to a temporary artifact")
-        convert(model_dir, float_student, options.float_student(), progress=False)
+        try:
+            convert(model_dir, float_student, options.float_student(), progress=False)
+        except ArtifactError as e:
+            raise ConversionError(f"cannot write {out}: calibration's temporary float model beside it failed: {e}") from None
         model = load(float_student)
         try:
             sequences = calibration_sequences(model, options.calibration, options.calibration_tokens, options.seed)

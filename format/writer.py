@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .errors import ArtifactError
 from .spec import ALIGNMENT, DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP, digest_stream
 
 _PARTIAL_SUFFIX = ".partial"
+_WORK_SUFFIX = ".work"  # a folder of a conversion's intermediate files (see `work_folder`)
 _RANDOM_PART = r"[A-Za-z0-9_]{8}"  # what tempfile.mkstemp puts between prefix and suffix
 
 
@@ -47,7 +49,8 @@ def partial_name_prefix(path: Path) -> str:
 def partial_files(path: str | os.PathLike) -> list[Path]:
     """The temporary files of artifacts being (or once being) written to `path`, by any process."""
     path = Path(path)
-    pattern = re.compile(re.escape(partial_name_prefix(path)) + _RANDOM_PART + re.escape(_PARTIAL_SUFFIX))
+    suffixes = f"({re.escape(_PARTIAL_SUFFIX)}|{re.escape(_WORK_SUFFIX)})"
+    pattern = re.compile(re.escape(partial_name_prefix(path)) + _RANDOM_PART + suffixes)
     try:
         return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
     except OSError:
@@ -62,8 +65,9 @@ def remove_stale_partials(path: str | os.PathLike) -> tuple[list[Path], list[Pat
     """
     removed, in_use = [], []
     for p in partial_files(path):
+        folder = p.name.endswith(_WORK_SUFFIX)
         try:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_DIRECTORY if folder else 0))
         except OSError:
             continue  # gone meanwhile (renamed into place or removed by its writer), or not a plain file
         try:
@@ -74,15 +78,44 @@ def remove_stale_partials(path: str | os.PathLike) -> tuple[list[Path], list[Pat
                 continue
             try:
                 mine = os.fstat(fd)
-                same = stat.S_ISREG(mine.st_mode) and os.stat(p, follow_symlinks=False).st_ino == mine.st_ino
+                kind = stat.S_ISDIR if folder else stat.S_ISREG
+                same = kind(mine.st_mode) and os.stat(p, follow_symlinks=False).st_ino == mine.st_ino
             except FileNotFoundError:
                 same = False
             if same:
-                p.unlink(missing_ok=True)
+                shutil.rmtree(p, ignore_errors=True) if folder else p.unlink(missing_ok=True)
                 removed.append(p)
         finally:
             os.close(fd)
     return removed, in_use
+
+
+@contextmanager
+def work_folder(path: str | os.PathLike):
+    """A folder `.<name>.<random>.work` beside the artifact `path` for a conversion's intermediate files,
+    locked (flock on the folder) while in use and removed afterwards; one that a killed conversion left
+    is removed by the next `remove_stale_partials`, as a partial file is."""
+    path = Path(path)
+    for _ in range(5):
+        try:
+            folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=partial_name_prefix(path), suffix=_WORK_SUFFIX))
+        except OSError as e:
+            raise ArtifactError(f"cannot write in {path.parent}: {e.strerror or e}") from None
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(folder, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break  # locked before any cleaner could take it for stale
+        except OSError:
+            pass  # a cleaner locked it first and is removing it: start again
+        os.close(fd)
+    else:
+        raise ArtifactError(f"cannot create a work folder in {path.parent}")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
 
 
 class ArtifactWriter:

@@ -201,7 +201,7 @@ def test_disk_full_with_force_keeps_the_old_artifact(small_disk, converted):
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_mid_conversion_leaves_nothing(deep_checkpoint, tmp_path, sig, code, word):
     out = tmp_path / "model.tern"
-    proc = start_conversion(deep_checkpoint, out)
+    proc = start_conversion(deep_checkpoint, out, "--method", "rtn")  # the artifact's partial file itself
     wait_for_partial(proc, out)
 
     proc.send_signal(sig)
@@ -215,7 +215,7 @@ def test_signal_mid_conversion_leaves_nothing(deep_checkpoint, tmp_path, sig, co
 
 def test_sigkill_leaves_a_partial_that_the_next_run_removes(deep_checkpoint, tmp_path):
     out = tmp_path / "model.tern"
-    proc = start_conversion(deep_checkpoint, out)
+    proc = start_conversion(deep_checkpoint, out, "--method", "rtn")
     partial = wait_for_partial(proc, out)
 
     proc.kill()
@@ -230,6 +230,43 @@ def test_sigkill_leaves_a_partial_that_the_next_run_removes(deep_checkpoint, tmp
     assert f"removed {partial}, left by an interrupted conversion" in result.stderr
     assert files(tmp_path) == ["model.tern"]
     assert run_tool(INSPECT, str(out), "--verify").returncode == 0
+
+
+def wait_for_calibration(proc: subprocess.Popen, out: Path, timeout: float = 120) -> Path:
+    """The work folder of a calibrating conversion, once its temporary float model is being written."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the conversion ended before it could be interrupted: {proc.communicate()}"
+        for folder in (p for p in partial_files(out) if p.name.endswith(".work")):
+            if any(f.stat().st_size >= 1 << 20 for f in folder.iterdir() if f.is_file()):
+                return folder
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("no work folder appeared")
+
+
+def test_sigterm_while_calibrating_leaves_nothing(deep_checkpoint, tmp_path):
+    out = tmp_path / "model.tern"
+    proc = start_conversion(deep_checkpoint, out)
+    wait_for_calibration(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and stderr.splitlines() == [f"{CONVERT}: terminated"], stderr
+    assert files(tmp_path) == [], "the calibration's work folder was left behind"
+
+
+def test_sigkill_while_calibrating_leaves_a_work_folder_that_the_next_run_removes(deep_checkpoint, tmp_path):
+    out = tmp_path / "model.tern"
+    proc = start_conversion(deep_checkpoint, out)
+    folder = wait_for_calibration(proc, out)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert files(tmp_path) == [folder.name]
+
+    result = run_tool(CONVERT, str(FIXTURES / "tiny_gemma4"), "-o", str(out), "--method", "rtn")
+    assert result.returncode == 0, result.stderr
+    assert f"removed {folder}, left by an interrupted conversion" in result.stderr
+    assert files(tmp_path) == ["model.tern"]
 
 
 def test_partial_of_a_running_conversion_is_kept(tmp_path):
