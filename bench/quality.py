@@ -36,7 +36,6 @@ TINY = ROOT / "tests/fixtures/tiny_gemma4"
 CONVERT = Path(sys.executable).parent / "ferrisres-convert"
 STUDENTS = {  # name -> ferrisres-convert flags
     "gptq, 2 planes (default)": [],
-    "gptq, 2 planes, no rotation": ["--rotate", "none"],
     "rtn, 2 planes": ["--method", "rtn"],
     "gptq, 1 plane": ["--planes", "1"],
     "rtn, 1 plane": ["--method", "rtn", "--planes", "1"],

@@ -265,14 +265,11 @@ class Gemma4:
             k = apply_rope(rms_norm(k_raw, w["self_attn.k_norm"], eps), cos, sin)
             v = rms_norm(v, None, eps) if c.value_norm else v
         window = None if c.is_full(i) else c.sliding_window
-        att = np.empty((T, c.num_heads * hd))
-        for s in tokens.segments:  # each sequence attends to its own keys only
-            rows = slice(s.start, s.stop)
+        for s in tokens.segments:
             if c.has_own_kv(i):
-                s.shared_kv[i] = s.cache.layers[i].update(k[rows], v[rows], tokens.positions[rows])
-            keys, values, key_positions = s.shared_kv[c.kv_sources[i]]
-            att[rows] = attention(q[rows], keys, values, tokens.positions[rows], key_positions, window,
-                                  c.attention_scale, c.attn_logit_softcapping)
+                s.shared_kv[i] = s.cache.layers[i].update(k[s.start : s.stop], v[s.start : s.stop],
+                                                          tokens.positions[s.start : s.stop])
+        att = self._attention(i, q, tokens, window)
         x = x + rms_norm(w["self_attn.o_proj"](att), w["post_attention_layernorm"], eps)
 
         h = rms_norm(x, w["pre_feedforward_layernorm"], eps)
@@ -286,6 +283,32 @@ class Gemma4:
             g = gelu_tanh(w["per_layer_input_gate"](x)) * tokens.ple[:, i, :]
             x = x + rms_norm(w["per_layer_projection"](g), w["post_per_layer_input_norm"], eps)
         return x * w["layer_scalar"] if c.layer_scalars else x
+
+    def _attention(self, i: int, q: np.ndarray, tokens: "Tokens", window: int | None) -> np.ndarray:
+        """Each sequence's queries attend to its own keys only. Sequences at the same positions (a batch
+        of equal prompts, or of equal lengths, as calibration runs) are one call: their heads side by
+        side, each query head still reading its own sequence's key heads."""
+        c = self.config
+        segments = tokens.segments
+        sources = [s.shared_kv[c.kv_sources[i]] for s in segments]
+        rows = segments[0].stop - segments[0].start
+        aligned = (len(segments) > 1 and len(q) == rows * len(segments)
+                   and all(s.stop - s.start == rows and len(kv[2]) == len(sources[0][2]) for s, kv in zip(segments, sources))
+                   and (tokens.positions.reshape(-1, rows) == tokens.positions[:rows]).all()
+                   and (np.stack([kv[2] for kv in sources]) == sources[0][2]).all())
+        if aligned:
+            B, (S, kvh, hd) = len(segments), sources[0][0].shape
+            heads = q.reshape(B, rows, c.num_heads, hd).transpose(1, 0, 2, 3).reshape(rows, B * c.num_heads, hd)
+            keys = np.stack([kv[0] for kv in sources], axis=1).reshape(S, B * kvh, hd)
+            values = np.stack([kv[1] for kv in sources], axis=1).reshape(S, B * kvh, hd)
+            out = attention(heads, keys, values, tokens.positions[:rows], sources[0][2], window,
+                            c.attention_scale, c.attn_logit_softcapping)
+            return out.reshape(rows, B, -1).transpose(1, 0, 2).reshape(B * rows, -1)
+        att = np.empty((len(q), c.num_heads * q.shape[-1]))
+        for s, (keys, values, key_positions) in zip(segments, sources):
+            att[s.start : s.stop] = attention(q[s.start : s.stop], keys, values, tokens.positions[s.start : s.stop],
+                                              key_positions, window, c.attention_scale, c.attn_logit_softcapping)
+        return att
 
     def _expert_mlp(self, w: dict, h: np.ndarray) -> np.ndarray:
         """The student's MoE expansion: softmax router over all experts, top-k renormalized to sum 1."""

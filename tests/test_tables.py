@@ -55,7 +55,7 @@ def test_int4_refuses_values_beyond_float16_scales():
 @pytest.mark.parametrize("tables,per_layer", [(t, None) for t in TABLE_CHOICES] + [("int8", "int4-g64")])
 def test_runtime_equals_reference_over_dequantized_tables(converted, tables, per_layer):
     """Rung 2 for each table encoding, the tied head reading the quantized embedding itself."""
-    model = load(converted("tiny_gemma4", tables=tables, per_layer_table=per_layer))
+    model = load(converted("tiny_gemma4", tables=tables, per_layer_table=per_layer, method="rtn"))
     tensors = model.artifact.tensors
     assert tensors["embed_tokens"].encoding == tables
     assert tensors["embed_tokens_per_layer"].encoding == (per_layer or tables)
@@ -76,7 +76,7 @@ def test_runtime_equals_reference_over_dequantized_tables(converted, tables, per
 def test_per_layer_table_is_read_by_rows_only(converted, monkeypatch, encoding):
     """The per-layer table (E2B: 262144 x 8960) is never viewed whole: each step reads the rows of its
     tokens, and those rows' scales, from the file."""
-    path = converted("tiny_gemma4", per_layer_table=encoding)
+    path = converted("tiny_gemma4", per_layer_table=encoding, method="rtn")
     whole, rows = [], []
     tensor, read_rows = Artifact.tensor, Artifact.rows
     monkeypatch.setattr(Artifact, "tensor", lambda self, name: (whole.append(name), tensor(self, name))[1])
@@ -92,7 +92,7 @@ def test_int4_tables_cost_half_of_int8(converted):
     padded to whole groups: the per-layer table's 80 values take 3 groups of 32) + float16 group scales."""
     sizes = {}
     for tables in ("int8", "int4-g32"):
-        a = Artifact.open(converted("tiny_gemma4", tables=tables))
+        a = Artifact.open(converted("tiny_gemma4", tables=tables, method="rtn"))
         sizes[tables] = {n: a.tensors[n].nbytes for n in
                          ("embed_tokens", "embed_tokens.weight_scale", "embed_tokens_per_layer", "embed_tokens_per_layer.weight_scale")}
         a.close()
@@ -156,7 +156,7 @@ def _rewrite(path, name, data=None, attrs=None):
 ])
 def test_reader_refuses_malformed_int4_tables(converted, tmp_path, case, edit, message):
     path = tmp_path / "x.tern"
-    path.write_bytes(converted("tiny_gemma4", tables="int4-g32").read_bytes())
+    path.write_bytes(converted("tiny_gemma4", tables="int4-g32", method="rtn").read_bytes())
     edit(path)
     with pytest.raises(ArtifactError) as e:
         Artifact.open(path)
