@@ -77,6 +77,8 @@ def _convert(args: Args, argv: list[str]) -> int:
         raise ConversionError(f"{out} already exists (pass --force to replace it)")
     if out.is_dir():
         raise ConversionError(f"{out} is a folder")
+    if out.exists() and not out.is_file():  # --force -o /dev/null would have replaced the device
+        raise ConversionError(f"{out} is not a regular file (a device, FIFO or socket); it is never replaced")
     _remove_stale_partials(out)
     convert(
         Path(args.model_path), out, Options(
