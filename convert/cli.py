@@ -127,6 +127,8 @@ def _check_output(out: Path, force: bool) -> None:
     """Everything about the output that can be known before any work, so no work is lost to it."""
     if out.is_dir():
         raise ConversionError(f"{out} is a folder")
+    if out.exists() and not out.is_file():  # --force -o /dev/null would have replaced the device
+        raise ConversionError(f"{out} is not a regular file (a device, FIFO or socket); it is never replaced")
     if out.exists() and not force:
         raise ConversionError(f"{out} already exists (pass --force to replace it)")
     folder = out.parent

@@ -69,8 +69,11 @@ class _Walk:
         for i in range(n_kv):
             self.string(f"the key of metadata entry {i}")
             self.value(self.u32(f"the type of metadata entry {i}"), f"metadata entry {i}")
-        for i in range(n_tensors):
-            self.tensor(i)
+        extents = [self.tensor(i) for i in range(n_tensors)]
+        data_start = self.at  # at least: the data follows the tensor entries, aligned
+        for i, (offset, nbytes) in enumerate(extents):
+            if offset + nbytes > len(self.data) - data_start:
+                raise self.fail(f"the data of tensor {i} ({nbytes} bytes at offset {offset}) lies outside the file")
 
     def value(self, kind: int, what: str) -> None:
         if kind in _SCALAR_SIZES:
@@ -92,7 +95,8 @@ class _Walk:
         else:
             raise self.fail(f"{what} has unknown value type {kind}")
 
-    def tensor(self, i: int) -> None:
+    def tensor(self, i: int) -> tuple[int, int]:
+        """Walk tensor entry `i`; returns its data's offset (from the data section) and size in bytes."""
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # the `convert` extra, needed for GGUF input only
 
         self.string(f"the name of tensor {i}")
@@ -101,10 +105,12 @@ class _Walk:
             raise self.fail(f"tensor {i} has {n_dims} dimensions")
         dims = [self.u64(f"a dimension of tensor {i}") for _ in range(n_dims)]
         kind = self.u32(f"the type of tensor {i}")
-        self.u64(f"the data offset of tensor {i}")
+        offset = self.u64(f"the data offset of tensor {i}")
         try:
             block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
         except (ValueError, KeyError):
             raise self.fail(f"tensor {i} has unknown type {kind}") from None
-        if min(dims) < 1 or dims[0] % block or math.prod(dims) // block * block_bytes > len(self.data):
+        nbytes = math.prod(dims) // block * block_bytes
+        if min(dims) < 1 or dims[0] % block or nbytes > len(self.data):
             raise self.fail(f"tensor {i} has dimensions {dims} of type {kind}, which the file cannot hold")
+        return offset, nbytes

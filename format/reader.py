@@ -1,7 +1,9 @@
 """Reader of `.tern` artifacts: validate the structure, memory-map the file once, hand out views.
 
-h5py is used only to walk the HDF5 structure at open time. Tensors are then zero-copy numpy views
-into one read-only memory map, so opening costs milliseconds and pages are read as they are used.
+h5py is used only to walk the HDF5 structure at open time, in a forked child with bounded memory and
+time (`isolated.py`: libhdf5 allocates what a length field declares before checking it), which sends
+back the checked list of datasets. Tensors are then zero-copy numpy views into one read-only memory
+map, so opening costs milliseconds and pages are read as they are used.
 
 An artifact may come from anyone, so nothing it declares is used before it is checked, and every
 failure is an `ArtifactError` whose message names the file and the dataset:
@@ -10,7 +12,7 @@ failure is an `ArtifactError` whose message names the file and the dataset:
 - every dataset is contiguous and unfiltered, stored in this file (external storage and virtual
   datasets are refused: nothing is ever read outside the file), with a simple dataspace, the exact
   little-endian datatype its encoding names, its bytes aligned and inside the file, clear of the
-  superblock, of every object header walked, and of every other dataset;
+  superblock, of every byte libhdf5 read as metadata during the walk, and of every other dataset;
 - attributes are checked for their type and size before they are read (`shape`: a short integer
   array; `encoding` and `blake2b`: text; `blake2b`: 64 hex digits), so memory stays bounded by the
   file whatever a header declares; sizes are computed with Python integers (no overflow);

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -41,31 +40,41 @@ def run_boxed(tool: str, *args: str, memory: int = MEMORY_LIMIT, timeout: float 
               stdin: bytes | None = None) -> Run:
     """Run console script `tool` with `args` (str or bytes) under the limits."""
     exe = str(Path(sys.executable).parent / tool)
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-
     start = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as given:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as given, \
+            tempfile.NamedTemporaryFile("r") as report:
         given.write(stdin or b"")
         given.seek(0)
-        p = subprocess.Popen([exe, *args], stdin=given, stdout=out, stderr=err, preexec_fn=limit,
-                             env={**os.environ, **_ENV})
-        while True:  # wait4, not wait: it gives the peak memory of the tool and its descendants
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - start > timeout:
-                p.kill()
-                p.wait()
-                raise subprocess.TimeoutExpired([exe, *map(str, args)], timeout)
-            time.sleep(0.02)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, report.name, str(memory), exe, *args], stdin=given,
+                             stdout=out, stderr=err, env={**os.environ, **_ENV}, start_new_session=True)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            p.wait()
+            raise
+        status, peak_kb = map(int, report.read().split())
         out.seek(0)
         err.seek(0)
         decode = lambda b: b.decode("utf-8", "replace")  # noqa: E731
-        return Run([tool, *map(str, args)], p.returncode, decode(out.read()), decode(err.read()),
-                   time.monotonic() - start, usage.ru_maxrss / 1024)
+        return Run([tool, *map(str, args)], os.waitstatus_to_exitcode(status), decode(out.read()),
+                   decode(err.read()), time.monotonic() - start, peak_kb / 1024)
+
+
+# The tool runs as the child of a small, freshly exec'd launcher that reports its wait status and peak
+# memory: a process forked from pytest itself would count pytest's resident pages as its own until
+# it execs (Linux carries the high-water mark across exec).
+_LAUNCHER = """
+import os, resource, sys
+report, memory, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    os.execv(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write(f"{status} {usage.ru_maxrss}")
+"""
 
 
 def refused(run: Run, *fragments: str) -> str:

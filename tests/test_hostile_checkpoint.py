@@ -50,9 +50,10 @@ def _key(name: bytes) -> bytes:
     (_gguf(0, 1, _key(b"t") + struct.pack("<I", 100) + b"\0" * 1000), "tensor 0 has 100 dimensions"),
     (_gguf(0, 1, _key(b"t") + struct.pack("<IQQIQ", 2, 2**40, 2**40, 0, 0) + b"\0" * 1000), "the file cannot hold"),
     (_gguf(0, 1, _key(b"t") + struct.pack("<IQIQ", 1, 4, 999, 0) + b"\0" * 1000), "unknown type 999"),
+    (_gguf(0, 1, _key(b"t") + struct.pack("<IQIQ", 1, 32, 0, 10**12) + b"\0" * 1000), "lies outside the file"),
     (b"GGUF" + struct.pack("<I", 99) + b"\0" * 100, "version 99"),
 ], ids=["kv-count", "tensor-count", "key-length", "string-length", "string-array", "u32-array", "nested-array",
-        "value-type", "tensor-dims", "tensor-size", "tensor-type", "version"])
+        "value-type", "tensor-dims", "tensor-size", "tensor-type", "tensor-offset", "version"])
 def test_gguf_counts_and_lengths_are_checked_against_the_file(tmp_path, data, fragment):
     path = tmp_path / "hostile.gguf"
     path.write_bytes(data)

@@ -140,3 +140,12 @@ def test_a_cleaner_locking_the_new_partial_first_cannot_break_the_artifact(tmp_p
     os.close(cleaner[0])
     with Artifact.open(out, check_model=False) as a:
         assert a.verify() == [] and np.array_equal(a.tensor("x"), data)
+
+
+def test_force_never_replaces_what_is_not_a_regular_file(tmp_path):
+    """`--force -o /dev/null` would have replaced the device with the artifact (as root): a FIFO stands in."""
+    fifo = tmp_path / "out.tern"
+    os.mkfifo(fifo)
+    refused(run_boxed(CONVERT, str(FIXTURES / "tiny_gemma4"), "-o", str(fifo), "--force", "--quiet"),
+            f"{fifo} is not a regular file")
+    assert fifo.is_fifo() and partial_files(fifo) == []
