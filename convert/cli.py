@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(Args, PROG, __doc__, argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=f"{PROG}: %(message)s")
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous, previous_hook = signal.signal(signal.SIGTERM, _terminate), sys.unraisablehook
+    sys.unraisablehook = _redeliver_swallowed_signals(previous_hook)
     try:
         return run_main(PROG, lambda: _convert(args), (ConversionError,))
     except _Terminated:
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 class _Terminated(BaseException):
@@ -87,6 +90,23 @@ class _Terminated(BaseException):
 
 def _terminate(signum, frame):
     raise _Terminated()
+
+
+def _redeliver_swallowed_signals(hook):
+    """An unraisablehook that sends the signal again when its exception landed in a finalizer (h5py frees
+    its objects in weakref callbacks), where Python prints and drops it and the conversion would go on.
+    It is sent a moment later from another thread, so that it lands after the finalizer (or is sent again)."""
+
+    def report(unraisable) -> None:
+        signum = {_Terminated: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}.get(type(unraisable.exc_value))
+        if signum is None:
+            hook(unraisable)
+            return
+        resend = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
+
+    return report
 
 
 def _convert(args: Args) -> int:

@@ -380,3 +380,30 @@ def test_tokenizer_not_utf8(tmp_path):
 
     assert files(out_dir) == []
     assert_one_error_line(result, "tokenizer.json")
+
+
+SWALLOWED_SIGNAL = """
+import signal, sys, time
+from ferrisres.convert import cli
+
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(getattr(signal, sys.argv[1]))  # handled in here, where Python drops the exception
+
+def conversion(args):
+    Finalized()
+    time.sleep(5)  # the conversion goes on unless the signal is delivered again
+    return 0
+
+cli._convert = conversion
+sys.exit(cli.main(["model", "-o", "model.tern"]))
+"""
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_landing_in_a_finalizer_still_stops_the_conversion(tmp_path, sig, code, word):
+    """h5py frees its objects in weakref callbacks; a signal whose exception is raised in one is printed and
+    dropped by Python. ferrisres-convert sends it again, so the conversion still stops, with one line."""
+    result = subprocess.run([sys.executable, "-c", SWALLOWED_SIGNAL, sig], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert (result.returncode, result.stderr.splitlines()) == (code, [f"{CONVERT}: {word}"]), result.stderr
