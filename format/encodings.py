@@ -12,6 +12,8 @@ multiply an input rotated by a block Hadamard matrix (`hadamard`, attribute `rot
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 ENCODINGS: dict[str, np.dtype] = {
@@ -87,6 +89,7 @@ def decode_f32(data: np.ndarray, encoding: str) -> np.ndarray:
     raise ValueError(f"encoding {encoding!r} is not a plain float encoding")
 
 
+@functools.cache
 def hadamard(n: int) -> np.ndarray:
     """The orthonormal Sylvester Hadamard matrix of order n (a power of two), float64. It is symmetric
     and its own inverse, so rotating an input by it and the weight's columns by it cancel exactly."""
@@ -95,7 +98,9 @@ def hadamard(n: int) -> np.ndarray:
     h = np.ones((1, 1))
     while len(h) < n:
         h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(n)
+    h = h / np.sqrt(n)
+    h.flags.writeable = False  # one shared copy per order
+    return h
 
 
 def rotate_blocks(x: np.ndarray, block: int) -> np.ndarray:
