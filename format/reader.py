@@ -398,6 +398,8 @@ class _Walk:
             shape = _shape_attr(ds, where)
             if stored_shape_of(encoding, shape) != stored:
                 raise ArtifactError(f"{where} is stored as {list(stored)}, which does not hold logical shape {list(shape)}")
+            if encoding in GROUPED_TERNARY and shape[-1] % 4:
+                raise ArtifactError(f"{where}: logical shape {list(shape)}: a grouped ternary row's width must be a multiple of 4")
             rotation = _rotation_attr(ds, where, encoding, shape[-1])
         else:
             shape = stored

@@ -664,7 +664,7 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
         ds.attrs.update(attrs)
 
     storage = [
-        ("chunked", h5edit(lambda f: rewrite(f, X, chunks=(4, ternary.stored_shape[1]))), ("chunked",)),
+        ("chunked", h5edit(lambda f: rewrite(f, X, chunks=(4, *ternary.stored_shape[1:]))), ("chunked",)),
         ("gzip", h5edit(lambda f: rewrite(f, X, compression="gzip")), ("chunked or filtered",)),
         ("shuffle", h5edit(lambda f: rewrite(f, N, shuffle=True)), ("chunked or filtered",)),
         ("fletcher32", h5edit(lambda f: rewrite(f, N, fletcher32=True)), ("chunked or filtered",)),
@@ -760,10 +760,11 @@ def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
     # -- declared shapes patched in place: dataspace and layout size together, up to absurd
     for factor in (2, 1 << 20, 1 << 40):
         def fn(data, out, factor=factor, d=ternary):
-            dims = struct.pack("<QQ", *d.stored_shape)
+            rank = f"<{len(d.stored_shape)}Q"  # the dataspace's dimensions, then its maximum dimensions
+            dims = struct.pack(rank, *d.stored_shape)
             at = find_once(data, dims + dims, d.header, d.header + 4096)
-            new = struct.pack("<QQ", d.stored_shape[0] * factor, d.stored_shape[1])
-            out[at : at + 32] = new + new
+            new = struct.pack(rank, d.stored_shape[0] * factor, *d.stored_shape[1:])
+            out[at : at + 2 * len(new)] = new + new
             size_at = layout_message(data, d) + 8
             out[size_at : size_at + 8] = struct.pack("<Q", d.nbytes * factor)
 

@@ -52,7 +52,7 @@ def test_default_student_weights_are_two_rotated_trit_planes_with_group_scales(c
     assert model.artifact.tensors["layers.0.mlp.down_proj.weight_scale"].shape == (64, 2, 4) and down.rotation == 64
     o_proj = model.artifact.tensors["layers.0.self_attn.o_proj"]  # in = 32: one group, rotation of 32
     assert model.artifact.tensors["layers.0.self_attn.o_proj.weight_scale"].shape == (64, 2, 1) and o_proj.rotation == 32
-    assert model.artifact.tensors["lm_head"].encoding == "int8"
+    assert model.artifact.tensors["embed_tokens"].encoding == "int8" and "lm_head" not in model.artifact.tensors
 
 
 def test_per_row_student_weights_are_ternary_with_row_scales(converted):
