@@ -44,13 +44,26 @@ STUDENTS = {  # name -> ferrisres-convert flags
 
 
 def converted(source: Path, out: Path, flags: list[str]) -> dict:
-    """Run ferrisres-convert; its wall time and peak resident memory."""
+    """Run ferrisres-convert; its wall time and peak resident memory. It runs as the child of a small,
+    freshly started launcher: forked from this process, it would count this process's resident pages
+    as its own (Linux carries the high-water mark across exec)."""
     start = time.perf_counter()
-    process = subprocess.Popen([str(CONVERT), str(source), "-o", str(out), "--quiet", *flags])
-    _, status, usage = os.wait4(process.pid, 0)
+    launched = subprocess.run([sys.executable, "-c", _LAUNCHER, str(CONVERT), str(source), "-o", str(out), "--quiet",
+                               *flags], capture_output=True, text=True)
+    status, peak_kb = map(int, launched.stdout.split()[-2:])
     if status:
-        raise SystemExit(f"quality: converting {source.name} {' '.join(flags)} failed")
-    return {"convert_seconds": time.perf_counter() - start, "convert_peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
+        raise SystemExit(f"quality: converting {source.name} {' '.join(flags)} failed: {launched.stderr.strip()}")
+    return {"convert_seconds": time.perf_counter() - start, "convert_peak_rss_gb": peak_kb * 1024 / 1e9}
+
+
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(status, usage.ru_maxrss)
+"""
 
 
 def bits_per_weight(path: Path) -> float:
