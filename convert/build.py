@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -60,6 +61,24 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
             progress: bool = True) -> ModelConfig:
     """Convert the checkpoint in `model_dir` into the artifact `out`; returns the model config written.
     Every input problem is found before anything is written."""
+    source = _read_input(model_dir, options)
+    _write_artifact(source, out, options, overwrite, progress)
+    return source.config
+
+
+@dataclass
+class _Input:
+    """The checkpoint, read and checked: what an artifact of it is written from."""
+
+    model_dir: Path
+    config: ModelConfig
+    documents: dict[str, str | dict]
+    checkpoint: Checkpoint | GGUFSource
+    weights: StudentWeights
+    shapes: dict[str, tuple[int, ...]]
+
+
+def _read_input(model_dir: Path, options: Options) -> _Input:
     if not model_dir.exists():
         raise ConversionError(f"{model_dir} does not exist")
     # ---- input: a checkpoint folder, or a GGUF file standing in for one (gguf_source.py) ----
@@ -88,19 +107,24 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
     weights = StudentWeights(checkpoint, _text_prefix(checkpoint, model_dir), config, options, lora)
     shapes = weight_shapes(config)
     sources = {weights.source_name(name): shape for name, shape in shapes.items() if weights.source_name(name)}
-    for source, shape in sources.items():
-        checkpoint.check(source, shape)
+    for name, shape in sources.items():
+        checkpoint.check(name, shape)
     if lora is not None:
         lora.check_targets(set(sources), checkpoint)
     _log_skipped(checkpoint, set(sources))
+    return _Input(model_dir, config, documents, checkpoint, weights, shapes)
 
-    with _calibration(model_dir, out, options, weights, shapes) as calibration, \
+
+def _write_artifact(source: _Input, out: Path, options: Options, overwrite: bool, progress: bool) -> None:
+    config, documents, checkpoint, weights, shapes = (source.config, source.documents, source.checkpoint,
+                                                      source.weights, source.shapes)
+    with _calibration(source, out, options) as calibration, \
             ArtifactWriter(out, overwrite=overwrite, check=_reopen) as writer:
         writer.add_document("model_config.json", config.to_json())
         writer.add_document("student_config.json", options.recorded())
         for document, content in documents.items():  # tokenizer.json, tokenizer_config.json, ...
             writer.add_document(document, content)
-        writer.add_document("provenance.json", _provenance(model_dir, checkpoint, options))
+        writer.add_document("provenance.json", _provenance(source.model_dir, checkpoint, options))
 
         for name, shape in _progress(shapes.items(), progress):
             if options.quant == "ternary" and _is_projection(name):
@@ -117,13 +141,12 @@ def convert(model_dir: Path, out: Path, options: Options, *, overwrite: bool = F
         if options.head_copy():  # the tied head as its own int8 copy with per-row scales
             _write_quantized_rows(writer, HEAD, _row_blocks(weights, "embed_tokens", shapes["embed_tokens"]),
                                   shapes["embed_tokens"], "int8")
-    return config
 
 
 @contextmanager
-def _calibration(model_dir: Path, out: Path, options: Options, weights: StudentWeights, shapes: dict):
-    """For --method gptq, a `Calibration` over the float student, written to a temporary artifact
-    beside the output (removed afterwards); None otherwise."""
+def _calibration(source: _Input, out: Path, options: Options):
+    """For --method gptq, a `Calibration` over the float student, written from the same opened input
+    to a temporary artifact beside the output (removed afterwards); None otherwise."""
     if options.quant != "ternary" or options.method != "gptq":
         yield None
         return
@@ -136,15 +159,15 @@ def _calibration(model_dir: Path, out: Path, options: Options, weights: StudentW
         float_student = work / "float-student.tern"
         log.info("calibration: writing the float student (bf16) to a temporary artifact")
         try:
-            convert(model_dir, float_student, options.float_student(), progress=False)
+            _write_artifact(source, float_student, options.float_student(), overwrite=False, progress=False)
         except ArtifactError as e:
             raise ConversionError(f"cannot write {out}: calibration's temporary float model beside it failed: {e}") from None
         model = load(float_student)
         try:
             sequences = calibration_sequences(model, options.calibration, options.calibration_tokens, options.seed)
             log.info("calibration: %d sequences of %d tokens", len(sequences), len(sequences[0]))
-            ternary = {name for name in shapes if _is_projection(name)}
-            yield Calibration(model, weights, ternary, sequences, options.planes, options.group, options.rotate)
+            ternary = {name for name in source.shapes if _is_projection(name)}
+            yield Calibration(model, source.weights, ternary, sequences, options.planes, options.group, options.rotate)
         finally:
             model.artifact.close()
 
