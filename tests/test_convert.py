@@ -131,3 +131,30 @@ def test_chat_template_option_embeds_the_file_and_refuses_a_broken_one(tmp_path)
                       "--chat-template", str(broken), "--quiet")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert str(broken) in result.stderr and not (tmp_path / "b.tern").exists()
+
+
+def test_calibration_from_a_text_file(tmp_path):
+    """--calibration FILE: the student is calibrated on that text (cut into sequences of 128 tokens), the
+    artifact records that a text file was used and provenance its digest, never its path."""
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(f"word{i % 97} and more words {i}" for i in range(2000)), encoding="utf-8")
+    out = tmp_path / "file.tern"
+    convert(FIXTURES / "tiny_gemma4", out, Options(calibration=str(text), calibration_tokens=512), progress=False)
+    model = load(out)
+    assert model.student_config["calibration"] == {"source": "text file", "tokens": 512}
+    provenance = json.loads(model.artifact.document("provenance.json"))
+    assert "calibration/calibration.txt" in provenance["source_files"] and str(tmp_path) not in json.dumps(provenance)
+    teacher_calibrated = tmp_path / "teacher.tern"
+    convert(FIXTURES / "tiny_gemma4", teacher_calibrated, Options(calibration_tokens=512), progress=False)
+    assert load(teacher_calibrated).artifact.tensor("layers.0.mlp.down_proj").tobytes() != \
+        model.artifact.tensor("layers.0.mlp.down_proj").tobytes()
+
+
+def test_calibration_text_shorter_than_a_sequence_is_one_line_and_leaves_nothing(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("too short", encoding="utf-8")
+    result = run_tool("ferrisres-convert", str(FIXTURES / "tiny_gemma4"), "-o", str(tmp_path / "x.tern"),
+                      "--calibration", str(text), "--quiet")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "fewer than one sequence of 127" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
