@@ -15,7 +15,7 @@ from ferrisres.format.encodings import GROUPED_TERNARY
 from ferrisres.format.schema import SCALE_SUFFIX, SCALED_ENCODINGS, TABLE_SCALE_ENCODINGS
 from ferrisres.format.tables import INT4_GROUPS, decode_table_rows
 
-from .kernels import Int4Linear, Linear
+from .kernels import Linear
 from .kv_cache import KVCache
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
@@ -137,9 +137,9 @@ class Gemma4:
 
     def _linear(self, name: str) -> Linear:
         info = self._artifact.tensors[name]
-        if info.encoding in INT4_GROUPS:  # a tied head over an int4 table
-            return Int4Linear(self._artifact.tensor(name), info.encoding, info.shape,
-                              self._artifact.tensor(name + SCALE_SUFFIX))
+        if info.encoding in INT4_GROUPS:  # a tied head over an int4 table: one plane of group scales
+            scales = self._artifact.tensor(name + SCALE_SUFFIX)
+            return Linear(self._artifact.tensor(name), info.encoding, info.shape, group_scale=scales[:, None, :])
         return self.linears_of(name)[0]
 
     def linears_of(self, name: str) -> list[Linear]:

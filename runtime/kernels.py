@@ -49,6 +49,7 @@ class Linear:
     Grouped ternary (`ternary-g1`/`-g2`): `data` [out, planes, in/4] packed codes and `group_scale`
     [out, planes, groups] float16, W = sum over planes of the group's scale times the codes; with
     `rotation` b > 0 the weight multiplies the input rotated by a block Hadamard matrix of order b.
+    An int4 table (the tied head over it) is one plane with `group_scale` [out, 1, groups].
     """
 
     def __init__(self, data: np.ndarray, encoding: str, shape: tuple[int, int], scale: np.ndarray | None = None,
@@ -60,8 +61,12 @@ class Linear:
         self.group_scale = group_scale
         self.rotation = rotation
         self.planes = GROUPED_TERNARY.get(encoding, 1)
-        packed = encoding == "ternary" or encoding in GROUPED_TERNARY
-        self.width = data.shape[-1] * 4 if packed else self.in_features  # decoded row width (of one plane)
+        if encoding == "ternary" or encoding in GROUPED_TERNARY:
+            self.width = data.shape[-1] * 4  # decoded row width (of one plane): padded to whole bytes
+        elif encoding in INT4_GROUPS:
+            self.width = data.shape[-1] * 2  # padded to whole groups
+        else:
+            self.width = self.in_features
         self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width * self.planes))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -125,6 +130,8 @@ class Linear:
         rows = self.data[r0:r1]
         if self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
             np.take(_LUT16, rows.reshape(len(rows), -1), out=out.view(np.complex128), mode="clip")
+        elif self.encoding in INT4_GROUPS:
+            np.take(_INT4_LUT8, rows, out=out.view(np.uint64), mode="clip")
         elif self.encoding == "bf16":
             np.left_shift(rows, 16, out=out.view(np.uint32), dtype=np.uint32)
         else:  # f16, int8 (codes of --cache int8), f32
@@ -146,24 +153,6 @@ def rotated_input(x: np.ndarray, block: int) -> np.ndarray:
     rotated = rotate_blocks(np.asarray(x, dtype=np.float64), block).astype(np.float32)
     _local.rotation = (x, block, rotated)  # holds x itself, so its id cannot be reused while kept
     return rotated
-
-
-class Int4Linear(Linear):
-    """A table stored as int4 with a float16 scale per group of each row, as the tied output head: each
-    chunk of rows is unpacked through a 256-entry table (as ternary rows are) and scaled group by group
-    before its product, so the scales cost one pass over the chunk and the table is never expanded."""
-
-    def __init__(self, data: np.ndarray, encoding: str, shape: tuple[int, int], scale: np.ndarray):
-        super().__init__(data, encoding, shape)  # no per-row scale: the group scales apply while decoding
-        self.group_scale = scale
-        self.group = INT4_GROUPS[encoding]
-        self.width = data.shape[1] * 2  # whole groups: the padding holds zeros, and x is padded to match
-        self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width))
-
-    def _decode(self, r0: int, r1: int, out: np.ndarray) -> None:
-        np.take(_INT4_LUT8, self.data[r0:r1], out=out.view(np.uint64), mode="clip")
-        groups = out.reshape(r1 - r0, -1, self.group)
-        groups *= self.group_scale[r0:r1, :, None].astype(np.float32)  # float16 operands would be cast group by group: 9x slower
 
 
 def _buffer(width: int, rows: int) -> np.ndarray:

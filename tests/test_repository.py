@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SKIPPED = {".git", ".venv", ".cache", ".oracle-venv", "out", "build", "__pycache__", ".pytest_cache"}
 # a folder beside the repository, or an absolute path of a build machine's home or work folders
-OUTSIDE = re.compile(r"\.\./shared\b|(?<![\w.])/(?:work|home|root|Users|tmp/pytest-of)/")
+OUTSIDE = re.compile(r"\.\.[/]shared\b|(?<![\w.])/(?:work|home|root|Users|tmp/pytest-of)/")
 
 
 def text_files():
