@@ -113,7 +113,7 @@ class Calibration:
         weights, prefix = decoder.layers[i], f"layers.{i}."
         originals = dict(weights)
         pending = []
-        for key, linear in originals.items():
+        for key in originals:
             name = prefix + key
             if name not in self.ternary_names:
                 continue
