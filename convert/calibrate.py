@@ -64,6 +64,7 @@ def sample_sequences(model: Model, count: int, length: int, seed: int) -> list[n
         logits = model.decoder.forward_batch([(seq[t - 1 : t], cache) for seq, cache in zip(sequences, caches)],
                                              last_only=True)
         sequences[:, t] = draw(np.concatenate(logits), rng, excluded=eos)
+        model.artifact.release_pages()  # each step reads the whole model: its pages need not stay resident
         if t % 16 == 0:
             log.info("sampling calibration text: %d/%d tokens of %d sequences (%.0f s)", t + 1, length, count,
                      time.perf_counter() - start)
@@ -125,6 +126,7 @@ class Calibration:
         decoder.layer_step(i, self.tokens)
         weights.update(originals)  # the float linears back: nothing else runs this layer again
         self.hessians.clear()
+        self.model.artifact.release_pages()  # this layer's float weights are not read again
         for name, calibrating in pending:
             self.done[name] = [c.result() for c in calibrating]
         log.info("calibrated layer %d/%d (%.0f s)", i + 1, len(decoder.layers), time.perf_counter() - self.started)
@@ -143,8 +145,10 @@ class CalibratingLinear:
         self.planes_result: TritPlanes | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        self.planes_result = gptq_planes(self.w, self.hessians.of(x), self.planes, self.group, self.rotation)
-        return (self.hessians.input32 @ self.effective_weight().T.astype(np.float32)).astype(np.float64)
+        # Big factorizations and products: BLAS threads pay off (the runtime pins BLAS to one thread)
+        with threadpool_limits(os.cpu_count(), user_api="blas"):
+            self.planes_result = gptq_planes(self.w, self.hessians.of(x), self.planes, self.group, self.rotation)
+            return (self.hessians.input32 @ self.effective_weight().T.astype(np.float32)).astype(np.float64)
 
     def effective_weight(self) -> np.ndarray:
         """The quantized weight in the basis of the unrotated input (float64)."""
@@ -155,7 +159,9 @@ class CalibratingLinear:
         """The trit-planes; a linear its pass never called (an expert no calibration token chose) is
         quantized as if its inputs were uncorrelated, H = I: round-to-nearest."""
         if self.planes_result is None:
-            self.planes_result = gptq_planes(self.w, np.eye(self.w.shape[1]), self.planes, self.group, self.rotation)
+            with threadpool_limits(os.cpu_count(), user_api="blas"):
+                self.planes_result = gptq_planes(self.w, np.eye(self.w.shape[1]), self.planes, self.group,
+                                                 self.rotation)
         return self.planes_result
 
 
@@ -169,10 +175,12 @@ class HessianCache:
         self.input = self.input32 = self.hessian = None
 
     def of(self, x: np.ndarray) -> np.ndarray:
-        """float64 from float32 products: GPTQ's damping (1% of the mean diagonal) dwarfs their rounding.
-        `input32` keeps the input in float32, as the linears multiply it."""
+        """float32 products: GPTQ's damping (1% of the mean diagonal) dwarfs their rounding, and GPTQ
+        widens H to float64 only to factor it. `input32` keeps the input in float32, as the linears
+        multiply it."""
         if self.input is not x:
+            self.clear()  # the previous input and Hessian go before the new ones are made
             self.input, self.input32 = x, x.astype(np.float32)
-            with threadpool_limits(os.cpu_count(), user_api="blas"):  # one big product: BLAS threads pay off
-                self.hessian = (self.input32.T @ self.input32).astype(np.float64) / max(1, len(x))
+            self.hessian = self.input32.T @ self.input32
+            self.hessian /= max(1, len(x))
         return self.hessian

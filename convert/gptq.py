@@ -2,14 +2,23 @@
 error onto the columns not yet rounded, weighted by the layer's input statistics.
 
 Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"
-(2022). For a linear y = W x with calibration inputs X [N, in], H = X^T X; rounding column j by e_j
-changes the outputs by e_j x_j, and the best correction of the remaining columns is
--e_j H^-1[j, j+1:] / H^-1[j, j]. Processed in order with the upper Cholesky factor U of H^-1 (U^T U =
-H^-1), each step only needs row j of U. Columns are taken in blocks: within a block the updates are
-applied column by column, to the rest of the matrix once per block ("lazy batch updates").
+(2022). For a linear y = W x with calibration inputs X [N, in] and H = X^T X, the output error of a
+row is (w - q) H (w - q)^T. GPTQ rounds column j, then moves the columns not yet rounded to their best
+continuous values given the rounding so far (the Optimal Brain Surgeon update), so that each column
+is rounded from the value that best compensates the errors before it.
+
+The same sequence of choices needs no inverse of H (Chen et al., "The Geometry of LLM Quantization:
+GPTQ as Babai's Nearest Plane Algorithm", 2025). Factor H = V V^T with V upper triangular; the error is
+||(w - q) V||^2, and column k of (w - q) V involves only the columns j <= k. With d = w - q, the
+compensated value of column k is therefore w_k + (sum over j < k of d_j V[j, k]) / V[k, k]: rounding
+it makes column k of the error as small as it can be given the columns before, which is GPTQ's rule.
+So one Cholesky factorization replaces GPTQ's inverse and second factorization (for E2B's 12288-wide
+down projections that was most of the time). Columns are taken in blocks: the sum over the columns of
+earlier blocks is one matrix product per block, within a block it is updated column by column.
 
 The grid is that of `quantize.TritPlanes`: a group's scales are fit (`fit_plane_scales`) when its first
-column is reached, to the group's weights as the earlier errors have updated them.
+column is reached, to the group's weights as GPTQ would have updated them by then (the continuous
+optimum given the earlier columns: one small triangular solve per group).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
 
     With `rotation` b, W is quantized in the basis of the rotated input R x: W R against R H R."""
     w = np.array(w, dtype=np.float64)
-    h = np.array(hessian, dtype=np.float64)
+    h = np.array(hessian)  # in its own dtype: float32 from calibration, widened only for the factorization
     if rotation:
         w = rotate_blocks(w, rotation)
         h = rotate_blocks(rotate_blocks(h, rotation).T, rotation)  # R H R: H and R are symmetric
@@ -38,31 +47,29 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
     dead = np.diag(h) <= 0  # inputs that were always zero: their weights never matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    importance = np.diag(h).copy()  # the mean square of each input: how much its weights matter
-    h[np.diag_indices(n)] += damping * np.mean(np.diag(h))
-    u = _upper_cholesky_of_inverse(h)
-    target = w.copy()  # the weight the outputs should match; w itself absorbs the corrections below
+    importance = np.diag(h).astype(np.float64)  # the mean square of each input: how much its weights matter
+    h[np.diag_indices(n)] += damping * np.mean(importance)
+    v = _upper_cholesky(h)
 
     codes = np.empty((out, planes, n), dtype=np.int8)
     scales = np.empty((out, planes, n // group), dtype=np.float16)
-    block = group * max(1, BLOCK_COLUMNS // group)  # whole groups per block: a group is fit to updated weights
+    errors = np.empty((out, n))  # d = w - q of the columns rounded so far
+    block = group * max(1, BLOCK_COLUMNS // group)  # whole groups per block
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        wb = w[:, b0:b1].copy()
-        errors = np.empty((out, b1 - b0))
-        for j in range(b1 - b0):
-            col = b0 + j
-            if col % group == 0:
-                scales[:, :, col // group] = fit_plane_scales(wb[:, j : j + group], planes, importance[col : col + group])
-                levels = Levels(scales[:, :, col // group])
-            c, q = levels.nearest(wb[:, j : j + 1])
-            codes[:, :, col] = c[:, :, 0]
-            error = (wb[:, j] - q[:, 0]) / u[col, col]
-            wb[:, j:] -= np.outer(error, u[col, col:b1])
-            errors[:, j] = error
-        w[:, b1:] -= errors @ u[b0:b1, b1:]
-    del u
-    return TritPlanes(codes, refit_scales(target, h, codes, scales), rotation)
+        carried = errors[:, :b0] @ v[:b0, b0:b1]  # sum over j < k of d_j V[j, k], for the earlier blocks
+        for k in range(b0, b1):
+            if k % group == 0:
+                cols = slice(k, k + group)
+                # the group as GPTQ has updated it: the continuous d that zeroes its error columns
+                compensated = w[:, cols] + _solve_upper_right(v[cols, cols], carried[:, k - b0 : k - b0 + group])
+                scales[:, :, k // group] = fit_plane_scales(compensated, planes, importance[cols])
+                levels = Levels(scales[:, :, k // group])
+            c, q = levels.nearest(w[:, k : k + 1] + carried[:, k - b0 : k - b0 + 1] / v[k, k])
+            codes[:, :, k] = c[:, :, 0]
+            errors[:, k] = w[:, k] - q[:, 0]
+            carried[:, k - b0 + 1 :] += np.outer(errors[:, k], v[k, k + 1 : b1])
+    return TritPlanes(codes, refit_scales(w, h, codes, scales), rotation)
 
 
 def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -73,20 +80,27 @@ def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.nda
     out, planes, n = codes.shape
     groups = scales.shape[-1]
     width = n // groups
-    h_rows = h.reshape(groups, width, n)
+    h32 = h.astype(np.float32, copy=False)  # products in float32: the refit scales are stored in float16
+    h_rows = h32.reshape(groups, width, n)
     refit = scales.copy()
-    rows_per_chunk = max(1, (64 << 20) // (8 * planes * groups * n))  # bounds the [rows, planes, groups, n] products
+    computed = np.broadcast_to((np.arange(groups)[:, None] <= np.arange(groups))[None, :, None, :],
+                               (planes, groups, planes, groups)).reshape(planes * groups, -1)  # where G >= g
+    rows_per_chunk = max(1, (8 << 20) // (4 * planes * n))  # one group's [rows, planes, n] product stays in cache
     for r0 in range(0, out, rows_per_chunk):
-        c = codes[r0 : r0 + rows_per_chunk].reshape(-1, planes, groups, width).astype(np.float64)
+        c = codes[r0 : r0 + rows_per_chunk].reshape(-1, planes, groups, width).astype(np.float32)
         rows = len(c)
-        # basis_h[r, p, g] = (row r's plane-p codes in group g, zeros elsewhere) @ H, one product per group
-        basis_h = (c.transpose(2, 0, 1, 3).reshape(groups, rows * planes, width) @ h_rows)
-        basis_h = basis_h.reshape(groups, rows, planes, n).transpose(1, 2, 0, 3)  # [rows, planes, groups, n]
-        # gram[r, (p, g), (q, G)] = basis_h[r, p, g] . (plane-q codes in group G)
-        a = basis_h.reshape(rows, planes * groups, groups, width).transpose(0, 2, 1, 3)  # [r, G, (p, g), j]
-        gram = a @ c.transpose(0, 2, 3, 1)  # [r, G, (p, g), q]
-        gram = gram.transpose(0, 2, 3, 1).reshape(rows, planes * groups, planes * groups)
-        rhs = np.einsum("rm,rkm->rk", w[r0 : r0 + rows], basis_h.reshape(rows, planes * groups, n))
+        c_by_group = np.ascontiguousarray(c.transpose(2, 0, 1, 3)).reshape(groups, rows * planes, width)
+        # gram[r, p, g, q, G] = (row r's plane-p codes in group g) H_gG (its plane-q codes in group G),
+        # computed for G >= g and mirrored: gram is symmetric
+        gram = np.zeros((rows, planes, groups, planes, groups), dtype=np.float32)
+        for g in range(groups):
+            basis_h = (c_by_group[g] @ h_rows[g, :, g * width :]).reshape(rows, planes, groups - g, width)
+            gram[:, :, g, :, g:] = np.einsum("rpGj,rqGj->rpqG", basis_h, c[:, :, g:])
+        gram = gram.reshape(rows, planes * groups, planes * groups).astype(np.float64)
+        gram = np.where(computed, gram, gram.transpose(0, 2, 1))
+        # rhs[r, p, g] = (row r's plane-p codes in group g) H w_r
+        wh = (w[r0 : r0 + rows].astype(np.float32) @ h32).reshape(rows, 1, groups, width)
+        rhs = np.einsum("rpgj,rpgj->rpg", c, np.broadcast_to(wh, c.shape)).reshape(rows, -1).astype(np.float64)
         # a plane-group whose codes are all zero has a zero row and column: the ridge makes its scale 0
         diagonal = np.einsum("rkk->rk", gram)
         diagonal += 1e-9 * diagonal.mean(axis=1, keepdims=True) + 1e-300
@@ -95,13 +109,37 @@ def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.nda
     return refit
 
 
-def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
-    """U upper triangular with UᵀU = H⁻¹, for a symmetric positive definite H. With J the reversal of
-    the order, J H J = L Lᵀ (Cholesky) gives H = V Vᵀ with V = J L J upper triangular, so U = V⁻¹ =
-    J L⁻¹ J: one factorization and one triangular inverse, and H⁻¹ itself is never formed."""
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    lower_inverse = np.linalg.solve(lower, np.eye(len(h)))
-    return np.ascontiguousarray(lower_inverse[::-1, ::-1])
+def _upper_cholesky(h: np.ndarray) -> np.ndarray:
+    """V upper triangular with V Vᵀ = H (float64), for a symmetric positive definite H: with J the
+    reversal of the order, J H J = L Lᵀ gives V = J L J, returned as a reversed view of L."""
+    lower = np.empty(h.shape, dtype=np.float64)
+    np.copyto(lower, h[::-1, ::-1])
+    _cholesky_in_place(lower)
+    return lower[::-1, ::-1]
+
+
+def _cholesky_in_place(a: np.ndarray, block: int = 512) -> None:
+    """Overwrite the symmetric positive definite a with its lower Cholesky factor L (a = L Lᵀ), a block
+    column at a time. numpy's own factorization holds two more n x n copies: 2.4 GB for the 12288-wide
+    Hessians of Gemma 4 E2B's down projections. The work is in the trailing updates, matrix products."""
+    n = len(a)
+    for j0 in range(0, n, block):
+        j1 = min(j0 + block, n)
+        diagonal = np.linalg.cholesky(a[j0:j1, j0:j1])
+        a[j0:j1, j0:j1] = diagonal
+        a[j0:j1, j1:] = 0
+        if j1 == n:
+            break
+        panel = np.linalg.solve(diagonal, a[j1:, j0:j1].T).T  # L21 = A21 L11⁻ᵀ
+        a[j1:, j0:j1] = panel
+        for k0 in range(j1, n, block):  # A22 -= L21 L21ᵀ, lower part only, a strip of columns at a time
+            k1 = min(k0 + block, n)
+            a[k0:, k0:k1] -= panel[k0 - j1 :] @ panel[k0 - j1 : k1 - j1].T
+
+
+def _solve_upper_right(v: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x [rows, m] with x V = b, V [m, m] upper triangular (row-vector back substitution; m is one group)."""
+    return np.linalg.solve(v.T, b.T).T
 
 
 def output_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:

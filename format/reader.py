@@ -122,6 +122,13 @@ class Artifact:
                 raise
         return artifact
 
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident memory. They stay in the kernel's page cache,
+        so the next read of them is a cheap minor fault: a pass over a model larger than what it needs
+        at once (calibration runs the whole float model per token) then holds only what it is reading."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._buffer.madvise(mmap.MADV_DONTNEED)
+
     def _check_documents(self) -> None:
         for name in REQUIRED_DOCUMENTS:
             if name not in self.documents:
