@@ -123,6 +123,8 @@ class Calibration:
             calibrating = [CalibratingLinear(m, self.planes, self.group, self.rotate, self.hessians) for m in matrices]
             weights[key] = calibrating if source.ndim == 3 else calibrating[0]
             pending.append((name, calibrating))
+        for keys in SHARED_INPUT:
+            CalibratingLinear.share_input([weights[k] for k in keys if isinstance(weights.get(k), CalibratingLinear)])
         decoder.layer_step(i, self.tokens)
         weights.update(originals)  # the float linears back: nothing else runs this layer again
         self.hessians.clear()
@@ -132,9 +134,15 @@ class Calibration:
         log.info("calibrated layer %d/%d (%.0f s)", i + 1, len(decoder.layers), time.perf_counter() - self.started)
 
 
+# Linears of a layer that read the same input: quantized together, as one matrix of their stacked rows
+# (GPTQ treats rows independently given H), so they share one factorization and one pass over the columns.
+SHARED_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
 class CalibratingLinear:
     """Stands in for one linear during its layer's calibration pass: on its (single) call it measures
-    its input's Hessian, quantizes its weight with GPTQ and returns the quantized weight's output."""
+    its input's Hessian, quantizes its weight with GPTQ and returns the quantized weight's output.
+    Linears that share their input (`share_input`) are quantized together on the first one's call."""
 
     def __init__(self, w: np.ndarray, planes: int, group: int, rotate: int, hessians: "HessianCache"):
         self.w = w
@@ -143,11 +151,27 @@ class CalibratingLinear:
         self.group = group_size_for(w.shape[1], group or w.shape[1])
         self.rotation = rotation_for(w.shape[1], rotate) if rotate else 0
         self.planes_result: TritPlanes | None = None
+        self.quantized_for: np.ndarray | None = None  # the Hessian planes_result was computed against
+        self.siblings = [self]
+
+    @staticmethod
+    def share_input(linears: list["CalibratingLinear"]) -> None:
+        for linear in linears:
+            linear.siblings = linears
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # Big factorizations and products: BLAS threads pay off (the runtime pins BLAS to one thread)
         with threadpool_limits(os.cpu_count(), user_api="blas"):
-            self.planes_result = gptq_planes(self.w, self.hessians.of(x), self.planes, self.group, self.rotation)
+            h = self.hessians.of(x)
+            if self.quantized_for is not h:  # a sibling called with another input is quantized on its own
+                together = [s for s in self.siblings if s.quantized_for is None] if self.quantized_for is None else [self]
+                stacked = gptq_planes(np.concatenate([s.w for s in together]), h, self.planes, self.group, self.rotation)
+                start = 0
+                for s in together:
+                    rows = slice(start, start + len(s.w))
+                    s.planes_result = TritPlanes(stacked.codes[rows], stacked.scales[rows], stacked.rotation)
+                    s.quantized_for = h
+                    start += len(s.w)
             return (self.hessians.input32 @ self.effective_weight().T.astype(np.float32)).astype(np.float64)
 
     def effective_weight(self) -> np.ndarray:

@@ -51,24 +51,27 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
     h[np.diag_indices(n)] += damping * np.mean(importance)
     v = _upper_cholesky(h)
 
-    codes = np.empty((out, planes, n), dtype=np.int8)
+    # Column-major work arrays ([column, row]): each step reads and writes whole columns, contiguous
+    wt = np.ascontiguousarray(w.T)
+    codes = np.empty((n, planes, out), dtype=np.int8)
     scales = np.empty((out, planes, n // group), dtype=np.float16)
-    errors = np.empty((out, n))  # d = w - q of the columns rounded so far
+    errors = np.empty((n, out))  # d = w - q of the columns rounded so far
     block = group * max(1, BLOCK_COLUMNS // group)  # whole groups per block
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        carried = errors[:, :b0] @ v[:b0, b0:b1]  # sum over j < k of d_j V[j, k], for the earlier blocks
+        carried = v[:b0, b0:b1].T @ errors[:b0]  # sum over j < k of d_j V[j, k], for the earlier blocks
         for k in range(b0, b1):
             if k % group == 0:
                 cols = slice(k, k + group)
                 # the group as GPTQ has updated it: the continuous d that zeroes its error columns
-                compensated = w[:, cols] + _solve_upper_right(v[cols, cols], carried[:, k - b0 : k - b0 + group])
+                compensated = (wt[cols] + _solve_upper_left(v[cols, cols], carried[k - b0 : k - b0 + group])).T
                 scales[:, :, k // group] = fit_plane_scales(compensated, planes, importance[cols])
                 levels = Levels(scales[:, :, k // group])
-            c, q = levels.nearest(w[:, k : k + 1] + carried[:, k - b0 : k - b0 + 1] / v[k, k])
-            codes[:, :, k] = c[:, :, 0]
-            errors[:, k] = w[:, k] - q[:, 0]
-            carried[:, k - b0 + 1 :] += np.outer(errors[:, k], v[k, k + 1 : b1])
+            c, q = levels.nearest((wt[k] + carried[k - b0] / v[k, k])[:, None])
+            codes[k] = c[:, :, 0].T
+            errors[k] = wt[k] - q[:, 0]
+            carried[k - b0 + 1 :] += np.outer(v[k, k + 1 : b1], errors[k])
+    codes = np.ascontiguousarray(codes.transpose(2, 1, 0))
     return TritPlanes(codes, refit_scales(w, h, codes, scales), rotation)
 
 
@@ -137,9 +140,9 @@ def _cholesky_in_place(a: np.ndarray, block: int = 512) -> None:
             a[k0:, k0:k1] -= panel[k0 - j1 :] @ panel[k0 - j1 : k1 - j1].T
 
 
-def _solve_upper_right(v: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """x [rows, m] with x V = b, V [m, m] upper triangular (row-vector back substitution; m is one group)."""
-    return np.linalg.solve(v.T, b.T).T
+def _solve_upper_left(v: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x [m, rows] with Vᵀ x = b, V [m, m] upper triangular: the rows' x V = b, column-major (m is one group)."""
+    return np.linalg.solve(v.T, b)
 
 
 def output_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:

@@ -132,14 +132,14 @@ def fit_plane_scales(w: np.ndarray, planes: int, importance: np.ndarray | None =
     _, a2 = _weighted_ternary_fit(w - a1[:, None] * t1, d)
     scales = np.stack([a1, a2], axis=1)
     for _ in range(refinements):
-        codes = nearest_codes(w, scales)  # [out, 2, g]
-        gram = np.einsum("opg,oqg,g->opq", codes, codes, d)
-        rhs = np.einsum("opg,og,g->op", codes, w, d)
-        # 2 x 2 systems by Cramer's rule: numpy's batched solve costs microseconds per tiny matrix
-        det = gram[:, 0, 0] * gram[:, 1, 1] - gram[:, 0, 1] * gram[:, 1, 0]
-        solvable = np.abs(det) > 1e-12 * (gram[:, 0, 0] + gram[:, 1, 1]) ** 2
-        refit = np.stack([rhs[:, 0] * gram[:, 1, 1] - rhs[:, 1] * gram[:, 0, 1],
-                          rhs[:, 1] * gram[:, 0, 0] - rhs[:, 0] * gram[:, 1, 0]], axis=1)
+        c1, c2 = nearest_codes(w, scales).astype(np.float64).transpose(1, 0, 2)  # [out, g] each
+        # the weighted least-squares 2 x 2 system per row, solved by Cramer's rule (numpy's batched
+        # solve costs microseconds per tiny matrix)
+        g11, g12, g22 = (c1 * c1) @ d, (c1 * c2) @ d, (c2 * c2) @ d
+        r1, r2 = (c1 * w) @ d, (c2 * w) @ d
+        det = g11 * g22 - g12 * g12
+        solvable = np.abs(det) > 1e-12 * (g11 + g22) ** 2
+        refit = np.stack([r1 * g22 - r2 * g12, r2 * g11 - r1 * g12], axis=1)
         scales = np.where(solvable[:, None], refit / np.where(solvable, det, 1)[:, None], scales)
     return _as_f16(scales)
 
@@ -175,12 +175,18 @@ class Levels:
         self.values = np.take_along_axis(values, order, axis=1)
         self.codes = codes[order]  # [out, levels, planes]
         self.midpoints = (self.values[:, 1:] + self.values[:, :-1]) / 2
+        # flat views for np.take, which is an order of magnitude faster than fancy indexing here
+        self._row_starts = np.arange(len(values))[:, None] * values.shape[1]
+        self._flat_codes = self.codes.reshape(-1, self.codes.shape[-1])
+        self._midpoints_by_level = np.ascontiguousarray(self.midpoints.T)
 
     def nearest(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Codes [out, planes, n] and values [out, n] of the nearest levels to w [out, n] (a tie goes down)."""
-        index = np.sum(w[:, :, None] > self.midpoints[:, None, :], axis=2)  # [out, n]
-        rows = np.arange(len(w))[:, None]
-        return np.moveaxis(self.codes[rows, index], -1, 1), self.values[rows, index]
+        index = np.zeros(w.shape, dtype=np.intp)
+        for midpoint in self._midpoints_by_level:  # the level's index: how many midpoints lie below w
+            index += w > midpoint[:, None]
+        flat = self._row_starts + index
+        return np.moveaxis(np.take(self._flat_codes, flat, axis=0), -1, 1), np.take(self.values, flat)
 
 
 def nearest_codes(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
