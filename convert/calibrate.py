@@ -172,7 +172,9 @@ class CalibratingLinear:
                     s.planes_result = TritPlanes(stacked.codes[rows], stacked.scales[rows], stacked.rotation)
                     s.quantized_for = h
                     start += len(s.w)
-            return (self.hessians.input32 @ self.effective_weight().T.astype(np.float32)).astype(np.float64)
+            # float32, unlike the runtime's float64: the layer's activations over all calibration tokens are
+            # its largest arrays (8192 x 12288 for E2B's wide MLPs), and calibration measures them in float32
+            return self.hessians.input32 @ self.effective_weight().T.astype(np.float32)
 
     def effective_weight(self) -> np.ndarray:
         """The quantized weight in the basis of the unrotated input (float64)."""
@@ -204,7 +206,7 @@ class HessianCache:
         multiply it."""
         if self.input is not x:
             self.clear()  # the previous input and Hessian go before the new ones are made
-            self.input, self.input32 = x, x.astype(np.float32)
+            self.input, self.input32 = x, x.astype(np.float32, copy=False)
             self.hessian = self.input32.T @ self.input32
             self.hessian /= max(1, len(x))
         return self.hessian

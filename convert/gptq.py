@@ -39,10 +39,11 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
 
     With `rotation` b, W is quantized in the basis of the rotated input R x: W R against R H R."""
     w = np.array(w, dtype=np.float64)
-    h = np.array(hessian)  # in its own dtype: float32 from calibration, widened only for the factorization
-    if rotation:
+    if rotation:  # in H's own dtype (float32 from calibration): it is widened only to be factored
         w = rotate_blocks(w, rotation)
-        h = rotate_blocks(rotate_blocks(h, rotation).T, rotation)  # R H R: H and R are symmetric
+        h = rotate_blocks(rotate_blocks(hessian, rotation).T, rotation)  # R H R: H and R are symmetric
+    else:
+        h = np.array(hessian)
     out, n = w.shape
     dead = np.diag(h) <= 0  # inputs that were always zero: their weights never matter
     h[dead, dead] = 1
@@ -53,6 +54,7 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
 
     # Column-major work arrays ([column, row]): each step reads and writes whole columns, contiguous
     wt = np.ascontiguousarray(w.T)
+    del w
     codes = np.empty((n, planes, out), dtype=np.int8)
     scales = np.empty((out, planes, n // group), dtype=np.float16)
     errors = np.empty((n, out))  # d = w - q of the columns rounded so far
@@ -72,7 +74,7 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
             errors[k] = wt[k] - q[:, 0]
             carried[k - b0 + 1 :] += np.outer(v[k, k + 1 : b1], errors[k])
     codes = np.ascontiguousarray(codes.transpose(2, 1, 0))
-    return TritPlanes(codes, refit_scales(w, h, codes, scales), rotation)
+    return TritPlanes(codes, refit_scales(wt.T, h, codes, scales), rotation)
 
 
 def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -151,3 +151,17 @@ def test_blocked_cholesky_in_place_equals_numpy(n, block):
     _cholesky_in_place(a, block=block)
     # both are backward stable: they agree to a few units of float64 rounding of H's largest entries
     np.testing.assert_allclose(a, np.linalg.cholesky(h), rtol=0, atol=1e-12 * np.abs(h).max())
+
+
+def test_stacked_rows_are_quantized_as_each_alone():
+    """Calibration quantizes linears that share an input (q/k/v, gate/up) as one stacked matrix: that is
+    exact only because GPTQ treats each row independently given H."""
+    rng = np.random.default_rng(7)
+    x = correlated_inputs(128, 512, seed=7)
+    h = x.T @ x / len(x)
+    a, b = rng.standard_normal((12, 128)), rng.standard_normal((5, 128))
+    stacked = gptq_planes(np.concatenate([a, b]), h, 2, group=64, rotation=64)
+    for rows, w in ((slice(0, 12), a), (slice(12, 17), b)):
+        alone = gptq_planes(w, h, 2, group=64, rotation=64)
+        np.testing.assert_array_equal(stacked.codes[rows], alone.codes)
+        np.testing.assert_array_equal(stacked.scales[rows], alone.scales)
