@@ -54,7 +54,7 @@ from workers import RESULT_MARK  # noqa: E402
 CACHE = HERE / ".cache"
 ARTIFACTS = CACHE / "artifacts"
 LOGS = CACHE / "logs"
-PRODUCT_PACKAGES = ("runtime", "convert", "format")  # the folders installed as ferrisres.*
+PRODUCT_PACKAGES = ("runtime", "convert", "format", "cli")  # the folders installed as ferrisres.*
 WORKER_ENV: dict[str, str] = {}  # PYTHONPATH of the product code snapshot (set in main)
 
 

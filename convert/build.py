@@ -29,7 +29,7 @@ from ferrisres.format.writer import work_folder
 from ferrisres.format.documents import check_document
 from ferrisres.format.errors import ArtifactError
 from ferrisres.format.reader import Artifact
-from ferrisres.format.reader import stored_shape_of
+from ferrisres.format.validate import stored_shape_of
 from ferrisres.format.schema import SCALE_SUFFIX, TABLES
 from ferrisres.format.tables import SCALE_ENCODINGS
 

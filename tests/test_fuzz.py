@@ -206,7 +206,7 @@ def test_no_code_execution_paths():
     root = HERE.parent
     unpicklers = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"}
     found = []
-    for folder in ("format", "runtime", "convert"):
+    for folder in ("format", "runtime", "convert", "cli"):
         for path in sorted((root / folder).glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"

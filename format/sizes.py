@@ -8,8 +8,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from .reader import Artifact, TensorInfo
+from .reader import Artifact
 from .schema import HEAD, SCALE_SUFFIX
+from .validate import TensorInfo
 
 _OTHER_EXPERT = re.compile(r"\.mlp\.experts\.[1-9]\d*\.")  # experts 1.. of an expanded MLP: copies of the dense one
 
@@ -54,7 +55,7 @@ def teacher_bf16_bytes(artifact: Artifact) -> int:
     return 2 * params
 
 
-def memory_summary(artifact: Artifact) -> str:
+def size_summary(artifact: Artifact) -> str:
     """Lines: bytes by kind, the total, and the bf16 teacher's size for comparison."""
     kinds = bytes_by_kind(artifact)
     total = sum(kinds.values())
