@@ -36,7 +36,6 @@ hidden 384, 2 heads, MLP 1536, PLE 128.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil

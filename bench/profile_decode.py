@@ -72,10 +72,8 @@ def _instrument(model, totals: dict) -> list:
     from ferrisres.runtime import gemma4, generate, kv_cache
 
     undo = []
-    dec = model.decoder
-    for layer in getattr(dec, "layers", []):
-        if not isinstance(layer, dict):
-            continue
+    weights = model.weights
+    for layer in weights.layers:
         for name, obj in list(layer.items()):
             if _is_weight(obj):
                 layer[name] = _Timed(obj, _weight_kind(name, obj), totals, _nbytes(obj))
@@ -84,33 +82,32 @@ def _instrument(model, totals: dict) -> list:
                 layer[name] = [_Timed(o, _weight_kind(name, o), totals, _nbytes(o)) for o in obj]
                 undo.append((layer.__setitem__, name, obj))
     for attr, kind in (("head", "output head"), ("ple_projection", "per_layer_model_projection")):
-        obj = getattr(dec, attr, None)
+        obj = getattr(weights, attr, None)
         if obj is not None and _is_weight(obj):
-            setattr(dec, attr, _Timed(obj, f"{kind} [{obj.out_features}x{obj.in_features}] {getattr(obj, 'encoding', '')}",
-                                      totals, _nbytes(obj)))
-            undo.append((lambda n, v: setattr(dec, n, v), attr, obj))
+            setattr(weights, attr, _Timed(obj, f"{kind} [{obj.out_features}x{obj.in_features}] {obj.encoding}",
+                                          totals, _nbytes(obj)))
+            undo.append((lambda n, v: setattr(weights, n, v), attr, obj))
     for module, fname, kind in ((gemma4, "attention", "fn attention (scores, softmax, values)"),
                                 (gemma4, "rms_norm", "fn rms_norm"), (gemma4, "apply_rope", "fn apply_rope"),
                                 (gemma4, "gelu_tanh", "fn gelu_tanh"),
                                 (generate, "sample", "outside decoder: sampling")):
-        f = getattr(module, fname, None)
-        if f is not None:
-            setattr(module, fname, _Timed(f, kind, totals))
-            undo.append((lambda n, v, m=module: setattr(m, n, v), fname, f))
+        f = getattr(module, fname)  # a name that moved must fail here, not go unmeasured
+        setattr(module, fname, _Timed(f, kind, totals))
+        undo.append((lambda n, v, m=module: setattr(m, n, v), fname, f))
     for cls, meth, kind in ((generate.Generation, "_update_text", "outside decoder: detokenize"),
                             (kv_cache.KVCache, "snapshot", "outside decoder: KV-cache snapshot")):
-        f = getattr(cls, meth, None)
-        if f is not None:
-            def wrapped(self, *a, _f=f, _kind=kind, **k):
-                t = time.perf_counter()
-                try:
-                    return _f(self, *a, **k)
-                finally:
-                    e = totals[_kind]
-                    e[0] += time.perf_counter() - t
-                    e[1] += 1
-            setattr(cls, meth, wrapped)
-            undo.append((lambda n, v, c=cls: setattr(c, n, v), meth, f))
+        f = getattr(cls, meth)
+
+        def wrapped(self, *a, _f=f, _kind=kind, **k):
+            t = time.perf_counter()
+            try:
+                return _f(self, *a, **k)
+            finally:
+                e = totals[_kind]
+                e[0] += time.perf_counter() - t
+                e[1] += 1
+        setattr(cls, meth, wrapped)
+        undo.append((lambda n, v, c=cls: setattr(c, n, v), meth, f))
     return undo
 
 

@@ -29,8 +29,8 @@ from ferrisres.format.writer import work_folder
 from ferrisres.format.documents import check_document
 from ferrisres.format.errors import ArtifactError
 from ferrisres.format.reader import Artifact
-from ferrisres.format.reader import stored_shape_of
-from ferrisres.format.schema import SCALE_SUFFIX, TABLES
+from ferrisres.format.validate import stored_shape_of
+from ferrisres.format.schema import FLOAT32_ROLES, SCALE_SUFFIX, TABLE, tensor_table
 from ferrisres.format.tables import SCALE_ENCODINGS
 
 from . import __version__
@@ -39,6 +39,7 @@ from .errors import ConversionError
 from .gguf_source import GGUFSource, is_gguf
 from .hf_config import eos_token_ids, model_config, read_config, read_json_object, text_config_with_defaults
 from .lora import LoraAdapter
+from .names import MULTIMODAL_PREFIXES, SHARED_KV_SUFFIXES, TEXT_PREFIXES
 from .quantize import TritPlanes, group_size_for, rotation_for, round_to_planes, ternarize
 from .source_files import read_source, source_file
 from .student import Options, StudentWeights, student_config
@@ -47,13 +48,6 @@ from .tables import quantize_table_rows
 log = logging.getLogger("ferrisres.convert")
 
 QUANTS = ("ternary", "bf16", "f16", "f32")
-TERNARY_SUFFIXES = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "gate_proj", "up_proj",
-    "down_proj", "per_layer_input_gate", "per_layer_projection", "experts.gate_up_proj", "experts.down_proj",
-)
-TEXT_PREFIXES = ("model.language_model.", "model.")  # multimodal (as the real E2B) or text-only
-MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
-SHARED_KV_SUFFIXES = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
 _BLOCK_BYTES = 64 << 20  # float32 bytes per block of rows when streaming a big table
 
 
@@ -126,12 +120,13 @@ def _write_artifact(source: _Input, out: Path, options: Options, overwrite: bool
             writer.add_document(document, content)
         writer.add_document("provenance.json", _provenance(source.model_dir, checkpoint, options))
 
+        tensors = tensor_table(config)
         for name, shape in _progress(shapes.items(), progress):
-            if options.quant == "ternary" and _is_projection(name):
+            if options.quant == "ternary" and tensors[name].ternary:
                 _write_projection(writer, name, shape, weights, options, calibration)
-            elif len(shape) == 1 or _is_router(name):  # norms, scalars, gates and routers stay float32
+            elif tensors[name].role in FLOAT32_ROLES:
                 writer.add_tensor(name, weights.read(name, shape), "f32")
-            elif name in TABLES:
+            elif tensors[name].role == TABLE:
                 _write_table(writer, weights, name, shape, options.table_encodings()[name])
             else:
                 source = weights.source_name(name)
@@ -166,7 +161,7 @@ def _calibration(source: _Input, out: Path, options: Options):
         try:
             sequences = calibration_sequences(model, options.calibration, options.calibration_tokens, options.seed)
             log.info("calibration: %d sequences of %d tokens", len(sequences), len(sequences[0]))
-            ternary = {name for name in source.shapes if _is_projection(name)}
+            ternary = {name for name, tensor in tensor_table(source.config).items() if tensor.ternary}
             yield Calibration(model, source.weights, ternary, sequences, options.planes, options.group, options.rotate)
         finally:
             model.artifact.close()
@@ -231,15 +226,6 @@ def _folder_documents(model_dir: Path, generation_config: dict | None) -> dict[s
     if generation_config is not None:
         documents["generation_config.json"] = generation_config
     return documents
-
-
-def _is_projection(name: str) -> bool:
-    """The decoder's linear maps: what a ternary student makes ternary."""
-    return name.endswith(TERNARY_SUFFIXES)
-
-
-def _is_router(name: str) -> bool:
-    return name.endswith(("mlp.router", "router.proj"))
 
 
 def _write_table(writer: ArtifactWriter, weights: StudentWeights, name: str, shape: tuple[int, int],

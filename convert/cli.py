@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ferrisres.format import Artifact
-from ferrisres.format.cli import parse_args, run_main
-from ferrisres.format.memory import memory_summary
+from ferrisres.format import Artifact, ArtifactError
+from ferrisres.cli import parse_args, run_main
+from ferrisres.format.sizes import size_summary
 from ferrisres.format.writer import remove_stale_partials
 
 from .build import QUANTS, Options, convert
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     previous, previous_hook = signal.signal(signal.SIGTERM, _terminate), sys.unraisablehook
     sys.unraisablehook = _redeliver_swallowed_signals(previous_hook)
     try:
-        return run_main(PROG, lambda: _convert(args), (ConversionError,))
+        return run_main(PROG, lambda: _convert(args), (ArtifactError, ConversionError))
     except _Terminated:
         print(f"{PROG}: terminated", file=sys.stderr)
         return 143
@@ -128,7 +128,7 @@ def _convert(args: Args) -> int:
     )
     size = out.stat().st_size
     with Artifact.open(out) as artifact:
-        summary = memory_summary(artifact)
+        summary = size_summary(artifact)
     logging.getLogger("ferrisres.convert").info("wrote %s (%.1f MB, %s):\n%s", out, size / 1e6, args.quant, summary)
     return 0
 

@@ -9,7 +9,7 @@ memory holds one tensor at a time.
 
 What llama.cpp's convert_hf_to_gguf.py (`Gemma3Model`) changed, undone here:
 - names: `token_embd` <- `model.embed_tokens`, `blk.{i}.attn_q` <- `model.layers.{i}.self_attn.q_proj`,
-  ... (GEMMA3_BLOCK below); `output.weight` exists only for an untied head;
+  ... (names.py); `output.weight` exists only for an untied head;
 - shapes: GGUF lists dimensions fastest-first, so the Hugging Face shape is the reverse; the bytes
   are in the same row-major order, nothing is transposed;
 - norms: every `*norm.weight` was stored as w + 1 (Gemma3RMSNorm multiplies by 1 + w; llama.cpp's
@@ -30,43 +30,21 @@ tied embeddings, no attention bias.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ferrisres.format import FULL, SLIDING
 from ferrisres.format.documents import MAX_LAYERS
 
 from .errors import ConversionError, require_extra
 from .gguf_header import check_gguf_header
 from .gguf_tokenizer import GGUFVocab, eos_token_ids, tokenizer_documents
+from .names import gguf_to_hf, norm_shift
 
 SUPPORTED_ARCHITECTURES = ("gemma3",)
 GGUF_MAGIC = b"GGUF"
-
-GEMMA3_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",  # only in a GGUF of an untied head
-}
-GEMMA3_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
-_FULL, _SLIDING = "full_attention", "sliding_attention"
 
 
 def is_gguf(path: Path) -> bool:
@@ -76,21 +54,6 @@ def is_gguf(path: Path) -> bool:
             return f.read(4) == GGUF_MAGIC
     except OSError:
         return False
-
-
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a gemma3 GGUF tensor (None: not one this mapping knows)."""
-    if gguf_name in GEMMA3_GLOBAL:
-        return GEMMA3_GLOBAL[gguf_name]
-    m = _BLOCK.match(gguf_name)
-    if m and m.group(2) in GEMMA3_BLOCK:
-        return f"model.layers.{m.group(1)}.{GEMMA3_BLOCK[m.group(2)]}.weight"
-    return None
-
-
-def norm_shift(gguf_name: str) -> float:
-    """What llama.cpp's Gemma3Model added to the tensor: 1 for every norm weight, else 0."""
-    return 1.0 if gguf_name.endswith("norm.weight") else 0.0
 
 
 @dataclass(frozen=True)
@@ -128,7 +91,7 @@ class GGUFSource:
         self.architecture = arch
         self.tensors: dict[str, GGUFTensor] = {}
         for t in self.reader.tensors:
-            name = hf_name(t.name) or t.name  # unknown tensors keep their GGUF name: the converter reports them as unused
+            name = gguf_to_hf(t.name) or t.name  # unknown tensors keep their GGUF name: the converter reports them as unused
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[name] = GGUFTensor(name, t.name, t.tensor_type.name, shape, t)
         if "model.embed_tokens.weight" not in self.tensors:
@@ -276,11 +239,11 @@ class GGUFSource:
         """Which layers use the sliding window: llama.cpp's fixed gemma3 pattern (every 6th layer global)
         unless the GGUF states one (`attention.sliding_window_pattern`, a period or one flag per layer)."""
         if not window:  # converted from a config with sliding_window_pattern 1: no sliding layers
-            return [_FULL] * layers
+            return [FULL] * layers
         pattern = self.metadata.get(f"{self.architecture}.attention.sliding_window_pattern", 6)
         if isinstance(pattern, list):
             if len(pattern) != layers:
                 raise ConversionError(f"{self.path.name}: sliding_window_pattern has {len(pattern)} entries for {layers} layers")
-            return [_SLIDING if flag else _FULL for flag in pattern]
+            return [SLIDING if flag else FULL for flag in pattern]
         period = int(pattern)  # llama.cpp's set_swa_pattern: layer i slides unless i % period == period - 1; 0: all slide
-        return [_SLIDING if not period or (i + 1) % period else _FULL for i in range(layers)]
+        return [SLIDING if not period or (i + 1) % period else FULL for i in range(layers)]

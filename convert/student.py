@@ -10,26 +10,24 @@ additions are made here, deterministically from the seed:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ferrisres.format import ModelConfig
+from ferrisres.format.schema import NORM, tensor_table
 
 from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .lora import LoraAdapter
+from .names import expert_of, hf_name
 from .quantize import DEFAULT_SCHEME
 from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
 
 SEQUENCE_TOKENS = 128  # tokens per calibration sequence (BOS included)
 
-# Checkpoint parameters stored without a ".weight" suffix.
-BARE_PARAMETERS = ("layer_scalar", "router.scale", "router.per_expert_scale", "experts.gate_up_proj", "experts.down_proj")
 ROUTER_INIT_STD = 0.02  # x hidden**-0.5: router logits start with a std of ~0.02, so routing is near uniform
-_EXPERT = re.compile(r"(layers\.\d+\.mlp\.)experts\.(\d+)\.(\w+_proj)$")
 
 
 @dataclass(frozen=True)
@@ -116,17 +114,13 @@ class StudentWeights:
         self.checkpoint = checkpoint
         self.prefix = prefix
         self.config = config
+        self.tensors = tensor_table(config)
         self.options = options
         self.lora = lora
 
     def source_name(self, name: str) -> str | None:
         """The checkpoint tensor an artifact tensor comes from (None: made by the converter)."""
-        expert = _EXPERT.match(name)
-        if expert:
-            name = expert.group(1) + expert.group(3)
-        elif name.endswith("mlp.router") or name == "attnres_gates":
-            return None
-        return self.prefix + name + ("" if name.endswith(BARE_PARAMETERS) else ".weight")
+        return hf_name(name, self.prefix)
 
     def read(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
         """Tensor `name` (or its rows r0:r1, for the big tables) as float32."""
@@ -138,15 +132,15 @@ class StudentWeights:
             std = ROUTER_INIT_STD * self.config.hidden_size**-0.5
             return (rng.standard_normal(shape) * std).astype(np.float32)
         source = self.source_name(name)
-        expert = _EXPERT.match(name)
+        expert = expert_of(name)
         w = self.checkpoint.read_f32(source, shape, rows)
         if self.lora is not None:
             w = self.lora.merged(source, w, rows)
-        if self.config.architecture == "gemma3_text" and len(shape) == 1:
+        if self.config.architecture == "gemma3_text" and self.tensors[name].role == NORM:
             w = w + np.float32(1)  # Gemma 3's RMSNorm multiplies by (1 + w); the artifact stores that factor
-        if expert and int(expert.group(2)) > 0 and self.options.moe_noise:
-            kind = ("gate_proj", "up_proj", "down_proj").index(expert.group(3))
-            rng = np.random.default_rng([self.options.seed, layer, int(expert.group(2)), kind])
+        if expert and expert[0] > 0 and self.options.moe_noise:
+            kind = ("gate_proj", "up_proj", "down_proj").index(expert[1])
+            rng = np.random.default_rng([self.options.seed, layer, expert[0], kind])
             rms = np.sqrt(np.mean(np.square(w, dtype=np.float64)))
             w = (w + rng.standard_normal(w.shape) * (self.options.moe_noise * rms)).astype(np.float32)
         return w

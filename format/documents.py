@@ -71,8 +71,8 @@ def optional(inner: Check) -> Check:
 
 
 def list_of(inner: Check, max_len: int, item: str = "entry") -> Check:
-    def check(v):
-        if not isinstance(v, list) or len(v) > max_len:
+    def check(v):  # a tuple is a list of a config built in Python
+        if not isinstance(v, (list, tuple)) or len(v) > max_len:
             return f"a list of at most {max_len} entries"
         for i, value in enumerate(v):
             problem = inner(value)
@@ -156,7 +156,7 @@ MODEL_CONFIG_FIELDS: dict[str, Check] = {
 
 
 def check_model_config(value: dict) -> None:
-    """model_config.json, field by field, before a ModelConfig is built from it."""
+    """model_config.json (or a ModelConfig as a dict), field by field: ModelConfig checks itself with this."""
     check_fields("model config", value, MODEL_CONFIG_FIELDS)
     for layer_type, rope in value.get("rope", {}).items():
         problem = _ROPE(rope)
@@ -222,9 +222,9 @@ def check_chat_template(template: str) -> None:
                             f"({MAX_TEMPLATE})")
 
 
-# Each JSON document the runtime reads, and its check (the others need only be JSON objects).
+# Each JSON document the runtime reads, and its check (the others need only be JSON objects; model_config.json
+# is checked by ModelConfig as it is built, with check_model_config).
 DOCUMENT_CHECKS: dict[str, Callable[[dict], None]] = {
-    "model_config.json": check_model_config,
     "generation_config.json": lambda v: check_fields("generation_config.json", v, GENERATION_CONFIG_FIELDS),
     "tokenizer_config.json": check_tokenizer_config,
     "tokenizer.json": check_tokenizer,
@@ -237,12 +237,18 @@ def check_document(name: str, text: str) -> dict | None:
         if name == "chat_template.jinja":
             check_chat_template(text)
         return None
+    value = parse_object(f"document {name}", text)
+    if name in DOCUMENT_CHECKS:
+        DOCUMENT_CHECKS[name](value)
+    return value
+
+
+def parse_object(what: str, text: str) -> dict:
+    """`text` parsed as JSON, which must be an object (`what` names it in the error)."""
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise ArtifactError(f"document {name} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
+        raise ArtifactError(f"{what} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(value, dict):
-        raise ArtifactError(f"document {name} is not a JSON object")
-    if name in DOCUMENT_CHECKS:
-        DOCUMENT_CHECKS[name](value)
+        raise ArtifactError(f"{what} is not a JSON object")
     return value

@@ -32,7 +32,6 @@ ENCODINGS: dict[str, np.dtype] = {
 
 # 2-bit ternary codes: value + 1, so -1 -> 0b00, 0 -> 0b01, +1 -> 0b10. 0b11 is invalid.
 GROUPED_TERNARY = {"ternary-g1": 1, "ternary-g2": 2}  # encoding -> planes of codes per row
-TERNARY_ZERO_BYTE = 0b01010101  # four zero codes: the padding of a row whose length is not a multiple of 4
 
 
 def packed_columns(n_in: int) -> int:
@@ -43,7 +42,8 @@ def packed_columns(n_in: int) -> int:
 def pack_ternary(t: np.ndarray) -> np.ndarray:
     """Pack int values in {-1, 0, +1} of shape [out, in] into uint8 [out, ceil(in/4)].
 
-    Byte j of row r holds columns 4j..4j+3, the lowest bits first; a short last byte is padded with zeros.
+    Byte j of row r holds columns 4j..4j+3, the lowest bits first; a short last byte is padded with zeros
+    (code 0b01).
     """
     out_dim, in_dim = t.shape
     codes = np.full((out_dim, 4 * packed_columns(in_dim)), 1, dtype=np.uint8)

@@ -4,10 +4,11 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from .cli import parse_args, run_main
+from ferrisres.cli import parse_args, run_main
+
 from .errors import ArtifactError
 from .model_config import FULL
-from .memory import bytes_by_kind, teacher_bf16_bytes
+from .sizes import bytes_by_kind, teacher_bf16_bytes
 from .reader import Artifact
 
 PROG = "ferrisres-inspect"
@@ -22,13 +23,8 @@ class Args:
 
 def describe(artifact: Artifact) -> dict:
     config = artifact.config
-    documents = {}
-    for name in ("student_config.json", "provenance.json", "generation_config.json", "tokenizer_config.json"):
-        if name in artifact.documents:
-            try:
-                documents[name] = json.loads(artifact.document(name))
-            except ValueError:
-                raise ArtifactError(f"{artifact.path}: document {name} is not valid JSON") from None
+    documents = {name: artifact.json(name) for name in ("student_config.json", "provenance.json",
+                                                         "generation_config.json", "tokenizer_config.json")}
     return {
         "path": str(artifact.path),
         "format_version": "%d.%d" % artifact.version,
@@ -67,7 +63,7 @@ def _chat_template_source(artifact: Artifact, tokenizer_config) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, PROG, __doc__, argv)
-    return run_main(PROG, lambda: _inspect(args))
+    return run_main(PROG, lambda: _inspect(args), (ArtifactError,))
 
 
 def _inspect(args: Args) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-from .documents import check_model_config
+from .documents import check_model_config, parse_object
 from .errors import ArtifactError
 
 ARCHITECTURES = ("gemma4_text", "gemma3_text")
@@ -25,6 +25,9 @@ class RopeConfig:
     theta: float
     partial_rotary_factor: float = 1.0
     factor: float = 1.0
+
+
+_ROPE_FIELDS = {f.name for f in fields(RopeConfig)}
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,9 @@ class ModelConfig:
     attnres: bool = False  # Block AttnRes across blocks that end at full-attention layers
 
     def __post_init__(self):
+        # Each field's type and range (the rules the reader applies to model_config.json), then how they fit.
+        check_model_config(asdict(self))
         problems = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "sliding_window", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ArtifactError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("head_dims", "kv_heads", "intermediate_sizes"):
-            for i, v in enumerate(getattr(self, name)):
-                if not isinstance(v, int) or v <= 0:
-                    raise ArtifactError(f"model config: layer {i}: {name} entry {v!r} is not a positive integer")
-        if self.ple_dim < 0 or self.ple_vocab_size <= 0:
-            raise ArtifactError("model config: ple_dim must be >= 0 and ple_vocab_size positive")
         L = self.num_layers
         for name in ("layer_types", "head_dims", "kv_heads", "intermediate_sizes", "kv_sources"):
             if len(getattr(self, name)) != L:
@@ -123,21 +119,22 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        try:
-            d = json.loads(text)
-            if not isinstance(d, dict):
-                raise ArtifactError("model config is not a JSON object")
-            known = {f.name for f in fields(cls)}
-            unknown = set(d) - known
-            if unknown:
-                raise ArtifactError(f"model config: unknown fields {sorted(unknown)[:5]}")
-            check_model_config(d)
-            d["rope"] = {k: RopeConfig(**v) for k, v in d["rope"].items()}
-            for k in ("layer_types", "head_dims", "kv_heads", "intermediate_sizes", "kv_sources", "eos_token_ids"):
-                d[k] = tuple(d[k])
-            return cls(**d)
-        except ArtifactError:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ArtifactError(f"model config is malformed: {e}") from None
+        return cls.from_dict(parse_object("model config", text))
 
+    @classmethod
+    def from_dict(cls, value: dict) -> "ModelConfig":
+        """The config of a parsed model_config.json, checked as it is built (`__post_init__`): its lists
+        become tuples and its rope objects RopeConfigs; a value of another shape is left for the check
+        to name."""
+        unknown = set(value) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ArtifactError(f"model config: unknown fields {sorted(unknown)[:5]}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        rope = d.get("rope")
+        if isinstance(rope, dict) and all(isinstance(r, dict) and {"rope_type", "theta"} <= set(r) <= _ROPE_FIELDS
+                                          for r in rope.values()):
+            d["rope"] = {k: RopeConfig(**r) for k, r in rope.items()}
+        try:
+            return cls(**d)
+        except TypeError as e:  # a field missing
+            raise ArtifactError(f"model config is malformed: {e}") from None

@@ -1,4 +1,6 @@
-"""Which tensors an artifact of a given model config holds, their shapes, and how each may be encoded.
+"""The tensor table: every tensor an artifact of a given model config holds, what it is, its shape, and
+how it may be encoded. The one place that knows Gemma's tensor vocabulary (the converter's names of
+each tensor in a checkpoint are in convert/names.py).
 
 The reader checks every artifact against this before any tensor is used, so a runtime can trust
 that names, shapes and encodings agree with the config.
@@ -6,6 +8,7 @@ that names, shapes and encodings agree with the config.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .encodings import GROUPED_TERNARY
@@ -13,7 +16,14 @@ from .errors import ArtifactError
 from .model_config import ModelConfig
 from .tables import INT4_GROUPS, SCALE_ENCODINGS, scale_shape
 
-TABLES = ("embed_tokens", "embed_tokens_per_layer")  # looked up by row, never multiplied whole
+# What a tensor is
+TABLE = "table"  # an embedding table: looked up by row, never multiplied whole (but as the tied head)
+PROJECTION = "projection"  # a linear map of the decoder
+ROUTER = "router"  # what chooses experts: the logits' matrix, and Gemma 4's router scales
+NORM = "norm"  # an RMSNorm's weight
+SCALAR = "scalar"  # a layer's output scale, and the AttnRes gates
+FLOAT32_ROLES = (ROUTER, NORM, SCALAR)  # what every artifact stores as float32, student or teacher
+
 TABLE_ENCODINGS = ("bf16", "f16", "f32", "int8", *INT4_GROUPS)  # int8 and int4: format 1.1, see tables.py
 LINEAR_ENCODINGS = ("ternary", "ternary-g1", "ternary-g2", "int8", "bf16", "f16", "f32")
 SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.weight_scale`
@@ -25,83 +35,110 @@ _FLOAT_NAMES = {"f32": "float32", "f16": "float16"}
 HEAD = "lm_head"  # optional: the output head's own copy; without it the head is embed_tokens (tied)
 
 
-def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Logical shape of every weight the model has, by artifact name, in execution order."""
+@dataclass(frozen=True)
+class Tensor:
+    """One entry of the tensor table."""
+
+    shape: tuple[int, ...]  # logical shape
+    role: str  # TABLE, PROJECTION, ROUTER, NORM or SCALAR
+    ternary: bool = False  # a ternary student stores it as ternary codes (the decoder's projections)
+    student: bool = False  # not a tensor of the teacher: made by the converter (an expanded MLP's router and
+    #                        experts beyond the first, which start as the dense one; the AttnRes gates)
+
+
+def tensor_table(c: ModelConfig) -> dict[str, Tensor]:
+    """Every weight the model has, by artifact name, in execution order."""
     H, P, L = c.hidden_size, c.ple_dim, c.num_layers
-    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (c.vocab_size, H)}
+    t: dict[str, Tensor] = {"embed_tokens": Tensor((c.vocab_size, H), TABLE)}
     if P:
-        shapes["embed_tokens_per_layer"] = (c.ple_vocab_size, L * P)
-        shapes["per_layer_model_projection"] = (L * P, H)
-        shapes["per_layer_projection_norm"] = (P,)
+        t["embed_tokens_per_layer"] = Tensor((c.ple_vocab_size, L * P), TABLE)
+        t["per_layer_model_projection"] = Tensor((L * P, H), PROJECTION)  # a student keeps it in float (docs/design.md)
+        t["per_layer_projection_norm"] = Tensor((P,), NORM)
     for i in range(L):
         p = f"layers.{i}."
         hd, kvh, inter = c.head_dims[i], c.kv_heads[i], c.intermediate_sizes[i]
-        shapes[p + "input_layernorm"] = (H,)
-        shapes[p + "self_attn.q_proj"] = (c.num_heads * hd, H)
-        shapes[p + "self_attn.q_norm"] = (hd,)
+        t[p + "input_layernorm"] = Tensor((H,), NORM)
+        t[p + "self_attn.q_proj"] = _projection(c.num_heads * hd, H)
+        t[p + "self_attn.q_norm"] = Tensor((hd,), NORM)
         if c.has_own_kv(i):
-            shapes[p + "self_attn.k_proj"] = (kvh * hd, H)
+            t[p + "self_attn.k_proj"] = _projection(kvh * hd, H)
             if c.has_v_proj(i):
-                shapes[p + "self_attn.v_proj"] = (kvh * hd, H)
-            shapes[p + "self_attn.k_norm"] = (hd,)
-        shapes[p + "self_attn.o_proj"] = (H, c.num_heads * hd)
-        shapes[p + "post_attention_layernorm"] = (H,)
-        shapes[p + "pre_feedforward_layernorm"] = (H,)
+                t[p + "self_attn.v_proj"] = _projection(kvh * hd, H)
+            t[p + "self_attn.k_norm"] = Tensor((hd,), NORM)
+        t[p + "self_attn.o_proj"] = _projection(H, c.num_heads * hd)
+        t[p + "post_attention_layernorm"] = Tensor((H,), NORM)
+        t[p + "pre_feedforward_layernorm"] = Tensor((H,), NORM)
         if c.mlp_experts:
-            shapes[p + "mlp.router"] = (c.mlp_experts, H)
+            t[p + "mlp.router"] = Tensor((c.mlp_experts, H), ROUTER, student=True)
             for e in range(c.mlp_experts):
-                shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", inter, H))
+                t.update(_mlp(f"{p}mlp.experts.{e}.", inter, H, student=e > 0))
         else:
-            shapes.update(_mlp_shapes(p + "mlp.", inter, H))
+            t.update(_mlp(p + "mlp.", inter, H))
         if c.moe_block:
             E, I = c.num_experts, c.moe_intermediate_size
-            shapes[p + "post_feedforward_layernorm_1"] = (H,)
-            shapes[p + "router.proj"] = (E, H)
-            shapes[p + "router.scale"] = (H,)
-            shapes[p + "router.per_expert_scale"] = (E,)
-            shapes[p + "pre_feedforward_layernorm_2"] = (H,)
-            shapes[p + "experts.gate_up_proj"] = (E, 2 * I, H)
-            shapes[p + "experts.down_proj"] = (E, H, I)
-            shapes[p + "post_feedforward_layernorm_2"] = (H,)
-        shapes[p + "post_feedforward_layernorm"] = (H,)
+            t[p + "post_feedforward_layernorm_1"] = Tensor((H,), NORM)
+            t[p + "router.proj"] = Tensor((E, H), ROUTER)
+            t[p + "router.scale"] = Tensor((H,), ROUTER)
+            t[p + "router.per_expert_scale"] = Tensor((E,), ROUTER)
+            t[p + "pre_feedforward_layernorm_2"] = Tensor((H,), NORM)
+            t[p + "experts.gate_up_proj"] = _projection(E, 2 * I, H)
+            t[p + "experts.down_proj"] = _projection(E, H, I)
+            t[p + "post_feedforward_layernorm_2"] = Tensor((H,), NORM)
+        t[p + "post_feedforward_layernorm"] = Tensor((H,), NORM)
         if P:
-            shapes[p + "per_layer_input_gate"] = (P, H)
-            shapes[p + "per_layer_projection"] = (H, P)
-            shapes[p + "post_per_layer_input_norm"] = (H,)
+            t[p + "per_layer_input_gate"] = _projection(P, H)
+            t[p + "per_layer_projection"] = _projection(H, P)
+            t[p + "post_per_layer_input_norm"] = Tensor((H,), NORM)
         if c.layer_scalars:
-            shapes[p + "layer_scalar"] = (1,)
+            t[p + "layer_scalar"] = Tensor((1,), SCALAR)
     if c.attnres:
-        shapes["attnres_gates"] = (len(c.attnres_blocks()),)
-    shapes["norm"] = (H,)
-    return shapes
+        t["attnres_gates"] = Tensor((len(c.attnres_blocks()),), SCALAR, student=True)
+    t["norm"] = Tensor((H,), NORM)
+    return t
 
 
-def _mlp_shapes(prefix: str, inter: int, H: int) -> dict[str, tuple[int, int]]:
-    return {prefix + "gate_proj": (inter, H), prefix + "up_proj": (inter, H), prefix + "down_proj": (H, inter)}
+def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Logical shape of every weight the model has, by artifact name, in execution order."""
+    return {name: tensor.shape for name, tensor in tensor_table(c).items()}
 
 
-def allowed_encodings(name: str, shape: tuple[int, ...]) -> tuple[str, ...]:
-    if len(shape) == 1:
-        return ("f32",)  # norms and layer scalars
-    return TABLE_ENCODINGS if name in TABLES else LINEAR_ENCODINGS
+def head_tensor(c: ModelConfig) -> Tensor:
+    """The optional HEAD: a copy of the tied embedding table, in an encoding faster to multiply."""
+    return Tensor((c.vocab_size, c.hidden_size), PROJECTION, student=True)
+
+
+def _projection(*shape: int) -> Tensor:
+    return Tensor(shape, PROJECTION, ternary=True)
+
+
+def _mlp(prefix: str, inter: int, H: int, student: bool = False) -> dict[str, Tensor]:
+    return {prefix + "gate_proj": Tensor((inter, H), PROJECTION, True, student),
+            prefix + "up_proj": Tensor((inter, H), PROJECTION, True, student),
+            prefix + "down_proj": Tensor((H, inter), PROJECTION, True, student)}
+
+
+def allowed_encodings(tensor: Tensor) -> tuple[str, ...]:
+    if len(tensor.shape) == 1:
+        return ("f32",)  # norms, scalars, router scales
+    return TABLE_ENCODINGS if tensor.role == TABLE else LINEAR_ENCODINGS
 
 
 def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
     """Raise ArtifactError naming the first tensor that is missing, extra, misshapen or wrongly encoded."""
-    expected = weight_shapes(config)
+    expected = tensor_table(config)
     if HEAD in tensors:
-        expected[HEAD] = expected["embed_tokens"]
+        expected[HEAD] = head_tensor(config)
     scales = set()
-    for name, shape in expected.items():
-        info = tensors.get(name)
+    for name, tensor in expected.items():
+        info, shape = tensors.get(name), tensor.shape
         if info is None:
             raise ArtifactError(f"{path}: tensor {name} is missing")
         if info.shape != shape:
             raise ArtifactError(f"{path}: tensor {name} has shape {list(info.shape)}, the model config implies {list(shape)}")
-        allowed = allowed_encodings(name, shape)
+        allowed = allowed_encodings(tensor)
         if info.encoding not in allowed:
             raise ArtifactError(f"{path}: tensor {name} has encoding {info.encoding}, expected one of {', '.join(allowed)}")
-        if name in TABLES and info.encoding in TABLE_SCALE_ENCODINGS:
+        if tensor.role == TABLE and info.encoding in TABLE_SCALE_ENCODINGS:
             _check_table_scale(path, name, info.encoding, shape, tensors.get(name + SCALE_SUFFIX))
             scales.add(name + SCALE_SUFFIX)
         elif info.encoding in SCALED_ENCODINGS:

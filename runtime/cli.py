@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ferrisres.format.cli import parse_args, read_text, run_main
-from ferrisres.format.memory import memory_summary
+from ferrisres.cli import parse_args, read_text, run_main
+from ferrisres.format import ArtifactError
+from ferrisres.format.sizes import size_summary
 
 from .chat import ChatSession
 from .chat_template import ChatTemplateError
@@ -53,7 +54,7 @@ class Args:
 
 def main(argv: list[str] | None = None) -> int:
     args, stops = parse_args(Args, PROG, __doc__, argv, repeatable="--stop")
-    return run_main(PROG, lambda: _run(args, stops), (ValueError, ChatTemplateError, FloatingPointError))
+    return run_main(PROG, lambda: _run(args, stops), (ArtifactError, ValueError, ChatTemplateError, FloatingPointError))
 
 
 def _run(args: Args, stops: list[str]) -> int:
@@ -240,7 +241,7 @@ def _print_step(g: Generation, step, line_open: bool) -> None:
 
 
 def _print_memory(model: Model) -> None:
-    print(f"{PROG}: {model.artifact.path}, weights by kind:\n{memory_summary(model.artifact)}", file=sys.stderr)
+    print(f"{PROG}: {model.artifact.path}, weights by kind:\n{size_summary(model.artifact)}", file=sys.stderr)
     mapped, resident = _mapping_sizes(str(model.artifact.path.resolve()))
     if mapped is not None:
         print(f"  mapped {mapped / 1e6:.1f} MB, resident now {resident / 1e6:.1f} MB "

@@ -12,8 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from ferrisres.format import decode_f32
-from ferrisres.format.cli import parse_args, read_text, run_main
+from ferrisres.format import ArtifactError, decode_f32
+from ferrisres.cli import parse_args, read_text, run_main
 
 from .kv_cache import KVCache
 from .model import Model, load
@@ -33,7 +33,7 @@ def dequantized(model: Model, name: str) -> np.ndarray:
     info = model.artifact.tensors[name]
     if len(info.shape) == 1:
         return decode_f32(model.artifact.tensor(name), info.encoding)
-    return np.stack([linear.dequantize() for linear in model.decoder.linears_of(name)]).reshape(info.shape)
+    return np.stack([linear.dequantize() for linear in model.weights.linears_of(name)]).reshape(info.shape)
 
 
 def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128, progress=None) -> dict:
@@ -109,7 +109,7 @@ class Args:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(Args, PROG, __doc__, argv)
-    return run_main(PROG, lambda: _evaluate(args), (ValueError,))
+    return run_main(PROG, lambda: _evaluate(args), (ArtifactError, ValueError))
 
 
 def _evaluate(args: Args) -> int:

@@ -2,21 +2,19 @@
 which is the same decoder without per-layer embeddings, KV sharing, V norm and layer scalars).
 
 Reference: transformers 5.24 `models/gemma4/modeling_gemma4.py`; the math as implemented here is
-docs/gemma4-math.md. Weights are views into the memory-mapped artifact;
-projections are `Linear`s that decode their stored encoding chunk by chunk.
+docs/gemma4-math.md. The weights come from `weights.py`: projections are `Linear`s that decode their
+stored encoding chunk by chunk, the embedding tables are read a step's rows at a time.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ferrisres.format import HEAD, Artifact, RopeConfig
-from ferrisres.format.encodings import GROUPED_TERNARY
-from ferrisres.format.schema import SCALE_SUFFIX, SCALED_ENCODINGS, TABLE_SCALE_ENCODINGS
-from ferrisres.format.tables import INT4_GROUPS, decode_table_rows
+from ferrisres.format import ModelConfig, RopeConfig
 
-from .kernels import Linear
 from .kv_cache import KVCache
+from .weights import Weights
+
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
     """Gemma 4's RMSNorm multiplies by `weight` itself (not 1 + weight, unlike Gemma 3)."""
@@ -99,18 +97,13 @@ def _attention(q, keys, values, q_positions, k_positions, window, scale, softcap
 
 
 class Gemma4:
-    """Weights and forward pass of one artifact's model (already validated against its config on open)."""
+    """The forward pass of one artifact's model over its weights (`weights.py`)."""
 
-    def __init__(self, artifact: Artifact):
-        self.config = c = artifact.config
-        self._artifact = artifact
+    def __init__(self, config: ModelConfig, weights: Weights):
+        self.config = c = config
+        self.weights = weights
+        self.layers = weights.layers  # each layer's weights by name; calibration swaps some in and out
         self.embed_scale = np.float32(np.sqrt(c.hidden_size))
-        if c.ple_dim:
-            self.ple_projection = self._linear("per_layer_model_projection")
-            self.ple_projection_norm = artifact.tensor("per_layer_projection_norm")
-        self.layers = [self._layer(i) for i in range(c.num_layers)]
-        self.norm = artifact.tensor("norm")
-        self.head = self._linear(HEAD if HEAD in artifact.tensors else "embed_tokens")  # else tied: the table is the head
         self.inv_freq = {t: rope_inv_freq(c.rope[t], c.head_dims[i]) for i, t in enumerate(c.layer_types)}
         # Layers from here to the last only read earlier layers' keys/values (None: no such tail).
         tail = [i for i in range(c.num_layers) if all(not c.has_own_kv(j) for j in range(i, c.num_layers))]
@@ -118,60 +111,7 @@ class Gemma4:
         # The last layer that reads each layer's keys/values in a step: after it, they can be let go.
         self.last_reader = {source: i for i, source in enumerate(c.kv_sources)}
         # Block AttnRes with every gate 0 adds exactly nothing: skip it then.
-        self.attnres_gates = artifact.tensor("attnres_gates") if c.attnres else None
-        self.attnres = self.attnres_gates is not None and bool(np.any(self.attnres_gates))
-
-    def linears(self):
-        """Every Linear of the model (for options that change how they are kept, e.g. --cache int8)."""
-        for layer in self.layers:
-            for value in layer.values():
-                yield from (value if isinstance(value, list) else [value] if isinstance(value, Linear) else [])
-        if self.config.ple_dim:
-            yield self.ple_projection
-
-    def _table_rows(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` of an embedding table as float32: only those rows (and their scales) are read."""
-        info = self._artifact.tensors[name]
-        scale = self._artifact.rows(name + SCALE_SUFFIX, ids) if info.encoding in TABLE_SCALE_ENCODINGS else None
-        return decode_table_rows(self._artifact.rows(name, ids), info.encoding, scale, info.shape[1])
-
-    def _linear(self, name: str) -> Linear:
-        info = self._artifact.tensors[name]
-        if info.encoding in INT4_GROUPS:  # a tied head over an int4 table: one plane of group scales
-            scales = self._artifact.tensor(name + SCALE_SUFFIX)
-            return Linear(self._artifact.tensor(name), info.encoding, info.shape, group_scale=scales[:, None, :])
-        return self.linears_of(name)[0]
-
-    def linears_of(self, name: str) -> list[Linear]:
-        """A weight as Linears: one for a matrix [out, in], one per expert for [experts, out, in]
-        (Gemma 4's MoE block)."""
-        info = self._artifact.tensors[name]
-        data = self._artifact.tensor(name)
-        scales = self._artifact.tensor(name + SCALE_SUFFIX) if name + SCALE_SUFFIX in self._artifact.tensors else None
-        whole_tensor_scale = scales is not None and info.encoding in SCALED_ENCODINGS and scales.shape == (1,)
-        if len(info.shape) == 2:
-            data, scales = data[None], None if scales is None or whole_tensor_scale else scales[None]
-        linears = []
-        for e in range(len(data)):
-            scale = group_scale = None
-            if info.encoding in GROUPED_TERNARY:
-                group_scale = scales[e]
-            elif info.encoding in SCALED_ENCODINGS:
-                scale = self._artifact.tensor(name + SCALE_SUFFIX) if whole_tensor_scale else scales[e]
-            linears.append(Linear(data[e], info.encoding, info.shape[-2:], scale, group_scale, info.rotation))
-        return linears
-
-    def _layer(self, i: int) -> dict:
-        """Layer i's weights by their name within the layer: vectors as arrays, matrices as Linears."""
-        prefix = f"layers.{i}."
-        weights = {}
-        for name, info in self._artifact.tensors.items():
-            if name.startswith(prefix) and not name.endswith(SCALE_SUFFIX):
-                load = {1: self._artifact.tensor, 2: self._linear, 3: self.linears_of}[len(info.shape)]
-                weights[name[len(prefix):]] = load(name)
-        return weights
-
-    # -- the forward pass --
+        self.attnres = weights.attnres_gates is not None and bool(np.any(weights.attnres_gates))
 
     def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False,
                 hidden_states: list | None = None) -> np.ndarray:
@@ -209,7 +149,7 @@ class Gemma4:
         # Activations are float64 (Linear returns float64): they are vectors, so this costs little, and it
         # keeps float32 rounding from compounding over the layers. The matrix products stay float32.
         ids = tokens.ids
-        x = (self._table_rows("embed_tokens", ids) * self.embed_scale).astype(np.float64)
+        x = (self.weights.embed_tokens.rows(ids) * self.embed_scale).astype(np.float64)
         tokens.x = x
         tokens.ple = self._per_layer_inputs(ids, x) if c.ple_dim else None
         for t, inv_freq in self.inv_freq.items():
@@ -231,11 +171,11 @@ class Gemma4:
             for source in [j for j in s.shared_kv if self.last_reader[j] == i]:
                 del s.shared_kv[source]
         if tokens.attnres is not None:
-            tokens.x = tokens.attnres.after_layer(i, tokens.x, self.attnres_gates)
+            tokens.x = tokens.attnres.after_layer(i, tokens.x, self.weights.attnres_gates)
 
     def logits_of(self, x: np.ndarray) -> np.ndarray:
         """float32 logits [T, vocab] of last-layer hidden states x [T, hidden]: final norm, head, soft-cap."""
-        logits = self.head(rms_norm(x, self.norm, self.config.rms_norm_eps))
+        logits = self.weights.head(rms_norm(x, self.weights.norm, self.config.rms_norm_eps))
         if self.config.final_logit_softcapping:
             cap = self.config.final_logit_softcapping
             logits = cap * np.tanh(logits / cap)
@@ -245,9 +185,10 @@ class Gemma4:
         """Per-layer embeddings (PLE): [T, L, P], layer i's input in [:, i]."""
         c = self.config
         T, L, P = len(ids), c.num_layers, c.ple_dim
-        tokens = self._table_rows("embed_tokens_per_layer", ids).reshape(T, L, P) * np.sqrt(P)
-        projected = self.ple_projection(x) * c.hidden_size**-0.5
-        projected = rms_norm(projected.reshape(T, L, P), self.ple_projection_norm, c.rms_norm_eps)
+        w = self.weights
+        tokens = w.embed_tokens_per_layer.rows(ids).reshape(T, L, P) * np.sqrt(P)
+        projected = w.ple_projection(x) * c.hidden_size**-0.5
+        projected = rms_norm(projected.reshape(T, L, P), w.ple_projection_norm, c.rms_norm_eps)
         return (projected + tokens) * 2**-0.5
 
     def _layer_forward(self, i: int, w: dict, tokens: "Tokens") -> np.ndarray:

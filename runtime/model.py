@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from functools import cached_property
 
@@ -17,6 +16,7 @@ from .gemma4 import Gemma4
 from .generate import Generation
 from .kv_cache import KVCache
 from .sampling import SamplingParams
+from .weights import Weights
 
 # Sampling fields a generation_config.json may set, and the names SamplingParams gives them.
 _GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
@@ -29,21 +29,11 @@ class Model:
     def __init__(self, artifact: Artifact):
         self.artifact = artifact
         self.config = artifact.config
-        self.student_config = self._json("student_config.json") or {}
-        self.generation_config = self._json("generation_config.json") or {}
-        self.tokenizer_config = self._json("tokenizer_config.json") or {}
-        self.decoder = Gemma4(artifact)
-
-    def _json(self, name: str) -> dict | None:
-        if name not in self.artifact.documents:
-            return None
-        try:
-            value = json.loads(self.artifact.document(name))
-        except ValueError:
-            raise ArtifactError(f"{self.artifact.path}: document {name} is not valid JSON") from None
-        if not isinstance(value, dict):
-            raise ArtifactError(f"{self.artifact.path}: document {name} is not a JSON object")
-        return value
+        self.student_config = artifact.json("student_config.json") or {}
+        self.generation_config = artifact.json("generation_config.json") or {}
+        self.tokenizer_config = artifact.json("tokenizer_config.json") or {}
+        self.weights = Weights(artifact)
+        self.decoder = Gemma4(artifact.config, self.weights)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -147,7 +137,7 @@ def load(path: str | os.PathLike, cache: str | None = None) -> Model:
     """
     model = Model(Artifact.open(path))
     if cache == "int8":
-        for linear in model.decoder.linears():
+        for linear in model.weights.linears():
             linear.keep_int8()
     elif cache is not None:
         raise ValueError(f"unknown cache {cache!r} (known: int8)")

@@ -21,7 +21,8 @@ from tokenizers import Tokenizer  # noqa: E402
 
 from ferrisres.convert.build import Options, convert  # noqa: E402
 from ferrisres.convert.errors import ConversionError  # noqa: E402
-from ferrisres.convert.gguf_source import GEMMA3_BLOCK, GEMMA3_GLOBAL, GGUFSource  # noqa: E402
+from ferrisres.convert.gguf_source import GGUFSource  # noqa: E402
+from ferrisres.convert.names import GEMMA3_BLOCK, GEMMA3_GLOBAL  # noqa: E402
 from ferrisres.format import Artifact  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

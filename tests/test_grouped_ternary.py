@@ -63,7 +63,7 @@ def test_every_multiplication_path_computes_the_dequantized_weight(converted):
     """Chunked numpy decode, the int8 code cache and row-split threads against the independent dequantizer."""
     model = load(converted("tiny_gemma4"))
     expected = dequantized_weights(model.artifact)[NAME]
-    linear = model.decoder.layers[0]["mlp.down_proj"]
+    linear = model.weights.layers[0]["mlp.down_proj"]
     assert linear.encoding == "ternary-g2" and linear.rotation == 64
     np.testing.assert_allclose(linear.dequantize(), expected, rtol=0, atol=1e-6)
     x = np.random.default_rng(0).standard_normal((5, 256))

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import struct
 from pathlib import Path
 

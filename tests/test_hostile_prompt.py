@@ -10,7 +10,7 @@ import re
 import numpy as np
 
 from ferrisres.runtime import gemma4
-from hostile import ran, refused, run_boxed
+from hostile import ran, run_boxed
 
 WORDS = "the quick brown fox jumps over lazy dog capital France Paris river mountain".split()
 

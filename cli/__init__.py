@@ -1,5 +1,7 @@
-"""What the three ferrisres command-line tools share: bad input ends in one line on stderr, never a traceback.
+"""What every ferrisres command-line tool shares (convert, run, inspect, eval): bad input ends in one line
+on stderr, never a traceback.
 
+It imports nothing of ferrisres: each tool names the errors that are its user's.
 Exit codes: 0 success, 1 bad input or a failed check, 130 interrupted (Ctrl-C), 141 output pipe closed.
 """
 
@@ -11,8 +13,6 @@ import sys
 from collections.abc import Callable
 
 from argparse_dataclass import ArgumentParser
-
-from .errors import ArtifactError
 
 MAX_TEXT_BYTES = 64 << 20  # far more text than any context holds (131,072 tokens are ~0.5 MB of text)
 
@@ -39,11 +39,12 @@ def parse_args(options_class, prog: str, description: str, argv: list[str] | Non
     return (args, values) if repeatable else args
 
 
-def run_main(prog: str, body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run a tool's `body`, turning expected failures into `prog: error: message` and an exit code."""
+def run_main(prog: str, body: Callable[[], int], user_errors: tuple[type[BaseException], ...]) -> int:
+    """Run a tool's `body`, turning expected failures (`user_errors`: the errors whose message is meant for
+    the user, e.g. ArtifactError) into `prog: error: message` and an exit code."""
     try:
         return body()
-    except (ArtifactError, *user_errors) as e:
+    except user_errors as e:
         return fail(prog, str(e))
     except OSError as e:
         if isinstance(e, BrokenPipeError):

@@ -1,0 +1,41 @@
+"""What `make bench` measures: the targets, the full and quick plans, the student variants and the prompt
+of the draft measurement (bench/run.py runs them)."""
+
+GB = 1e9
+
+# Targets (medians on the 2-core machine): (comparison, goal, unit, stretch goal)
+TARGETS = {
+    "decode_dense": (">=", 1.5, "tok/s", 2.5),
+    "decode_moe": (">=", 0.8, "tok/s", None),
+    "draft_speedup": (">=", 2.0, "x", None),
+    "prefill_256": (">=", 25.0, "tok/s", None),
+    "load": ("<=", 1.0, "s", None),
+    "decode_rss": ("<=", 1.5 * GB, "GB", None),
+    "convert_time": ("<=", 3600.0, "s", None),  # the calibrated default: <= 60 min and 6 GB
+    "convert_rss": ("<=", 6 * GB, "GB", None),
+}
+
+FULL = dict(
+    scale="full", scaling_scales=["tiny", "half", "full"], convert_repeats=1, scaling_convert_repeats=1,
+    load_repeats=5, prefill_lengths=[64, 256], prefill_repeats=3,
+    decode_contexts=[64, 512, 2048], decode_new=64, decode_repeats={64: 3, 512: 1, 2048: 1},
+    moe_contexts=[64], moe_repeats=2, teacher_new=16, draft_new=64, draft_repeats=2,
+    scaling_decode_new=32, profile=True,
+)
+QUICK = dict(
+    scale="tiny", scaling_scales=["tiny"], convert_repeats=1, scaling_convert_repeats=1,
+    load_repeats=3, prefill_lengths=[64, 256], prefill_repeats=2,
+    decode_contexts=[64, 512, 2048], decode_new=16, decode_repeats={64: 2, 512: 1, 2048: 1},
+    moe_contexts=[64], moe_repeats=1, teacher_new=8, draft_new=16, draft_repeats=1,
+    scaling_decode_new=0, profile=False,
+)
+
+# The dense student with other table encodings than its default (int8 tables, tied head).
+TABLE_VARIANTS = {"dense-bf16-tables": ["--tables", "bf16"], "dense-int4-per-layer": ["--per-layer-table", "int4-g32"]}
+LLAMA_CPP_TQ2_0_BYTES = 2.79 * GB  # llama.cpp's TQ2_0 GGUF of the same checkpoint
+
+# A paragraph repeated: a prompt a copying model continues by copying (n-gram drafts then hit).
+COPY_PARAGRAPH = (
+    "The quick brown fox jumps over the lazy dog near the river bank, while the old farmer watches from "
+    "his house on the hill and counts the sheep that walk back home before the night comes. "
+)

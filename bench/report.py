@@ -1,0 +1,211 @@
+"""BENCHMARKS.md from a benchmark's results (bench/results.json): targets beside measurements, the
+bandwidth bound, and the detail, table-encoding, bytes-per-token and scaling tables."""
+
+from __future__ import annotations
+
+from plan import GB, LLAMA_CPP_TQ2_0_BYTES, TARGETS
+
+
+def _fmt(v, unit=""):
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if unit == "GB":
+        return f"{v / GB:.2f} GB"
+    if unit == "s":
+        return f"{v:.2f} s"
+    if unit == "x":
+        return f"{v:.2f}x"
+    return f"{v:.2f} {unit}".strip()
+
+
+def _met(key, value):
+    if value is None or isinstance(value, str):
+        return "–"
+    op, goal, _, stretch = TARGETS[key]
+    ok = value >= goal if op == ">=" else value <= goal
+    s = "yes" if ok else "**no**"
+    if stretch is not None and value >= stretch:
+        s += " (stretch too)"
+    return s
+
+
+def _g(obj, *path):
+    """obj[path...] or None if anything on the way is missing or failed."""
+    for k in path:
+        if not isinstance(obj, dict) or "error" in obj or k not in obj:
+            return None
+        obj = obj[k]
+    return obj
+
+
+def report(r: dict) -> str:
+    m = r["machine"]
+    bw1, bwn = r["bandwidth"]["one_thread_gbps"], r["bandwidth"]["default_threads_gbps"]
+    scale = r["plan"]["scale"]
+    bpt = r.get("bytes_per_token", {})
+    dec = r.get("decode", {})
+
+    def bound(name, ctx, bw=bw1):
+        b = _g(bpt, name, str(ctx), "total")
+        return None if b is None else bw * GB / b
+
+    draft = r.get("draft", {})
+    if "error" in draft:
+        draft_v = "failed (see results.json)"
+    elif not draft.get("same_tokens"):
+        draft_v = f"{draft['speedup']:.2f}x but different tokens"
+    else:
+        draft_v = draft["speedup"]
+    rows = [
+        ("decode, dense ternary, context 64", "decode_dense", _g(dec, "dense", "64", "tok_s"), bound("dense", 64)),
+        ("decode, 2-expert top-2 MoE, context 64", "decode_moe", _g(dec, "moe2", "64", "tok_s"), bound("moe2", 64)),
+        ("decode with `draft=\"ngram\"`, copy-heavy prompt, vs plain", "draft_speedup", draft_v, None),
+        ("prefill, 256-token prompt (dense)", "prefill_256", _g(r, "prefill", "dense", "256", "tok_s"), None),
+        ("load: open -> ready to generate, tokenizer included (dense)", "load", _g(r, "load", "dense", "load_s"), None),
+        ("peak RSS while decoding the dense student (context 64)", "decode_rss", _g(dec, "dense", "64", "decode_peak_rss_bytes"), None),
+        (f"conversion of the {scale} checkpoint (dense ternary), wall time", "convert_time", _g(r, "convert", "dense", "seconds"), None),
+        ("conversion peak RSS (ru_maxrss, dense ternary)", "convert_rss", _g(r, "convert", "dense", "ru_maxrss_bytes"), None),
+    ]
+    env = ", ".join(f"{k}={v}" for k, v in sorted(m["openblas_env"].items())) or "none set"
+    dirty = r["code"]["dirty"]
+    lines = [
+        f"# Benchmarks at {'E2B' if scale == 'full' else scale + ' (reduced E2B)'} scale",
+        "",
+        f"Measured by `make bench{' QUICK=1' if r['mode'] == 'quick' else ''}` (bench/run.py) on a synthetic checkpoint with "
+        f"the exact Gemma 4 E2B text shapes and random weights (bench/make_synthetic_e2b.py, scale `{scale}`). "
+        "Every number is a median over runs, each in its own process.",
+        f"Code: commit {r['code']['commit'][:12]}" + (f" + uncommitted changes in {len(dirty)} product files" if dirty else "")
+        + f" (product code digest {r['code']['product_code_digest']}, run from a snapshot of it); {m['date']}.",
+        "",
+        f"Machine: {m['cpu'].get('model name')} (family {m['cpu'].get('cpu family')} model {m['cpu'].get('model')}; "
+        f"{', '.join(m['cpu'].get('flags', []))}), {m['cores']} cores, L3 {m['l3']}, {m['ram_bytes'] / 2**30:.1f} GiB RAM; "
+        f"Python {m['python']}, numpy {m['numpy']}, {m['blas']['name']} {m['blas']['version']} (kernel core {m['blas']['corename']}). "
+        f"OpenBLAS environment: {env} (left as found).",
+        f"Load average (1/5/15 min) at start {_la(m['loadavg'])}, at end {_la(m.get('loadavg_end'))}"
+        + (": the machine was shared with other jobs, so these numbers are pessimistic" if m["loadavg"][0] > 1.5 else "")
+        + "; each measurement's load average is in results.json.",
+        "",
+        f"DRAM read bandwidth (BLAS sgemv over a 1 GiB float32 matrix, median of 7): **{bw1:.1f} GB/s on 1 thread**, "
+        f"{bwn:.1f} GB/s with OpenBLAS's default threads. The bandwidth bound is the 1-thread bandwidth divided by the "
+        "bytes a decode step reads (table below): the speed if decoding did nothing but stream its weights once.",
+        "",
+        "## Targets",
+        "",
+        *(["**Quick run: a tiny model to check the harness. The targets are for the full E2B size; "
+           "the 'met' column means nothing here.**", ""] if r["mode"] == "quick" else []),
+        "| target | goal | measured (median) | bandwidth bound | measured / bound | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key, value, bnd in rows:
+        op, goal, unit, stretch = TARGETS[key]
+        goal_s = f"{op} {_fmt(goal, unit)}" + (f" (stretch {_fmt(stretch, unit)})" if stretch else "")
+        value_s = _fmt(value, unit if not isinstance(value, str) else "")
+        ratio = f"{value / bnd:.1%}" if bnd and isinstance(value, (int, float)) else "–"
+        lines.append(f"| {label} | {goal_s} | {value_s} | {_fmt(bnd, 'tok/s') if bnd else '–'} | {ratio} | {_met(key, value)} |")
+
+    lines += ["", "Details:", ""]
+    for name in ("dense", "moe2", "bf16"):
+        cv = _g(r, "convert", name)
+        if cv is None:
+            lines.append(f"- conversion {name}: failed (see results.json)")
+            continue
+        lines.append(f"- conversion {name}: {cv['seconds']:.0f} s, peak RSS {cv['ru_maxrss_bytes'] / GB:.2f} GB "
+                     f"(mapped files {cv['peak_rss_file_bytes'] / GB:.2f} GB + heap {cv['peak_rss_anon_bytes'] / GB:.2f} GB), "
+                     f"artifact {cv['size_bytes'] / GB:.2f} GB")
+    ld = _g(r, "load", "dense")
+    if ld:
+        lines.append(f"- load (dense): open + validate {ld['open_s']:.3f} s + tokenizer.json parse {ld['tokenizer_s']:.3f} s "
+                     f"(a {r['tokenizer']['json_mb']} MB tokenizer.json, vocabulary 262144); before that, importing the "
+                     f"runtime {ld['import_s']:.2f} s; the first token after load {ld['first_token_s']:.2f} s (maps the weights in)")
+    dd = _g(dec, "dense", "64")
+    if dd:
+        lines.append(f"- decode memory (dense, context 64): peak RSS while decoding {dd['decode_peak_rss_bytes'] / GB:.2f} GB "
+                     f"(mapped artifact pages {dd['decode_peak_rss_file_bytes'] / GB:.2f} GB + heap {dd['decode_peak_rss_anon_bytes'] / GB:.2f} GB); "
+                     f"whole process including the prefill {dd['process_peak_rss_bytes'] / GB:.2f} GB")
+    for name in ("moe2", "bf16"):
+        for ctx, v in dec.get(name, {}).items():
+            if "error" in v:
+                lines.append(f"- decode {name}, context {ctx}: failed (see results.json)")
+                continue
+            lines.append(f"- decode {name}, context {ctx}: {_fmt(v['tok_s'], 'tok/s')} (bound {_fmt(bound(name, int(ctx)), 'tok/s')}), "
+                         f"peak RSS while decoding {v['decode_peak_rss_bytes'] / GB:.2f} GB")
+    for name, p in r.get("prefill", {}).items():
+        if "error" in p:
+            lines.append(f"- prefill {name}: failed (see results.json)")
+            continue
+        lines.append(f"- prefill {name}: " + ", ".join(f"{n} tokens {v['tok_s']:.1f} tok/s" for n, v in p.items() if n.isdigit()))
+    if "speedup" in draft:
+        lines.append(f"- draft: plain {draft['plain_tok_s']:.2f} tok/s, ngram {draft['ngram_tok_s']:.2f} tok/s on a "
+                     f"{draft['prompt_tokens']}-token copy-heavy prompt (a paragraph 3.5 times); same tokens: {draft['same_tokens']}; "
+                     f"drafted/accepted per run: {[(x.get('drafted'), x.get('accepted')) for x in draft['runs']['ngram']]}. "
+                     "Random weights need not copy the paragraph, so the acceptance rate here says little about a real model.")
+    if draft.get("verify"):
+        v = draft["verify"]
+        lines.append("- draft ceiling: one forward over k new tokens (all logits) at context 64 takes "
+                     + ", ".join(f"{1000 * t:.0f} ms (k={k})" for k, t in v["seconds"].items())
+                     + "; if every draft were accepted that is at most "
+                     + ", ".join(f"{x:.1f}x (k={k})" for k, x in v["ideal_speedup"].items()) + " plain decoding")
+    for f in r.get("failures", []):
+        lines.append(f"- **failed**: {f['kind']} {f['label']}: `{f['error'].strip().splitlines()[-1][:200]}`")
+
+    lines += ["", "### Embedding tables", "",
+              "The dense student with each table encoding (`--tables`, `--per-layer-table`; the default is int8 "
+              f"for both, the head tied to the int8 embedding), beside llama.cpp's TQ2_0 GGUF ({LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB):", "",
+              "| student | artifact | decode tok/s @64 | peak RSS while decoding |", "|---|---|---|---|"]
+    for name in ("dense-bf16-tables", "dense", "dense-int4-per-layer"):
+        cv, dv = _g(r, "convert", name), _g(dec, name, "64")
+        if cv is None or dv is None or "error" in dv:
+            lines.append(f"| {name} | failed (see results.json) | | |")
+            continue
+        lines.append(f"| {name} | {cv['size_bytes'] / GB:.2f} GB | {_fmt(dv['tok_s'], 'tok/s')} "
+                     f"| {dv['decode_peak_rss_bytes'] / GB:.2f} GB |")
+
+    lines += ["", "### Bytes read per decoded token", "",
+              "| artifact | layers | head | embedding rows | other | KV cache @64 | total @64 | bound @64 (1 thread / default threads) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, per_ctx in bpt.items():
+        b = per_ctx["64"]
+        p = b["parts"]
+        head = p.get("head", 0) + p.get("head (tied embedding)", 0)
+        lines.append(f"| {name} | {p.get('layers', 0) / 1e6:.0f} MB | {head / 1e6:.0f} MB | {p.get('embedding rows', 0) / 1e3:.0f} kB "
+                     f"| {p.get('other', 0) / 1e6:.1f} MB | {b['kv_cache'] / 1e6:.1f} MB | {b['total'] / 1e6:.0f} MB "
+                     f"| {bw1 * GB / b['total']:.1f} / {bwn * GB / b['total']:.1f} tok/s |")
+    lines += ["", "Layers: every ternary projection with its scales, norms and layer scalars (MoE: top_k/experts of the experts); "
+              "head: the int8 copy with its scales, or the whole tied bf16 embedding for the teacher; other: the PLE projection "
+              "and final norm; KV cache: float32 keys and values every layer attends over."]
+
+    lines += ["", "## Scaling", "", "Decode (dense ternary) vs context length (random-token context, then greedy decoding):", "",
+              "| context | decode tok/s (wall) | per-step median | forward passes only | bytes/token | bound | measured / bound | prefill of the context |",
+              "|---|---|---|---|---|---|---|---|"]
+    for ctx, v in dec.get("dense", {}).items():
+        if "error" in v:
+            lines.append(f"| {ctx} | failed | | | | | | |")
+            continue
+        bnd = bound("dense", ctx)
+        lines.append(f"| {ctx} | {_fmt(v['tok_s'])} | {_fmt(v['median_step_tok_s'])} | {_fmt(v['forward_tok_s'])} "
+                     f"| {bpt['dense'][ctx]['total'] / 1e6:.0f} MB | {bnd:.1f} | {v['tok_s'] / bnd:.1%} "
+                     f"| {v['prefill_s']:.1f} s ({int(ctx) / v['prefill_s']:.1f} tok/s) |")
+    lines += ["", "Conversion (dense ternary) vs model size:", "",
+              "| scale | source checkpoint | conversion | peak RSS (ru_maxrss) | mapped files | heap | artifact | decode tok/s @64 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s, v in r.get("scaling_convert", {}).items():
+        ck = r["checkpoints"][s]
+        sd = _g(r, "scaling_decode", s, "tok_s")
+        head = f"| {s} ({ck['layers']} layers, hidden {ck['hidden']}) | {ck['safetensors_bytes'] / GB:.2f} GB "
+        if "error" in v:
+            lines.append(head + "| failed | | | | | |")
+            continue
+        lines.append(head + f"| {v['seconds']:.0f} s | {v['ru_maxrss_bytes'] / GB:.2f} GB | {v['peak_rss_file_bytes'] / GB:.2f} GB "
+                     f"| {v['peak_rss_anon_bytes'] / GB:.2f} GB | {v['size_bytes'] / GB:.2f} GB | {_fmt(sd)} |")
+    prof = r.get("profile")
+    if prof and "markdown" in prof:
+        lines += ["", "## Profile of decode steps (dense, context 64)", "", "From bench/profile_decode.py.", "", prof["markdown"]]
+    lines += ["", f"Total benchmark time {r['total_seconds'] / 60:.1f} min. Raw data: "
+              f"{'bench/results.json' if r['mode'] == 'full' else 'bench/.cache/quick/results.json'}.", ""]
+    return "\n".join(lines)
+
+
+def _la(la) -> str:
+    return "–" if la is None else " / ".join(f"{x:.1f}" for x in la)
