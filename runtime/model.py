@@ -14,7 +14,7 @@ from ferrisres.format.documents import check_document
 
 from .chat_template import render_chat, special_token_variables, template_of
 from .gemma4 import Gemma4
-from .generate import Generation
+from .generate import Completion, Generation, generate_batch
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 
@@ -33,6 +33,8 @@ class Model:
         self.generation_config = self._json("generation_config.json") or {}
         self.tokenizer_config = self._json("tokenizer_config.json") or {}
         self.decoder = Gemma4(artifact)
+        self.kernel = "numpy"  # which products run: "numpy", or "fast" (fused kernels attached by `load`)
+        self.compile_seconds = 0.0  # spent compiling (or loading from numba's cache) the fast kernels
 
     def _json(self, name: str) -> dict | None:
         if name not in self.artifact.documents:
@@ -125,6 +127,14 @@ class Model:
         return Generation(self, self._checked(ids).tolist(), self.default_sampling(**sampling), max_tokens,
                           self.config.eos_token_ids, stop, max_context=max_context, top=top, draft=draft)
 
+    def generate_batch(self, prompts: list[str | list[int]], max_tokens: int = 256, max_context: int | None = None,
+                       **sampling) -> list[Completion]:
+        """Continue every prompt (as `generate` does, without stop strings), advancing all of them in one
+        forward per step: a few sequences cost little more than one. Returns one `Completion` per prompt."""
+        prompts = [self._checked(self.encode(p) if isinstance(p, str) else list(p)).tolist() for p in prompts]
+        return generate_batch(self, prompts, self.default_sampling(**sampling), max_tokens, self.config.eos_token_ids,
+                              max_context)
+
     def chat(self, messages: list[dict], max_tokens: int = 256, **options) -> Generation:
         """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) using the chat template."""
         return self.generate(self.encode(self.render_chat(messages)), max_tokens, **options)
@@ -139,16 +149,43 @@ class Model:
         return ids
 
 
-def load(path: str | os.PathLike, cache: str | None = None) -> Model:
+KERNELS = ("numpy", "fast", "auto")
+FAST_EXTRA = "pip install 'ferrisres[fast]'"
+
+
+def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy") -> Model:
     """Open and validate the artifact at `path`; weights stay on disk until used.
 
     `cache="int8"` unpacks every ternary matrix once into RAM as int8 (4x the packed size: ~1.9 GB for
     E2B), which makes each decoded token faster, for users with memory to spare.
+    `kernel="fast"` runs the matrix products of a few tokens (decoding) through fused compiled kernels
+    (needs the `fast` extra: numba); "auto" does when numba is installed; "numpy", the default, is the
+    reference path.
     """
-    model = Model(Artifact.open(path))
-    if cache == "int8":
-        for linear in model.decoder.linears():
-            linear.keep_int8()
-    elif cache is not None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
+    if cache not in (None, "int8"):
         raise ValueError(f"unknown cache {cache!r} (known: int8)")
+    attach = _fast_kernels(kernel)
+    model = Model(Artifact.open(path))
+    decoder = model.decoder
+    if cache == "int8":
+        for linear in decoder.linears():
+            linear.keep_int8()
+    if attach is not None:
+        model.compile_seconds = attach([*decoder.linears(), decoder.head])
+        model.kernel = "fast"
     return model
+
+
+def _fast_kernels(kernel: str):
+    """`fast_kernels.attach` when `kernel` asks for the fused kernels and numba imports, else None."""
+    if kernel == "numpy":
+        return None
+    try:
+        from .fast_kernels import attach
+    except ImportError as e:
+        if kernel == "fast":
+            raise ValueError(f"the fast kernels need numba ({e}): {FAST_EXTRA}") from None
+        return None
+    return attach

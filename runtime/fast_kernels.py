@@ -1,0 +1,238 @@
+"""Fused compiled kernels (numba, `pip install ferrisres[fast]`): `y = x @ W.T` in one pass over the stored bytes.
+
+The numpy path (kernels.py) decodes a chunk of rows into float32 and hands it to BLAS: every packed
+byte becomes 16 bytes written and read again. Here each byte is loaded once, its codes are unpacked in
+registers by shifts and masks and multiplied into the token's input at once, as llama.cpp's TQ2_0 and
+bitnet.cpp's I2_S dot products do (docs/kernels.md). What fits numba of their tricks:
+
+- the input is deinterleaved once per call (x[4j + k] -> xk[k, j]), so that the k-th code of every
+  byte meets a contiguous run of x and LLVM vectorizes the byte loop (16 bytes per AVX-512 step);
+- group scales multiply a group's partial sum, once per group and plane, never each weight;
+- the two planes of a row are unpacked in the same loop over the input;
+- rows are split over threads (`prange`), tokens are looped inside a row so that it stays in L1.
+
+Sums are float32 like BLAS's, in another order (fastmath `reassoc` lets LLVM vectorize them): the
+difference from the numpy path is float32 rounding, which the tests bound. Activations stay float32;
+quantizing them to int8 as llama.cpp does would change the results beyond that bound.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ferrisres.format.encodings import GROUPED_TERNARY
+from ferrisres.format.tables import INT4_GROUPS
+
+from . import kernels
+
+# reassoc: LLVM may reorder float sums, which it needs to vectorize them; contract: fused multiply-adds.
+# No other fast-math flag: NaN and infinities propagate as in numpy. cache=True: compiled once per machine.
+_JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False, error_model="numpy")
+LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
+# float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
+_ONE, _EIGHT = np.float32(1), np.float32(8)  # float32 constants: numba makes float32 - 1 a float64
+_F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(inline="always", **_JIT)
+def _group_sum(partial, start, n):
+    """partial[start:start + n] summed; LANES at a time when n allows, which LLVM turns into vector adds."""
+    s = np.float32(0)
+    if n % LANES == 0:
+        for c in range(start, start + n, LANES):
+            for lane in range(LANES):
+                s += partial[c + lane]
+    else:
+        for j in range(start, start + n):
+            s += partial[j]
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _ternary_byte(b, x0, x1, x2, x3):
+    """The four weights of one packed byte (codes weight + 1, lowest bits first) times their inputs.
+    An invalid code 0b11 is first turned into 0b01 (weight 0), as numpy's table reads it. Subtracting
+    the inputs' sum once per group instead of 1 per code (as TQ2_0 does in integers) measured < 10%
+    faster here, and in float32 it would leave rounding residue where the weights are zero."""
+    b ^= (b & (b >> 1) & 0x55) << 1
+    return (np.float32(b & 3) - _ONE) * x0 + (np.float32((b >> 2) & 3) - _ONE) * x1 \
+        + (np.float32((b >> 4) & 3) - _ONE) * x2 + (np.float32(b >> 6) - _ONE) * x3
+
+
+@njit(parallel=True, **_JIT)
+def _ternary(packed, xk, scales, group_bytes, f16, out):
+    """out[t, r] = sum over planes p and groups g of scale[r, p, g] * (weights of group g of plane p) . x[t].
+
+    packed [rows, planes, bytes] uint8; xk [T, 4, bytes] the deinterleaved input; scales [rows, planes,
+    groups] float16 bit patterns (read through `f16`); each group is `group_bytes` consecutive bytes."""
+    rows, planes, nbytes = packed.shape
+    groups = nbytes // group_bytes
+    for r in prange(rows):
+        partial = np.empty((planes, nbytes), dtype=np.float32)  # per-byte products of a row: stays in L1
+        first, last = packed[r, 0], packed[r, planes - 1]
+        p0, p1 = partial[0], partial[planes - 1]
+        for t in range(xk.shape[0]):
+            x0, x1, x2, x3 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3]
+            if planes == 2:  # both planes against each input once; a loop over planes here defeats vectorizing
+                for j in range(nbytes):
+                    p0[j] = _ternary_byte(np.int32(first[j]), x0[j], x1[j], x2[j], x3[j])
+                    p1[j] = _ternary_byte(np.int32(last[j]), x0[j], x1[j], x2[j], x3[j])
+            else:
+                for j in range(nbytes):
+                    p0[j] = _ternary_byte(np.int32(first[j]), x0[j], x1[j], x2[j], x3[j])
+            total = np.float32(0)
+            for p in range(planes):
+                for g in range(groups):
+                    total += f16[scales[r, p, g]] * _group_sum(partial[p], g * group_bytes, group_bytes)
+            out[t, r] = total
+
+
+@njit(parallel=True, **_JIT)
+def _ternary_rows(packed, xk, out):
+    """Per-row ternary (the row's scale is applied by the caller): out[t, r] = weights of row r . x[t]."""
+    rows, nbytes = packed.shape
+    for r in prange(rows):
+        row = packed[r]
+        for t in range(xk.shape[0]):
+            x0, x1, x2, x3 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3]
+            s = np.float32(0)
+            for j in range(nbytes):
+                s += _ternary_byte(np.int32(row[j]), x0[j], x1[j], x2[j], x3[j])
+            out[t, r] = s
+
+
+@njit(parallel=True, **_JIT)
+def _int4(packed, xk, scales, group_bytes, f16, out):
+    """int4 rows (an int4 table as the head): codes q + 8, column 2j in the low nibble of byte j, 2j + 1 in
+    the high one; xk [T, 2, bytes]; a float16 scale per group of `group_bytes` bytes."""
+    rows, nbytes = packed.shape
+    groups = nbytes // group_bytes
+    for r in prange(rows):
+        partial = np.empty(nbytes, dtype=np.float32)
+        for t in range(xk.shape[0]):
+            x = xk[t]
+            for j in range(nbytes):
+                b = np.int32(packed[r, j])
+                partial[j] = (np.float32(b & 15) - _EIGHT) * x[0, j] + (np.float32(b >> 4) - _EIGHT) * x[1, j]
+            total = np.float32(0)
+            for g in range(groups):
+                total += f16[scales[r, g]] * _group_sum(partial, g * group_bytes, group_bytes)
+            out[t, r] = total
+
+
+@njit(parallel=True, **_JIT)
+def _int8(q, x, out):
+    """int8 rows (the head over an int8 table, or --cache int8 codes); the row scale is the caller's."""
+    for r in prange(q.shape[0]):
+        for t in range(x.shape[0]):
+            s = np.float32(0)
+            for j in range(q.shape[1]):
+                s += np.float32(q[r, j]) * x[t, j]
+            out[t, r] = s
+
+
+@njit(parallel=True, **_JIT)
+def _bf16(u, x, out):
+    """bf16 rows as uint16 bit patterns: the float32 bits are u << 16, widened a row at a time in L1."""
+    rows, n = u.shape
+    for r in prange(rows):
+        bits = np.empty(n, dtype=np.uint32)
+        w = bits.view(np.float32)
+        for j in range(n):
+            bits[j] = np.uint32(u[r, j]) << 16
+        for t in range(x.shape[0]):
+            s = np.float32(0)
+            for j in range(n):
+                s += w[j] * x[t, j]
+            out[t, r] = s
+
+
+@njit(parallel=True, **_JIT)
+def _f16(u, x, f16, out):
+    """f16 rows as uint16 bit patterns, widened through the 65536-entry table (exact, NaN and inf included)."""
+    rows, n = u.shape
+    for r in prange(rows):
+        w = np.empty(n, dtype=np.float32)
+        for j in range(n):
+            w[j] = f16[u[r, j]]
+        for t in range(x.shape[0]):
+            s = np.float32(0)
+            for j in range(n):
+                s += w[j] * x[t, j]
+            out[t, r] = s
+
+
+class FastMatmul:
+    """The fused product of one `kernels.Linear`: call with x [T, in] float32 (already rotated), get
+    [T, out] float32 without the per-row scale, as `Linear._chunked_matmul` returns it."""
+
+    def __init__(self, linear: kernels.Linear):
+        if linear.encoding not in FAST_ENCODINGS:
+            raise ValueError(f"no fast kernel for encoding {linear.encoding!r}")
+        self.encoding, self.width = linear.encoding, linear.width
+        self.max_tokens = MAX_TOKENS.get(linear.encoding, 1)
+        self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
+        self.scales, self.group_bytes = None, 0
+        if linear.group_scale is not None:  # grouped ternary [out, planes, groups]; int4 [out, 1, groups]
+            scales = linear.group_scale.view(np.uint16)
+            self.scales = scales[:, 0] if linear.encoding in INT4_GROUPS else scales
+            self.group_bytes = linear.data.shape[-1] // scales.shape[-1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
+        return self._rows(self.data, self.scales, x)
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) this Linear's kernel for its arrays' types, on one row."""
+        self._rows(self.data[:1], None if self.scales is None else self.scales[:1], np.zeros((1, self.width), np.float32))
+
+    def _rows(self, data: np.ndarray, scales: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((len(x), len(data)), dtype=np.float32)
+        if self.encoding == "int8":
+            _int8(data, x, out)
+        elif self.encoding == "bf16":
+            _bf16(data, x, out)
+        elif self.encoding == "f16":
+            _f16(data, x, _F16, out)
+        else:
+            if x.shape[1] != self.width:  # rows padded to whole bytes (or groups) hold zero weights there
+                x = np.pad(x, ((0, 0), (0, self.width - x.shape[1])))
+            per_byte = 2 if self.encoding in INT4_GROUPS else 4
+            xk = np.ascontiguousarray(x.reshape(len(x), -1, per_byte).transpose(0, 2, 1))
+            if self.encoding == "ternary":
+                _ternary_rows(data, xk, out)
+            elif self.encoding in INT4_GROUPS:
+                _int4(data, xk, scales, self.group_bytes, _F16, out)
+            else:
+                _ternary(data, xk, scales, self.group_bytes, _F16, out)
+        return out
+
+
+# Smaller weights run on one thread: waking the others costs more than they save (the tiny test models
+# decoded 30x slower on two threads of a loaded machine).
+PARALLEL_BYTES = 64 << 10
+# Up to how many tokens a call beats numpy's decode-a-chunk-then-sgemm, which pays the decoding once for
+# all tokens where these kernels pay it per token (bench/kernels.py, docs/kernels.md).
+MAX_TOKENS = {"ternary-g1": 2, "ternary-g2": 2, "int8": 4}
+FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *INT4_GROUPS, "int8", "bf16", "f16")  # f32 stays with BLAS
+
+
+def _use_threads(n: int) -> None:
+    if numba.get_num_threads() != min(n, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def attach(linears) -> float:
+    """Give every Linear with a fast kernel its `FastMatmul`, and compile (or load from numba's cache)
+    each kernel for the arrays it will see, on one row; returns the seconds this took."""
+    start = time.perf_counter()
+    for linear in linears:
+        if linear.encoding in FAST_ENCODINGS:
+            linear.fast = FastMatmul(linear)
+            linear.fast.warm_up()
+    return time.perf_counter() - start
