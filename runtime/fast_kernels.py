@@ -136,6 +136,23 @@ def _int8(q, x, out):
 
 
 @njit(parallel=True, **_JIT)
+def _int8_groups(q, x, scales, group, f16, out):
+    """Grouped ternary kept as int8 codes (`--cache int8`): q [rows, planes, width], float16 scales
+    [rows, planes, groups] of `group` columns each."""
+    rows, planes, width = q.shape
+    for r in prange(rows):
+        partial = np.empty(width, dtype=np.float32)
+        for t in range(x.shape[0]):
+            total = np.float32(0)
+            for p in range(planes):
+                for j in range(width):
+                    partial[j] = np.float32(q[r, p, j]) * x[t, j]
+                for g in range(scales.shape[2]):
+                    total += f16[scales[r, p, g]] * _group_sum(partial, g * group, group)
+            out[t, r] = total
+
+
+@njit(parallel=True, **_JIT)
 def _bf16(u, x, out):
     """bf16 rows as uint16 bit patterns: the float32 bits are u << 16, widened a row at a time in L1."""
     rows, n = u.shape
@@ -177,10 +194,10 @@ class FastMatmul:
         self.max_tokens = MAX_TOKENS.get(linear.encoding, 1)
         self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
         self.scales, self.group_bytes = None, 0
-        if linear.group_scale is not None:  # grouped ternary [out, planes, groups]; int4 [out, 1, groups]
-            scales = linear.group_scale.view(np.uint16)
+        if linear.group_scale is not None:  # grouped ternary [out, planes, groups] (packed, or int8 codes of
+            scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 [out, 1, groups]
             self.scales = scales[:, 0] if linear.encoding in INT4_GROUPS else scales
-            self.group_bytes = linear.data.shape[-1] // scales.shape[-1]
+            self.group_bytes = linear.data.shape[-1] // scales.shape[-1]  # bytes (int8 codes: columns) per group
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
@@ -192,16 +209,18 @@ class FastMatmul:
 
     def _rows(self, data: np.ndarray, scales: np.ndarray | None, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[1] != self.width:  # rows padded to whole bytes (or groups) hold zero weights there
+            x = np.pad(x, ((0, 0), (0, self.width - x.shape[1])))
         out = np.empty((len(x), len(data)), dtype=np.float32)
-        if self.encoding == "int8":
+        if self.encoding == "int8" and scales is not None:
+            _int8_groups(data, x, scales, self.group_bytes, _F16, out)
+        elif self.encoding == "int8":
             _int8(data, x, out)
         elif self.encoding == "bf16":
             _bf16(data, x, out)
         elif self.encoding == "f16":
             _f16(data, x, _F16, out)
         else:
-            if x.shape[1] != self.width:  # rows padded to whole bytes (or groups) hold zero weights there
-                x = np.pad(x, ((0, 0), (0, self.width - x.shape[1])))
             per_byte = 2 if self.encoding in INT4_GROUPS else 4
             xk = np.ascontiguousarray(x.reshape(len(x), -1, per_byte).transpose(0, 2, 1))
             if self.encoding == "ternary":
