@@ -151,6 +151,9 @@ class Model:
 
 KERNELS = ("numpy", "fast", "auto")
 FAST_EXTRA = "pip install 'ferrisres[fast]'"
+# auto takes the fast kernels for models with at least this many bytes of matrices: below, importing numba
+# and loading its compiled kernels (~1 s, ~170 MB resident) costs more than they save (the tiny test models)
+AUTO_FAST_BYTES = 16 << 20
 
 
 def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy") -> Model:
@@ -158,34 +161,35 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
 
     `cache="int8"` unpacks every ternary matrix once into RAM as int8 (4x the packed size: ~1.9 GB for
     E2B), which makes each decoded token faster, for users with memory to spare.
-    `kernel="fast"` runs the matrix products of a few tokens (decoding) through fused compiled kernels
-    (needs the `fast` extra: numba); "auto" does when numba is installed; "numpy", the default, is the
-    reference path.
+    `kernel="fast"` runs the products of a few tokens at a time (decoding) through fused compiled kernels
+    (the `fast` extra: numba); "auto" does so when numba is installed and the model is not tiny
+    (AUTO_FAST_BYTES); "numpy", the default here, is the reference path.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
     if cache not in (None, "int8"):
         raise ValueError(f"unknown cache {cache!r} (known: int8)")
-    attach = _fast_kernels(kernel)
+    attach = _fast_kernels(required=True) if kernel == "fast" else None  # refused before any work
     model = Model(Artifact.open(path))
     decoder = model.decoder
+    linears = [*decoder.linears(), decoder.head]
+    if kernel == "auto" and sum(linear.data.nbytes for linear in linears) >= AUTO_FAST_BYTES:
+        attach = _fast_kernels(required=False)
     if cache == "int8":
         for linear in decoder.linears():
             linear.keep_int8()
     if attach is not None:
-        model.compile_seconds = attach([*decoder.linears(), decoder.head])
+        model.compile_seconds = attach(linears)
         model.kernel = "fast"
     return model
 
 
-def _fast_kernels(kernel: str):
-    """`fast_kernels.attach` when `kernel` asks for the fused kernels and numba imports, else None."""
-    if kernel == "numpy":
-        return None
+def _fast_kernels(required: bool):
+    """`fast_kernels.attach`, or None when numba does not import (an error if `required`)."""
     try:
         from .fast_kernels import attach
     except ImportError as e:
-        if kernel == "fast":
+        if required:
             raise ValueError(f"the fast kernels need numba ({e}): {FAST_EXTRA}") from None
         return None
     return attach

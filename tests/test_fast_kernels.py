@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from conftest import PER_ROW, reference, run_tool
 from ferrisres.format.encodings import pack_ternary
 from ferrisres.format.tables import pack_int4
 from ferrisres.runtime import load, set_threads
+from ferrisres.runtime import model as model_module
 from ferrisres.runtime.kernels import Linear, rotated_input
 from ferrisres.runtime.kv_cache import KVCache
 
@@ -159,18 +161,30 @@ def test_batched_generation_gives_each_prompt_its_own_tokens(converted, kernel):
 def test_run_says_which_kernel_ran(converted):
     path = str(converted("tiny_gemma4", "ternary"))
     texts = {}
-    for kernel in ("numpy", "fast", "auto"):
+    for kernel in ("numpy", "fast", "auto"):  # auto: numpy for a model as tiny as this one
         result = run_tool("ferrisres-run", path, "-p", "Hello", "--raw", "--greedy", "-n", "8", "--kernel", kernel)
         assert result.returncode == 0, result.stderr
         summary = result.stderr.strip().splitlines()[-1]
-        assert f"| kernel {'fast' if kernel == 'auto' else kernel} |" in summary
+        assert f"| kernel {'numpy' if kernel == 'auto' else kernel} |" in summary
         texts[kernel] = result.stdout
     assert texts["fast"] == texts["numpy"] == texts["auto"]
 
 
+@needs_numba
+def test_auto_takes_the_fast_kernels_for_a_model_that_is_not_tiny(converted, monkeypatch):
+    path = converted("tiny_gemma4", "ternary")
+    assert load(path, kernel="auto").kernel == "numpy"
+    monkeypatch.setattr(model_module, "AUTO_FAST_BYTES", 0)  # as if it were large
+    assert load(path, kernel="auto").kernel == "fast"
+    monkeypatch.setitem(sys.modules, "numba", None)  # numba not installed: auto falls back to numpy
+    monkeypatch.delitem(sys.modules, "ferrisres.runtime.fast_kernels")
+    assert load(path, kernel="auto").kernel == "numpy"
+    with pytest.raises(ValueError, match=r"pip install 'ferrisres\[fast\]'"):
+        load(path, kernel="fast")
+
+
 def test_fast_kernel_without_numba_is_one_line_naming_the_extra(converted, tmp_path):
-    """numba made unimportable (a stand-in package that fails to import): --kernel fast refuses in one
-    line, --kernel auto runs the numpy path."""
+    """numba made unimportable by a stand-in package that fails to import: --kernel fast refuses in one line."""
     (tmp_path / "numba").mkdir()
     (tmp_path / "numba" / "__init__.py").write_text("raise ImportError('numba is not installed')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
@@ -179,5 +193,3 @@ def test_fast_kernel_without_numba_is_one_line_naming_the_extra(converted, tmp_p
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
     assert "ferrisres[fast]" in refused.stderr
-    auto = run_tool("ferrisres-run", path, "-p", "Hello", "--raw", "-n", "2", "--kernel", "auto", env=env)
-    assert auto.returncode == 0 and "| kernel numpy |" in auto.stderr
