@@ -9,11 +9,15 @@ bitnet.cpp's I2_S dot products do (docs/kernels.md). What fits numba of their tr
   byte meets a contiguous run of x and LLVM vectorizes the byte loop (16 bytes per AVX-512 step);
 - group scales multiply a group's partial sum, once per group and plane, never each weight;
 - the two planes of a row are unpacked in the same loop over the input;
-- rows are split over threads (`prange`), tokens are looped inside a row so that it stays in L1.
+- rows are split over threads (`prange`); for a few tokens a row is unpacked once, in L1 or L2, and
+  multiplied by each. More tokens than `MAX_TOKENS` go to numpy, whose sgemm then wins.
 
 Sums are float32 like BLAS's, in another order (fastmath `reassoc` lets LLVM vectorize them): the
-difference from the numpy path is float32 rounding, which the tests bound. Activations stay float32;
-quantizing them to int8 as llama.cpp does would change the results beyond that bound.
+difference from the numpy path is float32 rounding, which the tests bound. Activations stay float32:
+llama.cpp's int8 activations with integer sums would move results by the activations' quantization
+error, far beyond that bound, and numba cannot reach the instructions (vpmaddubsw, vpdpbusd) that make
+them pay; T-MAC's table lookups need a byte shuffle from a register (vpshufb), which numba cannot
+express either (an array lookup becomes a slow gather).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundschec
 LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
 # float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
 _ONE, _EIGHT = np.float32(1), np.float32(8)  # float32 constants: numba makes float32 - 1 a float64
+_F16_ONE = 0x3C00  # 1.0
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -53,56 +58,88 @@ def _group_sum(partial, start, n):
 
 
 @njit(inline="always", **_JIT)
-def _ternary_byte(b, x0, x1, x2, x3):
-    """The four weights of one packed byte (codes weight + 1, lowest bits first) times their inputs.
-    An invalid code 0b11 is first turned into 0b01 (weight 0), as numpy's table reads it. Subtracting
-    the inputs' sum once per group instead of 1 per code (as TQ2_0 does in integers) measured < 10%
-    faster here, and in float32 it would leave rounding residue where the weights are zero."""
+def _weights(b):
+    """The four weights of one packed byte (codes weight + 1, lowest bits first), as float32. An invalid
+    code 0b11 is first turned into 0b01 (weight 0), as numpy's table reads it. Subtracting the inputs'
+    sum once per group instead of 1 per code (as TQ2_0 does in integers) measured < 10% faster here,
+    and in float32 it would leave rounding residue where the weights are zero."""
     b ^= (b & (b >> 1) & 0x55) << 1
-    return (np.float32(b & 3) - _ONE) * x0 + (np.float32((b >> 2) & 3) - _ONE) * x1 \
-        + (np.float32((b >> 4) & 3) - _ONE) * x2 + (np.float32(b >> 6) - _ONE) * x3
+    return (np.float32(b & 3) - _ONE, np.float32((b >> 2) & 3) - _ONE, np.float32((b >> 4) & 3) - _ONE,
+            np.float32(b >> 6) - _ONE)
+
+
+@njit(inline="always", **_JIT)
+def _dot4(w, x, j):
+    """Byte j's four weights `w` times their inputs x[:, j] (x: one token's deinterleaved input)."""
+    return w[0] * x[0, j] + w[1] * x[1, j] + w[2] * x[2, j] + w[3] * x[3, j]
+
+
+@njit(inline="always", **_JIT)
+def _scaled_groups(partial, scales, group_bytes, f16):
+    """sum over groups g of scale[g] * (partial's sum over group g): the scales multiply partial sums."""
+    total = np.float32(0)
+    for g in range(len(scales)):
+        total += f16[scales[g]] * _group_sum(partial, g * group_bytes, group_bytes)
+    return total
 
 
 @njit(parallel=True, **_JIT)
-def _ternary(packed, xk, scales, group_bytes, f16, out):
-    """out[t, r] = sum over planes p and groups g of scale[r, p, g] * (weights of group g of plane p) . x[t].
+def _ternary(packed, x, scales, group_bytes, f16, out):
+    """One token: out[r] = sum over planes p and groups g of scale[r, p, g] * (weights of group g of plane p) . x.
 
-    packed [rows, planes, bytes] uint8; xk [T, 4, bytes] the deinterleaved input; scales [rows, planes,
-    groups] float16 bit patterns (read through `f16`); each group is `group_bytes` consecutive bytes."""
+    packed [rows, planes, bytes] uint8; x [4, bytes] the deinterleaved input; scales [rows, planes, groups]
+    float16 bit patterns (read through `f16`); each group is `group_bytes` consecutive bytes."""
     rows, planes, nbytes = packed.shape
-    groups = nbytes // group_bytes
     for r in prange(rows):
         partial = np.empty((planes, nbytes), dtype=np.float32)  # per-byte products of a row: stays in L1
-        first, last = packed[r, 0], packed[r, planes - 1]
-        p0, p1 = partial[0], partial[planes - 1]
-        for t in range(xk.shape[0]):
-            x0, x1, x2, x3 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3]
-            if planes == 2:  # both planes against each input once; a loop over planes here defeats vectorizing
-                for j in range(nbytes):
-                    p0[j] = _ternary_byte(np.int32(first[j]), x0[j], x1[j], x2[j], x3[j])
-                    p1[j] = _ternary_byte(np.int32(last[j]), x0[j], x1[j], x2[j], x3[j])
-            else:
-                for j in range(nbytes):
-                    p0[j] = _ternary_byte(np.int32(first[j]), x0[j], x1[j], x2[j], x3[j])
-            total = np.float32(0)
-            for p in range(planes):
-                for g in range(groups):
-                    total += f16[scales[r, p, g]] * _group_sum(partial[p], g * group_bytes, group_bytes)
-            out[t, r] = total
+        first, last, p0, p1 = packed[r, 0], packed[r, planes - 1], partial[0], partial[planes - 1]
+        if planes == 2:  # both planes against each input once; a loop over planes here defeats vectorizing
+            for j in range(nbytes):
+                p0[j] = _dot4(_weights(np.int32(first[j])), x, j)
+                p1[j] = _dot4(_weights(np.int32(last[j])), x, j)
+        else:
+            for j in range(nbytes):
+                p0[j] = _dot4(_weights(np.int32(first[j])), x, j)
+        total = np.float32(0)
+        for p in range(planes):
+            total += _scaled_groups(partial[p], scales[r, p], group_bytes, f16)
+        out[r] = total
 
 
 @njit(parallel=True, **_JIT)
-def _ternary_rows(packed, xk, out):
-    """Per-row ternary (the row's scale is applied by the caller): out[t, r] = weights of row r . x[t]."""
-    rows, nbytes = packed.shape
+def _ternary_tokens(packed, xk, scales, group_bytes, f16, out):
+    """`_ternary` for T tokens (xk [T, 4, bytes], out [T, rows]): each plane of a row is unpacked once
+    into float32 weights (a row: L1 or L2), then multiplied by every token. Unpacking four tokens' worth
+    at a time in registers instead was faster for 1536-wide rows, 2.5x slower for 12288-wide ones."""
+    rows, planes, nbytes = packed.shape
+    tokens = out.shape[0]
     for r in prange(rows):
-        row = packed[r]
-        for t in range(xk.shape[0]):
-            x0, x1, x2, x3 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3]
-            s = np.float32(0)
+        w = np.empty((4, nbytes), dtype=np.float32)  # w[k, j]: weight of code k of byte j
+        w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+        partial = np.empty(nbytes, dtype=np.float32)
+        totals = np.zeros(tokens, dtype=np.float32)
+        for p in range(planes):
+            row = packed[r, p]
             for j in range(nbytes):
-                s += _ternary_byte(np.int32(row[j]), x0[j], x1[j], x2[j], x3[j])
-            out[t, r] = s
+                w0[j], w1[j], w2[j], w3[j] = _weights(np.int32(row[j]))
+            for t in range(tokens):
+                x0, x1, x2, x3 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3]
+                for j in range(nbytes):
+                    partial[j] = w0[j] * x0[j] + w1[j] * x1[j] + w2[j] * x2[j] + w3[j] * x3[j]
+                totals[t] += _scaled_groups(partial, scales[r, p], group_bytes, f16)
+        for t in range(tokens):
+            out[t, r] = totals[t]
+
+
+@njit(parallel=True, **_JIT)
+def _ternary_rows(packed, x, out):
+    """One token through per-row ternary (the row's scale is applied by the caller): out[r] = row r . x."""
+    for r in prange(packed.shape[0]):
+        row = packed[r]
+        s = np.float32(0)
+        for j in range(packed.shape[1]):
+            s += _dot4(_weights(np.int32(row[j])), x, j)
+        out[r] = s
 
 
 @njit(parallel=True, **_JIT)
@@ -191,21 +228,27 @@ class FastMatmul:
         if linear.encoding not in FAST_ENCODINGS:
             raise ValueError(f"no fast kernel for encoding {linear.encoding!r}")
         self.encoding, self.width = linear.encoding, linear.width
-        self.max_tokens = MAX_TOKENS.get(linear.encoding, 1)
+        self.max_tokens = MAX_TOKENS[linear.encoding]
         self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
         self.scales, self.group_bytes = None, 0
         if linear.group_scale is not None:  # grouped ternary [out, planes, groups] (packed, or int8 codes of
             scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 [out, 1, groups]
             self.scales = scales[:, 0] if linear.encoding in INT4_GROUPS else scales
             self.group_bytes = linear.data.shape[-1] // scales.shape[-1]  # bytes (int8 codes: columns) per group
+        elif linear.encoding == "ternary":  # several tokens go through the grouped kernel: one group of scale 1
+            self.scales = np.full((len(linear.data), 1, 1), _F16_ONE, dtype=np.uint16)
+            self.group_bytes = linear.data.shape[-1]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
         return self._rows(self.data, self.scales, x)
 
     def warm_up(self) -> None:
-        """Compile (or load from numba's cache) this Linear's kernel for its arrays' types, on one row."""
-        self._rows(self.data[:1], None if self.scales is None else self.scales[:1], np.zeros((1, self.width), np.float32))
+        """Compile (or load from numba's cache) this Linear's kernels for its arrays' types, on one row:
+        for one token and for several."""
+        for tokens in (1, 2):
+            self._rows(self.data[:1], None if self.scales is None else self.scales[:1],
+                       np.zeros((tokens, self.width), np.float32))
 
     def _rows(self, data: np.ndarray, scales: np.ndarray | None, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -220,16 +263,21 @@ class FastMatmul:
             _bf16(data, x, out)
         elif self.encoding == "f16":
             _f16(data, x, _F16, out)
+        elif self.encoding in INT4_GROUPS:
+            _int4(data, _deinterleaved(x, 2), scales, self.group_bytes, _F16, out)
+        elif len(x) == 1 and self.encoding == "ternary":
+            _ternary_rows(data, _deinterleaved(x, 4)[0], out[0])
+        elif len(x) == 1:
+            _ternary(data, _deinterleaved(x, 4)[0], scales, self.group_bytes, _F16, out[0])
         else:
-            per_byte = 2 if self.encoding in INT4_GROUPS else 4
-            xk = np.ascontiguousarray(x.reshape(len(x), -1, per_byte).transpose(0, 2, 1))
-            if self.encoding == "ternary":
-                _ternary_rows(data, xk, out)
-            elif self.encoding in INT4_GROUPS:
-                _int4(data, xk, scales, self.group_bytes, _F16, out)
-            else:
-                _ternary(data, xk, scales, self.group_bytes, _F16, out)
+            _ternary_tokens(data.reshape(len(data), -1, data.shape[-1]), _deinterleaved(x, 4), scales,
+                            self.group_bytes, _F16, out)
         return out
+
+
+def _deinterleaved(x: np.ndarray, per_byte: int) -> np.ndarray:
+    """x [T, per_byte * n] as [T, per_byte, n]: [t, k, j] is the input of code k of byte j."""
+    return np.ascontiguousarray(x.reshape(len(x), -1, per_byte).transpose(0, 2, 1))
 
 
 # Smaller weights run on one thread: waking the others costs more than they save (the tiny test models
@@ -237,7 +285,8 @@ class FastMatmul:
 PARALLEL_BYTES = 64 << 10
 # Up to how many tokens a call beats numpy's decode-a-chunk-then-sgemm, which pays the decoding once for
 # all tokens where these kernels pay it per token (bench/kernels.py, docs/kernels.md).
-MAX_TOKENS = {"ternary-g1": 2, "ternary-g2": 2, "int8": 4}
+MAX_TOKENS = {"ternary": 4, "ternary-g1": 4, "ternary-g2": 4, "int8": 8, "int4-g32": 4, "int4-g64": 4, "bf16": 8,
+              "f16": 8}
 FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *INT4_GROUPS, "int8", "bf16", "f16")  # f32 stays with BLAS
 
 
