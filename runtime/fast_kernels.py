@@ -39,7 +39,6 @@ _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundschec
 LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
 # float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
 _ONE, _EIGHT = np.float32(1), np.float32(8)  # float32 constants: numba makes float32 - 1 a float64
-_F16_ONE = 0x3C00  # 1.0
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -235,9 +234,6 @@ class FastMatmul:
             scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 [out, 1, groups]
             self.scales = scales[:, 0] if linear.encoding in INT4_GROUPS else scales
             self.group_bytes = linear.data.shape[-1] // scales.shape[-1]  # bytes (int8 codes: columns) per group
-        elif linear.encoding == "ternary":  # several tokens go through the grouped kernel: one group of scale 1
-            self.scales = np.full((len(linear.data), 1, 1), _F16_ONE, dtype=np.uint16)
-            self.group_bytes = linear.data.shape[-1]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
@@ -245,8 +241,8 @@ class FastMatmul:
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) this Linear's kernels for its arrays' types, on one row:
-        for one token and for several."""
-        for tokens in (1, 2):
+        for one token and, when it takes them, for several."""
+        for tokens in range(1, min(self.max_tokens, 2) + 1):
             self._rows(self.data[:1], None if self.scales is None else self.scales[:1],
                        np.zeros((tokens, self.width), np.float32))
 
@@ -265,13 +261,13 @@ class FastMatmul:
             _f16(data, x, _F16, out)
         elif self.encoding in INT4_GROUPS:
             _int4(data, _deinterleaved(x, 2), scales, self.group_bytes, _F16, out)
-        elif len(x) == 1 and self.encoding == "ternary":
-            _ternary_rows(data, _deinterleaved(x, 4)[0], out[0])
+        elif self.encoding == "ternary":  # numpy's sgemm takes several tokens (MAX_TOKENS): one at a time here
+            for t, xt in enumerate(_deinterleaved(x, 4)):
+                _ternary_rows(data, xt, out[t])
         elif len(x) == 1:
             _ternary(data, _deinterleaved(x, 4)[0], scales, self.group_bytes, _F16, out[0])
         else:
-            _ternary_tokens(data.reshape(len(data), -1, data.shape[-1]), _deinterleaved(x, 4), scales,
-                            self.group_bytes, _F16, out)
+            _ternary_tokens(data, _deinterleaved(x, 4), scales, self.group_bytes, _F16, out)
         return out
 
 
@@ -285,7 +281,7 @@ def _deinterleaved(x: np.ndarray, per_byte: int) -> np.ndarray:
 PARALLEL_BYTES = 64 << 10
 # Up to how many tokens a call beats numpy's decode-a-chunk-then-sgemm, which pays the decoding once for
 # all tokens where these kernels pay it per token (bench/kernels.py, docs/kernels.md).
-MAX_TOKENS = {"ternary": 4, "ternary-g1": 4, "ternary-g2": 4, "int8": 8, "int4-g32": 4, "int4-g64": 4, "bf16": 8,
+MAX_TOKENS = {"ternary": 1, "ternary-g1": 4, "ternary-g2": 4, "int8": 8, "int4-g32": 4, "int4-g64": 4, "bf16": 8,
               "f16": 8}
 FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *INT4_GROUPS, "int8", "bf16", "f16")  # f32 stays with BLAS
 
