@@ -242,6 +242,7 @@ class FastMatmul:
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) this Linear's kernels for its arrays' types, on one row:
         for one token and, when it takes them, for several."""
+        _use_threads(1)  # one row: other threads would only be woken (on a loaded machine, at great cost)
         for tokens in range(1, min(self.max_tokens, 2) + 1):
             self._rows(self.data[:1], None if self.scales is None else self.scales[:1],
                        np.zeros((tokens, self.width), np.float32))
