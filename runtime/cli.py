@@ -20,11 +20,12 @@ from .chat import ChatSession
 from .chat_template import ChatTemplateError
 from .generate import Generation
 from .kernels import set_threads
-from .model import Model, load
+from .model import KERNELS, Model, load
 from .sampling import SamplingParams
 
 PROG = "ferrisres-run"
 PROGRESS_AFTER = 2.0  # seconds of prefill before its progress is shown
+SLOW_COMPILE = 2.0  # seconds of compiling the fast kernels worth a note (loading them from numba's cache takes less)
 MAX_THREADS = 256  # far above any useful count; each thread is a real OS thread with its own stack
 
 
@@ -49,6 +50,7 @@ class Args:
     draft: Optional[str] = field(default=None, metadata={"choices": ["ngram"], "help": "speculative decoding: 'ngram' drafts tokens by prompt lookup and verifies them in one pass (greedy only; same text, faster on text that repeats)"})
     threads: int = field(default=1, metadata={"help": "threads that split each matrix's rows (default 1)"})
     cache: Optional[str] = field(default=None, metadata={"choices": ["int8"], "help": "int8: unpack the ternary weights once into RAM (4x their size) for faster decoding"})
+    kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy (the reference), fast (fused compiled kernels: pip install 'ferrisres[fast]'), auto (default: fast when installed, unless the model is tiny)"})
     verbose: bool = field(default=False, metadata={"args": ["-v", "--verbose"], "help": "per-token log and memory diagnostic on stderr"})
 
 
@@ -61,8 +63,10 @@ def _run(args: Args, stops: list[str]) -> int:
     notes = []  # said once the run is known to go ahead, so that an error stays one line
     options = _generation_options(args, stops, notes)
     start = time.perf_counter()
-    model = load(args.model, cache=args.cache)
+    model = load(args.model, cache=args.cache, kernel=args.kernel)
     load_seconds = time.perf_counter() - start
+    if model.compile_seconds > SLOW_COMPILE:
+        notes.append(f"compiled the fast kernels in {model.compile_seconds:.1f} s (kept in numba's cache for the next runs)")
     if args.cache and not any(info.encoding.startswith("ternary") for info in model.artifact.tensors.values()):
         notes.append(f"--cache {args.cache} changes nothing: {model.artifact.path.name} has no ternary weights to unpack")
     if args.verbose:
@@ -228,7 +232,7 @@ def _summary(g: Generation, load_seconds: float | None) -> str:
         f"{load}prompt {len(g.prompt_ids)} tokens, {rate(len(g.prompt_ids), g.prefill_seconds)} | "
         f"generated {len(g.tokens)} tokens, {rate(g.decode_tokens, g.decode_seconds)} | "
         + (f"drafts accepted {g.acceptance_rate:.0%} | " if g.acceptance_rate is not None else "")
-        + f"stop: {g.stop_reason or 'interrupted'} | peak RSS {peak:.0f} MiB"
+        + f"stop: {g.stop_reason or 'interrupted'} | kernel {g.model.kernel} | peak RSS {peak:.0f} MiB"
     )
 
 

@@ -214,3 +214,50 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+class Completion(NamedTuple):
+    """One sequence of a batch: its generated token ids (without an EOS), their text, and why it stopped
+    ("eos", "max_tokens" or "context_full")."""
+
+    tokens: list[int]
+    text: str
+    stop_reason: str
+
+
+def generate_batch(model, prompts: list[list[int]], params: SamplingParams, max_tokens: int,
+                   stop_ids=frozenset(), max_context: int | None = None) -> list[Completion]:
+    """Continue several prompts at once. Every step advances all unfinished sequences in one forward
+    (`Gemma4.forward_batch`: each weight is decoded once per step for all of them), each with its own KV
+    cache, context and random generator seeded alike: each sequence gets the tokens `Generation` gives it
+    alone (the same greedy tokens, up to float32 rounding of the batched products)."""
+    max_context = max_context or model.config.max_position_embeddings
+    for ids in prompts:
+        if len(ids) > max_context:
+            raise ValueError(f"a prompt needs {len(ids)} tokens of context; the limit is {max_context}")
+    caches = [KVCache(model.config) for _ in prompts]
+    contexts = [list(ids) for ids in prompts]  # every token id in each cache, for the repetition penalty
+    rngs = [np.random.default_rng(params.seed) for _ in prompts]
+    generated: list[list[int]] = [[] for _ in prompts]
+    reasons = ["max_tokens" if max_tokens <= 0 else None for _ in prompts]
+    active = [i for i, reason in enumerate(reasons) if reason is None]
+    feed = [np.asarray(prompts[i], dtype=np.int64) for i in active]
+    while active:
+        logits = model.decoder.forward_batch([(ids, caches[i]) for i, ids in zip(active, feed)], last_only=True)
+        still = []
+        for i, row in zip(active, logits):
+            token = sample(row[-1], params, np.asarray(contexts[i], dtype=np.int64), rngs[i])
+            if token in stop_ids:
+                reasons[i] = "eos"
+                continue
+            generated[i].append(token)
+            if len(generated[i]) >= max_tokens:
+                reasons[i] = "max_tokens"
+            elif len(prompts[i]) + len(generated[i]) >= max_context:
+                reasons[i] = "context_full"
+            else:
+                contexts[i].append(token)
+                still.append(i)
+        active, feed = still, [np.asarray(generated[i][-1:], dtype=np.int64) for i in still]
+    return [Completion(tokens, model.tokenizer.decode(tokens, skip_special_tokens=True), reason)
+            for tokens, reason in zip(generated, reasons)]

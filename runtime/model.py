@@ -13,7 +13,7 @@ from ferrisres.format.documents import check_document
 
 from .chat_template import render_chat, special_token_variables, template_of
 from .gemma4 import Gemma4
-from .generate import Generation
+from .generate import Completion, Generation, generate_batch
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 from .weights import Weights
@@ -34,6 +34,8 @@ class Model:
         self.tokenizer_config = artifact.json("tokenizer_config.json") or {}
         self.weights = Weights(artifact)
         self.decoder = Gemma4(artifact.config, self.weights)
+        self.kernel = "numpy"  # which products run: "numpy", or "fast" (fused kernels attached by `load`)
+        self.compile_seconds = 0.0  # spent compiling (or loading from numba's cache) the fast kernels
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -115,6 +117,14 @@ class Model:
         return Generation(self, self._checked(ids).tolist(), self.default_sampling(**sampling), max_tokens,
                           self.config.eos_token_ids, stop, max_context=max_context, top=top, draft=draft)
 
+    def generate_batch(self, prompts: list[str | list[int]], max_tokens: int = 256, max_context: int | None = None,
+                       **sampling) -> list[Completion]:
+        """Continue every prompt (as `generate` does, without stop strings), advancing all of them in one
+        forward per step: a few sequences cost little more than one. Returns one `Completion` per prompt."""
+        prompts = [self._checked(self.encode(p) if isinstance(p, str) else list(p)).tolist() for p in prompts]
+        return generate_batch(self, prompts, self.default_sampling(**sampling), max_tokens, self.config.eos_token_ids,
+                              max_context)
+
     def chat(self, messages: list[dict], max_tokens: int = 256, **options) -> Generation:
         """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) using the chat template."""
         return self.generate(self.encode(self.render_chat(messages)), max_tokens, **options)
@@ -129,16 +139,47 @@ class Model:
         return ids
 
 
-def load(path: str | os.PathLike, cache: str | None = None) -> Model:
+KERNELS = ("numpy", "fast", "auto")
+FAST_EXTRA = "pip install 'ferrisres[fast]'"
+# auto takes the fast kernels for models with at least this many bytes of matrices: below, importing numba
+# and loading its compiled kernels (~1 s, ~170 MB resident) costs more than they save (the tiny test models)
+AUTO_FAST_BYTES = 16 << 20
+
+
+def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy") -> Model:
     """Open and validate the artifact at `path`; weights stay on disk until used.
 
     `cache="int8"` unpacks every ternary matrix once into RAM as int8 (4x the packed size: ~1.9 GB for
     E2B), which makes each decoded token faster, for users with memory to spare.
+    `kernel="fast"` runs the products of a few tokens at a time (decoding) through fused compiled kernels
+    (the `fast` extra: numba); "auto" does so when numba is installed and the model is not tiny
+    (AUTO_FAST_BYTES); "numpy", the default here, is the reference path.
     """
-    model = Model(Artifact.open(path))
-    if cache == "int8":
-        for linear in model.weights.linears():
-            linear.keep_int8()
-    elif cache is not None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
+    if cache not in (None, "int8"):
         raise ValueError(f"unknown cache {cache!r} (known: int8)")
+    attach = _fast_kernels(required=True) if kernel == "fast" else None  # refused before any work
+    model = Model(Artifact.open(path))
+    weights = model.weights
+    linears = [*weights.linears(), weights.head]
+    if kernel == "auto" and sum(linear.data.nbytes for linear in linears) >= AUTO_FAST_BYTES:
+        attach = _fast_kernels(required=False)
+    if cache == "int8":
+        for linear in weights.linears():
+            linear.keep_int8()
+    if attach is not None:
+        model.compile_seconds = attach(linears)
+        model.kernel = "fast"
     return model
+
+
+def _fast_kernels(required: bool):
+    """`fast_kernels.attach`, or None when numba does not import (an error if `required`)."""
+    try:
+        from .fast_kernels import attach
+    except ImportError as e:
+        if required:
+            raise ValueError(f"the fast kernels need numba ({e}): {FAST_EXTRA}") from None
+        return None
+    return attach

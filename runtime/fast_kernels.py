@@ -1,0 +1,303 @@
+"""Fused compiled kernels (numba, `pip install ferrisres[fast]`): `y = x @ W.T` in one pass over the stored bytes.
+
+The numpy path (kernels.py) decodes a chunk of rows into float32 and hands it to BLAS: every packed
+byte becomes 16 bytes written and read again. Here each byte is loaded once, its codes are unpacked in
+registers by shifts and masks and multiplied into the token's input at once, as llama.cpp's TQ2_0 and
+bitnet.cpp's I2_S dot products do (docs/kernels.md). What fits numba of their tricks:
+
+- the input is deinterleaved once per call (x[4j + k] -> xk[k, j]), so that the k-th code of every
+  byte meets a contiguous run of x and LLVM vectorizes the byte loop (16 bytes per AVX-512 step);
+- group scales multiply a group's partial sum, once per group and plane, never each weight;
+- the two planes of a row are unpacked in the same loop over the input;
+- rows are split over threads (`prange`); for a few tokens a row is unpacked once, in L1 or L2, and
+  multiplied by each. More tokens than `MAX_TOKENS` go to numpy, whose sgemm then wins.
+
+Sums are float32 like BLAS's, in another order (fastmath `reassoc` lets LLVM vectorize them): the
+difference from the numpy path is float32 rounding, which the tests bound. Activations stay float32:
+llama.cpp's int8 activations with integer sums would move results by the activations' quantization
+error, far beyond that bound, and numba cannot reach the instructions (vpmaddubsw, vpdpbusd) that make
+them pay; T-MAC's table lookups need a byte shuffle from a register (vpshufb), which numba cannot
+express either (an array lookup becomes a slow gather).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ferrisres.format.encodings import GROUPED_TERNARY
+from ferrisres.format.tables import INT4_GROUPS
+
+from . import kernels
+
+# reassoc: LLVM may reorder float sums, which it needs to vectorize them; contract: fused multiply-adds.
+# No other fast-math flag: NaN and infinities propagate as in numpy. cache=True: compiled once per machine.
+_JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False, error_model="numpy")
+LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
+# float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
+_ONE, _EIGHT = np.float32(1), np.float32(8)  # float32 constants: numba makes float32 - 1 a float64
+_F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(inline="always", **_JIT)
+def _group_sum(partial, start, n):
+    """partial[start:start + n] summed; LANES at a time when n allows, which LLVM turns into vector adds."""
+    s = np.float32(0)
+    if n % LANES == 0:
+        for c in range(start, start + n, LANES):
+            for lane in range(LANES):
+                s += partial[c + lane]
+    else:
+        for j in range(start, start + n):
+            s += partial[j]
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _weights(b):
+    """The four weights of one packed byte (codes weight + 1, lowest bits first), as float32. An invalid
+    code 0b11 is first turned into 0b01 (weight 0), as numpy's table reads it. Subtracting the inputs'
+    sum once per group instead of 1 per code (as TQ2_0 does in integers) measured < 10% faster here,
+    and in float32 it would leave rounding residue where the weights are zero."""
+    b ^= (b & (b >> 1) & 0x55) << 1
+    return (np.float32(b & 3) - _ONE, np.float32((b >> 2) & 3) - _ONE, np.float32((b >> 4) & 3) - _ONE,
+            np.float32(b >> 6) - _ONE)
+
+
+@njit(inline="always", **_JIT)
+def _dot4(w, x, j):
+    """Byte j's four weights `w` times their inputs x[:, j] (x: one token's deinterleaved input)."""
+    return w[0] * x[0, j] + w[1] * x[1, j] + w[2] * x[2, j] + w[3] * x[3, j]
+
+
+@njit(inline="always", **_JIT)
+def _scaled_groups(partial, scales, group_bytes, f16):
+    """sum over groups g of scale[g] * (partial's sum over group g): the scales multiply partial sums."""
+    total = np.float32(0)
+    for g in range(len(scales)):
+        total += f16[scales[g]] * _group_sum(partial, g * group_bytes, group_bytes)
+    return total
+
+
+@njit(parallel=True, **_JIT)
+def _ternary(packed, x, scales, group_bytes, f16, out):
+    """One token: out[r] = sum over planes p and groups g of scale[r, p, g] * (weights of group g of plane p) . x.
+
+    packed [rows, planes, bytes] uint8; x [4, bytes] the deinterleaved input; scales [rows, planes, groups]
+    float16 bit patterns (read through `f16`); each group is `group_bytes` consecutive bytes."""
+    rows, planes, nbytes = packed.shape
+    for r in prange(rows):
+        partial = np.empty((planes, nbytes), dtype=np.float32)  # per-byte products of a row: stays in L1
+        first, last, p0, p1 = packed[r, 0], packed[r, planes - 1], partial[0], partial[planes - 1]
+        if planes == 2:  # both planes against each input once; a loop over planes here defeats vectorizing
+            for j in range(nbytes):
+                p0[j] = _dot4(_weights(np.int32(first[j])), x, j)
+                p1[j] = _dot4(_weights(np.int32(last[j])), x, j)
+        else:
+            for j in range(nbytes):
+                p0[j] = _dot4(_weights(np.int32(first[j])), x, j)
+        total = np.float32(0)
+        for p in range(planes):
+            total += _scaled_groups(partial[p], scales[r, p], group_bytes, f16)
+        out[r] = total
+
+
+@njit(parallel=True, **_JIT)
+def _ternary_tokens(packed, xk, scales, group_bytes, f16, out):
+    """`_ternary` for T tokens (xk [T, 4, bytes], out [T, rows]): each plane of a row is unpacked once
+    into float32 weights (a row: L1 or L2), then multiplied by every token. Unpacking four tokens' worth
+    at a time in registers instead was faster for 1536-wide rows, 2.5x slower for 12288-wide ones."""
+    rows, planes, nbytes = packed.shape
+    tokens = out.shape[0]
+    for r in prange(rows):
+        w = np.empty((4, nbytes), dtype=np.float32)  # w[k, j]: weight of code k of byte j
+        w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+        partial = np.empty(nbytes, dtype=np.float32)
+        totals = np.zeros(tokens, dtype=np.float32)
+        for p in range(planes):
+            row = packed[r, p]
+            for j in range(nbytes):
+                w0[j], w1[j], w2[j], w3[j] = _weights(np.int32(row[j]))
+            for t in range(tokens):
+                x0, x1, x2, x3 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3]
+                for j in range(nbytes):
+                    partial[j] = w0[j] * x0[j] + w1[j] * x1[j] + w2[j] * x2[j] + w3[j] * x3[j]
+                totals[t] += _scaled_groups(partial, scales[r, p], group_bytes, f16)
+        for t in range(tokens):
+            out[t, r] = totals[t]
+
+
+@njit(parallel=True, **_JIT)
+def _ternary_rows(packed, x, out):
+    """One token through per-row ternary (the row's scale is applied by the caller): out[r] = row r . x."""
+    for r in prange(packed.shape[0]):
+        row = packed[r]
+        s = np.float32(0)
+        for j in range(packed.shape[1]):
+            s += _dot4(_weights(np.int32(row[j])), x, j)
+        out[r] = s
+
+
+@njit(parallel=True, **_JIT)
+def _int4(packed, xk, scales, group_bytes, f16, out):
+    """int4 rows (an int4 table as the head): codes q + 8, column 2j in the low nibble of byte j, 2j + 1 in
+    the high one; xk [T, 2, bytes]; a float16 scale per group of `group_bytes` bytes."""
+    rows, nbytes = packed.shape
+    groups = nbytes // group_bytes
+    for r in prange(rows):
+        partial = np.empty(nbytes, dtype=np.float32)
+        for t in range(xk.shape[0]):
+            x = xk[t]
+            for j in range(nbytes):
+                b = np.int32(packed[r, j])
+                partial[j] = (np.float32(b & 15) - _EIGHT) * x[0, j] + (np.float32(b >> 4) - _EIGHT) * x[1, j]
+            total = np.float32(0)
+            for g in range(groups):
+                total += f16[scales[r, g]] * _group_sum(partial, g * group_bytes, group_bytes)
+            out[t, r] = total
+
+
+@njit(parallel=True, **_JIT)
+def _int8(q, x, out):
+    """int8 rows (the head over an int8 table, or --cache int8 codes); the row scale is the caller's."""
+    for r in prange(q.shape[0]):
+        for t in range(x.shape[0]):
+            s = np.float32(0)
+            for j in range(q.shape[1]):
+                s += np.float32(q[r, j]) * x[t, j]
+            out[t, r] = s
+
+
+@njit(parallel=True, **_JIT)
+def _int8_groups(q, x, scales, group, f16, out):
+    """Grouped ternary kept as int8 codes (`--cache int8`): q [rows, planes, width], float16 scales
+    [rows, planes, groups] of `group` columns each."""
+    rows, planes, width = q.shape
+    for r in prange(rows):
+        partial = np.empty(width, dtype=np.float32)
+        for t in range(x.shape[0]):
+            total = np.float32(0)
+            for p in range(planes):
+                for j in range(width):
+                    partial[j] = np.float32(q[r, p, j]) * x[t, j]
+                for g in range(scales.shape[2]):
+                    total += f16[scales[r, p, g]] * _group_sum(partial, g * group, group)
+            out[t, r] = total
+
+
+@njit(parallel=True, **_JIT)
+def _bf16(u, x, out):
+    """bf16 rows as uint16 bit patterns: the float32 bits are u << 16, widened a row at a time in L1."""
+    rows, n = u.shape
+    for r in prange(rows):
+        bits = np.empty(n, dtype=np.uint32)
+        w = bits.view(np.float32)
+        for j in range(n):
+            bits[j] = np.uint32(u[r, j]) << 16
+        for t in range(x.shape[0]):
+            s = np.float32(0)
+            for j in range(n):
+                s += w[j] * x[t, j]
+            out[t, r] = s
+
+
+@njit(parallel=True, **_JIT)
+def _f16(u, x, f16, out):
+    """f16 rows as uint16 bit patterns, widened through the 65536-entry table (exact, NaN and inf included)."""
+    rows, n = u.shape
+    for r in prange(rows):
+        w = np.empty(n, dtype=np.float32)
+        for j in range(n):
+            w[j] = f16[u[r, j]]
+        for t in range(x.shape[0]):
+            s = np.float32(0)
+            for j in range(n):
+                s += w[j] * x[t, j]
+            out[t, r] = s
+
+
+class FastMatmul:
+    """The fused product of one `kernels.Linear`: call with x [T, in] float32 (already rotated), get
+    [T, out] float32 without the per-row scale, as `Linear._chunked_matmul` returns it."""
+
+    def __init__(self, linear: kernels.Linear):
+        if linear.encoding not in FAST_ENCODINGS:
+            raise ValueError(f"no fast kernel for encoding {linear.encoding!r}")
+        self.encoding, self.width = linear.encoding, linear.width
+        self.max_tokens = MAX_TOKENS[linear.encoding]
+        self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
+        self.scales, self.group_bytes = None, 0
+        if linear.group_scale is not None:  # grouped ternary [out, planes, groups] (packed, or int8 codes of
+            scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 [out, 1, groups]
+            self.scales = scales[:, 0] if linear.encoding in INT4_GROUPS else scales
+            self.group_bytes = linear.data.shape[-1] // scales.shape[-1]  # bytes (int8 codes: columns) per group
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
+        return self._rows(self.data, self.scales, x)
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) this Linear's kernels for its arrays' types, on one row:
+        for one token and, when it takes them, for several."""
+        _use_threads(1)  # one row: other threads would only be woken (on a loaded machine, at great cost)
+        for tokens in range(1, min(self.max_tokens, 2) + 1):
+            self._rows(self.data[:1], None if self.scales is None else self.scales[:1],
+                       np.zeros((tokens, self.width), np.float32))
+
+    def _rows(self, data: np.ndarray, scales: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[1] != self.width:  # rows padded to whole bytes (or groups) hold zero weights there
+            x = np.pad(x, ((0, 0), (0, self.width - x.shape[1])))
+        out = np.empty((len(x), len(data)), dtype=np.float32)
+        if self.encoding == "int8" and scales is not None:
+            _int8_groups(data, x, scales, self.group_bytes, _F16, out)
+        elif self.encoding == "int8":
+            _int8(data, x, out)
+        elif self.encoding == "bf16":
+            _bf16(data, x, out)
+        elif self.encoding == "f16":
+            _f16(data, x, _F16, out)
+        elif self.encoding in INT4_GROUPS:
+            _int4(data, _deinterleaved(x, 2), scales, self.group_bytes, _F16, out)
+        elif self.encoding == "ternary":  # numpy's sgemm takes several tokens (MAX_TOKENS): one at a time here
+            for t, xt in enumerate(_deinterleaved(x, 4)):
+                _ternary_rows(data, xt, out[t])
+        elif len(x) == 1:
+            _ternary(data, _deinterleaved(x, 4)[0], scales, self.group_bytes, _F16, out[0])
+        else:
+            _ternary_tokens(data, _deinterleaved(x, 4), scales, self.group_bytes, _F16, out)
+        return out
+
+
+def _deinterleaved(x: np.ndarray, per_byte: int) -> np.ndarray:
+    """x [T, per_byte * n] as [T, per_byte, n]: [t, k, j] is the input of code k of byte j."""
+    return np.ascontiguousarray(x.reshape(len(x), -1, per_byte).transpose(0, 2, 1))
+
+
+# Smaller weights run on one thread: waking the others costs more than they save (the tiny test models
+# decoded 30x slower on two threads of a loaded machine).
+PARALLEL_BYTES = 64 << 10
+# Up to how many tokens a call beats numpy's decode-a-chunk-then-sgemm, which pays the decoding once for
+# all tokens where these kernels pay it per token (bench/kernels.py, docs/kernels.md).
+MAX_TOKENS = {"ternary": 1, "ternary-g1": 4, "ternary-g2": 4, "int8": 8, "int4-g32": 4, "int4-g64": 4, "bf16": 8,
+              "f16": 8}
+FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *INT4_GROUPS, "int8", "bf16", "f16")  # f32 stays with BLAS
+
+
+def _use_threads(n: int) -> None:
+    if numba.get_num_threads() != min(n, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def attach(linears) -> float:
+    """Give every Linear with a fast kernel its `FastMatmul`, and compile (or load from numba's cache)
+    each kernel for the arrays it will see, on one row; returns the seconds this took."""
+    start = time.perf_counter()
+    for linear in linears:
+        if linear.encoding in FAST_ENCODINGS:
+            linear.fast = FastMatmul(linear)
+            linear.fast.warm_up()
+    return time.perf_counter() - start

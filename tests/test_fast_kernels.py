@@ -1,0 +1,195 @@
+"""The fused kernels (`--kernel fast`, runtime/fast_kernels.py) compute what the numpy path, the reference,
+computes: every encoding's product within float32 rounding of it, the same greedy tokens on the tiny
+models; and batched generation gives each prompt the tokens it gets alone. Without numba (the fast
+extra) the kernel tests skip, and asking for the fast kernel is one line naming the extra."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+from artifact_weights import float32_bound
+from conftest import PER_ROW, reference, run_tool
+
+from ferrisres.format.encodings import pack_ternary
+from ferrisres.format.tables import pack_int4
+from ferrisres.runtime import load, set_threads
+from ferrisres.runtime import model as model_module
+from ferrisres.runtime.kernels import Linear, rotated_input
+from ferrisres.runtime.kv_cache import KVCache
+
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                 reason="numba is not installed (pip install 'ferrisres[fast]'): fast kernels untested")
+
+
+def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: int = 0):
+    """A Linear in `encoding` with random stored values, and |W| [out, in] in its stored basis, summed
+    over planes as the products are (each plane's |scale x code|)."""
+    if encoding.startswith("ternary"):
+        planes = int(encoding[-1]) if encoding != "ternary" else 1
+        codes = rng.integers(-1, 2, (out, planes, n_in))
+        packed = np.stack([pack_ternary(codes[:, p]) for p in range(planes)], axis=1)
+        packed[0, 0, 0] = 0xFF  # invalid codes 0b11, read as zero weights by both paths
+        codes[0, 0, :4] = 0
+        if encoding == "ternary":
+            scale = rng.random(out, dtype=np.float32)
+            return Linear(packed[:, 0], encoding, (out, n_in), scale=scale), np.abs(codes[:, 0]) * scale[:, None]
+        scales = (rng.random((out, planes, n_in // group)) + 0.1).astype(np.float16)
+        per_column = np.repeat(scales.astype(np.float32), group, axis=2)
+        linear = Linear(packed, encoding, (out, n_in), group_scale=scales, rotation=rotation)
+        return linear, (np.abs(codes) * per_column).sum(axis=1)
+    if encoding.startswith("int4"):
+        size = int(encoding[-2:])
+        q = rng.integers(-8, 8, (out, n_in))
+        scales = (rng.random((out, -(-n_in // size))) + 0.1).astype(np.float16)
+        magnitude = np.abs(q) * np.repeat(scales.astype(np.float32), size, axis=1)[:, :n_in]
+        return Linear(pack_int4(q, encoding), encoding, (out, n_in), group_scale=scales[:, None, :]), magnitude
+    if encoding == "int8":
+        q = rng.integers(-127, 128, (out, n_in), dtype=np.int8)
+        scale = rng.random(out, dtype=np.float32)
+        return Linear(q, encoding, (out, n_in), scale=scale), np.abs(q) * scale[:, None]
+    w = rng.standard_normal((out, n_in)).astype(np.float32)
+    data = (w.view(np.uint32) >> 16).astype(np.uint16) if encoding == "bf16" else w.astype(np.float16)
+    return Linear(data, encoding, (out, n_in)), np.abs(Linear(data, encoding, (out, n_in)).dequantize())
+
+
+CASES = [  # encoding, out, in, group, rotation: padded rows, groups of 16 bytes and of other sizes
+    ("ternary", 37, 70, 0, 0), ("ternary-g1", 40, 256, 64, 64), ("ternary-g2", 40, 256, 64, 0),
+    ("ternary-g2", 33, 96, 32, 32), ("ternary-g2", 24, 40, 4, 0), ("int4-g32", 30, 70, 0, 0),
+    ("int4-g64", 30, 200, 0, 0), ("int8", 50, 130, 0, 0), ("bf16", 20, 100, 0, 0), ("f16", 20, 100, 0, 0),
+]
+
+
+@needs_numba
+@pytest.mark.parametrize("encoding,out,n_in,group,rotation", CASES, ids=[f"{c[0]}-{c[2]}-g{c[3]}" for c in CASES])
+def test_each_encoding_equals_the_numpy_product(encoding, out, n_in, group, rotation):
+    from ferrisres.runtime.fast_kernels import attach
+
+    rng = np.random.default_rng(n_in)
+    linear, magnitude = weights(encoding, out, n_in, rng, group, rotation)
+    fast = Linear(linear.data, encoding, (out, n_in), linear.scale, linear.group_scale, linear.rotation)
+    attach([fast])
+    fast.fast.max_tokens = 8  # the fused kernel for every token count below
+    for tokens in (1, 2, 5):
+        x = rng.standard_normal((tokens, n_in))
+        xr = np.abs(rotated_input(x, rotation) if rotation else x)
+        # Both sum the same float32 products in other orders, each within the probabilistic float32 bound
+        # 4 sqrt(n) 2^-24 sum|w x| of the exact sum (3.8e-6 at n = 256): together within 1e-5 sum|w x|.
+        np.testing.assert_array_less(np.abs(fast(x) - linear(x)), 1e-5 * (xr @ magnitude.T) + 1e-30)
+
+
+@needs_numba
+def test_rows_split_over_threads_give_identical_products():
+    from ferrisres.runtime.fast_kernels import PARALLEL_BYTES, attach
+
+    rng = np.random.default_rng(0)
+    linear, _ = weights("ternary-g2", 2 * PARALLEL_BYTES // 128, 256, rng)  # large enough to use the threads
+    attach([linear])
+    x = rng.standard_normal((1, 256))
+    one = linear(x)
+    try:
+        set_threads(2)
+        np.testing.assert_array_equal(linear(x), one)  # each row is the same sum, whichever thread does it
+    finally:
+        set_threads(1)
+
+
+ARTIFACTS = {  # every encoding an artifact's Linears can hold, the tied int8 / int4 heads, MoE experts
+    "default student": ("tiny_gemma4", "ternary", {}),
+    "per-row": ("tiny_gemma4", "ternary", PER_ROW),
+    "int4 tables": ("tiny_gemma4", "ternary", {"tables": "int4-g32", "method": "rtn"}),
+    "bf16 teacher": ("tiny_gemma4_bf16", "bf16", {}),
+    "f16 teacher": ("tiny_gemma4", "f16", {}),
+    "26B MoE block": ("tiny_gemma4_26b", "ternary", {"method": "rtn"}),
+}
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ARTIFACTS)
+def test_greedy_generation_is_the_same_with_the_fast_kernels(converted, name):
+    checkpoint, quant, options = ARTIFACTS[name]
+    path = converted(checkpoint, quant, **options)
+    prompt = reference("tiny_gemma4")["ids"].tolist()
+    plain, fast = load(path), load(path, kernel="fast")
+    assert (plain.kernel, fast.kernel) == ("numpy", "fast")
+    attached = [linear for linear in [*fast.weights.linears(), fast.weights.head] if linear.fast is not None]
+    assert attached and fast.weights.head.fast is not None
+    tokens = [s.token for s in plain.generate(prompt, max_tokens=24, temperature=0)]
+    assert [s.token for s in fast.generate(prompt, max_tokens=24, temperature=0)] == tokens
+    # a decode step's logits (one token: the fused kernels ran), two float32 computations within the bound each
+    ids = [*prompt, *tokens[:-1]]
+    logits = []
+    for model in (plain, fast):
+        cache = KVCache(model.config)
+        model.forward(ids[:-1], cache, last_only=True)
+        logits.append(model.forward(ids[-1:], cache, last_only=True))
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=2 * float32_bound(plain, ids))
+
+
+@needs_numba
+def test_resident_int8_codes_run_through_the_fast_kernel(converted):
+    path = converted("tiny_gemma4", "ternary")
+    model = load(path, cache="int8", kernel="fast")
+    codes = [linear for linear in model.weights.linears() if linear.encoding == "int8"]  # (the PLE projection is f32)
+    assert len(codes) > 10 and all(linear.fast is not None and linear.data.ndim == 3 for linear in codes)
+    prompt = reference("tiny_gemma4")["ids"].tolist()
+    expected = [s.token for s in load(path).generate(prompt, max_tokens=16, temperature=0)]
+    assert [s.token for s in model.generate(prompt, max_tokens=16, temperature=0)] == expected
+
+
+@pytest.mark.parametrize("kernel", ["numpy", pytest.param("fast", marks=needs_numba)])
+def test_batched_generation_gives_each_prompt_its_own_tokens(converted, kernel):
+    model = load(converted("tiny_gemma4", "ternary"), kernel=kernel)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(5, model.config.vocab_size, n).tolist() for n in (6, 11, 1)]
+    reasons = []
+    for max_context in (None, 14):  # 14: the longer prompts fill the context before max_tokens
+        batch = model.generate_batch(prompts, max_tokens=12, temperature=0, max_context=max_context)
+        for prompt, completion in zip(prompts, batch):
+            alone = model.generate(prompt, max_tokens=12, temperature=0, max_context=max_context)
+            list(alone)
+            assert (completion.tokens, completion.text, completion.stop_reason) == (alone.tokens, alone.text,
+                                                                                    alone.stop_reason)
+            reasons.append(completion.stop_reason)
+    assert {"max_tokens", "context_full"} <= set(reasons)
+
+
+@needs_numba
+def test_run_says_which_kernel_ran(converted):
+    path = str(converted("tiny_gemma4", "ternary"))
+    texts = {}
+    for kernel in ("numpy", "fast", "auto"):  # auto: numpy for a model as tiny as this one
+        result = run_tool("ferrisres-run", path, "-p", "Hello", "--raw", "--greedy", "-n", "8", "--kernel", kernel)
+        assert result.returncode == 0, result.stderr
+        summary = result.stderr.strip().splitlines()[-1]
+        assert f"| kernel {'numpy' if kernel == 'auto' else kernel} |" in summary
+        texts[kernel] = result.stdout
+    assert texts["fast"] == texts["numpy"] == texts["auto"]
+
+
+@needs_numba
+def test_auto_takes_the_fast_kernels_for_a_model_that_is_not_tiny(converted, monkeypatch):
+    path = converted("tiny_gemma4", "ternary")
+    assert load(path, kernel="auto").kernel == "numpy"
+    monkeypatch.setattr(model_module, "AUTO_FAST_BYTES", 0)  # as if it were large
+    assert load(path, kernel="auto").kernel == "fast"
+    monkeypatch.setitem(sys.modules, "numba", None)  # numba not installed: auto falls back to numpy
+    monkeypatch.delitem(sys.modules, "ferrisres.runtime.fast_kernels")
+    assert load(path, kernel="auto").kernel == "numpy"
+    with pytest.raises(ValueError, match=r"pip install 'ferrisres\[fast\]'"):
+        load(path, kernel="fast")
+
+
+def test_fast_kernel_without_numba_is_one_line_naming_the_extra(converted, tmp_path):
+    """numba made unimportable by a stand-in package that fails to import: --kernel fast refuses in one line."""
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text("raise ImportError('numba is not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    path = str(converted("tiny_gemma4", "ternary"))
+    refused = run_tool("ferrisres-run", path, "-p", "Hello", "--raw", "-n", "2", "--kernel", "fast", env=env)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert "ferrisres[fast]" in refused.stderr
