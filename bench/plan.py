@@ -31,7 +31,12 @@ QUICK = dict(
 )
 
 # The dense student with other table encodings than its default (int8 tables, tied head).
-TABLE_VARIANTS = {"dense-bf16-tables": ["--tables", "bf16"], "dense-int4-per-layer": ["--per-layer-table", "int4-g32"]}
+# Same encodings as the dense student, so rounded to nearest (--method rtn): calibration changes no size
+# and no decoding speed, and would add most of an hour each; one-plane students for the 1.58-bit sizes.
+TABLE_VARIANTS = {"dense-bf16-tables": ["--tables", "bf16", "--method", "rtn"],
+                  "dense-int4-per-layer": ["--per-layer-table", "int4-g32", "--method", "rtn"],
+                  "one-plane": ["--planes", "1", "--method", "rtn"],
+                  "one-plane-int4-per-layer": ["--planes", "1", "--per-layer-table", "int4-g32", "--method", "rtn"]}
 LLAMA_CPP_TQ2_0_BYTES = 2.79 * GB  # llama.cpp's TQ2_0 GGUF of the same checkpoint
 
 # A paragraph repeated: a prompt a copying model continues by copying (n-gram drafts then hit).

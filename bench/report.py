@@ -152,9 +152,10 @@ def report(r: dict) -> str:
 
     lines += ["", "### Embedding tables", "",
               "The dense student with each table encoding (`--tables`, `--per-layer-table`; the default is int8 "
-              f"for both, the head tied to the int8 embedding), beside llama.cpp's TQ2_0 GGUF ({LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB):", "",
+              f"for both, the head tied to the int8 embedding), and the one-plane (1.58-bit) student, beside "
+              f"llama.cpp's TQ2_0 GGUF ({LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB):", "",
               "| student | artifact | decode tok/s @64 | peak RSS while decoding |", "|---|---|---|---|"]
-    for name in ("dense-bf16-tables", "dense", "dense-int4-per-layer"):
+    for name in ("dense-bf16-tables", "dense", "dense-int4-per-layer", "one-plane", "one-plane-int4-per-layer"):
         cv, dv = _g(r, "convert", name), _g(dec, name, "64")
         if cv is None or dv is None or "error" in dv:
             lines.append(f"| {name} | failed (see results.json) | | |")
