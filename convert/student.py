@@ -59,14 +59,12 @@ class Options:
         return self.method == "rtn" and self.planes == 1 and self.group == 0 and self.rotate == 0
 
     def float_student(self) -> "Options":
-        """The same student (MoE expansion, AttnRes, LoRA, embedding tables) with its decoder linears
-        unquantized, in bf16: what calibration runs. Its tables are the student's own, so the linears
-        are calibrated on the inputs they will see (and an int8 table is half the bytes to write)."""
-        table, per_layer = self.table_encodings().values()
+        """The same student (MoE expansion, AttnRes, LoRA) unquantized, in bf16: what calibration runs.
+        Its tables stay bf16: calibrating on the student's int8 tables measured worse on Gemma 3 270M
+        (top-1 67.7% against 69.6%, perplexity 31.3 against 29.8)."""
         return replace(Options(), quant="bf16", moe_experts=self.moe_experts, moe_top_k=self.moe_top_k,
                        moe_noise=self.moe_noise, attnres=self.attnres, attnres_gate=self.attnres_gate,
-                       seed=self.seed, lora=self.lora, tables=table,
-                       per_layer_table=per_layer if per_layer != table else None)  # None: a model without one
+                       seed=self.seed, lora=self.lora)
 
     def table_encodings(self) -> dict[str, str]:
         """The encoding of each embedding table, by artifact name."""
