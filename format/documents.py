@@ -71,8 +71,8 @@ def optional(inner: Check) -> Check:
 
 
 def list_of(inner: Check, max_len: int, item: str = "entry") -> Check:
-    def check(v):  # a tuple is a list of a config built in Python
-        if not isinstance(v, (list, tuple)) or len(v) > max_len:
+    def check(v):
+        if not isinstance(v, list) or len(v) > max_len:
             return f"a list of at most {max_len} entries"
         for i, value in enumerate(v):
             problem = inner(value)
@@ -156,7 +156,7 @@ MODEL_CONFIG_FIELDS: dict[str, Check] = {
 
 
 def check_model_config(value: dict) -> None:
-    """model_config.json (or a ModelConfig as a dict), field by field: ModelConfig checks itself with this."""
+    """model_config.json, field by field, before a ModelConfig is built from it."""
     check_fields("model config", value, MODEL_CONFIG_FIELDS)
     for layer_type, rope in value.get("rope", {}).items():
         problem = _ROPE(rope)

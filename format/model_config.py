@@ -27,9 +27,6 @@ class RopeConfig:
     factor: float = 1.0
 
 
-_ROPE_FIELDS = {f.name for f in fields(RopeConfig)}
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -69,8 +66,8 @@ class ModelConfig:
     attnres: bool = False  # Block AttnRes across blocks that end at full-attention layers
 
     def __post_init__(self):
-        # Each field's type and range (the rules the reader applies to model_config.json), then how they fit.
-        check_model_config(asdict(self))
+        # How the fields fit together; each field's type and range is documents.py's (from_dict, and the
+        # converter's check of what it embeds), and the converter's config builder checks its own.
         problems = []
         L = self.num_layers
         for name in ("layer_types", "head_dims", "kv_heads", "intermediate_sizes", "kv_sources"):
@@ -123,18 +120,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, value: dict) -> "ModelConfig":
-        """The config of a parsed model_config.json, checked as it is built (`__post_init__`): its lists
-        become tuples and its rope objects RopeConfigs; a value of another shape is left for the check
-        to name."""
+        """The config of a parsed model_config.json: every field checked (documents.py), then built."""
         unknown = set(value) - {f.name for f in fields(cls)}
         if unknown:
             raise ArtifactError(f"model config: unknown fields {sorted(unknown)[:5]}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-        rope = d.get("rope")
-        if isinstance(rope, dict) and all(isinstance(r, dict) and {"rope_type", "theta"} <= set(r) <= _ROPE_FIELDS
-                                          for r in rope.values()):
-            d["rope"] = {k: RopeConfig(**r) for k, r in rope.items()}
+        check_model_config(value)
         try:
+            d = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+            d["rope"] = {k: RopeConfig(**r) for k, r in d["rope"].items()}
             return cls(**d)
-        except TypeError as e:  # a field missing
+        except (TypeError, KeyError) as e:  # a field missing
             raise ArtifactError(f"model config is malformed: {e}") from None
