@@ -66,8 +66,7 @@ def copy_checkpoint(tmp_path: Path, name: str = "tiny_gemma4") -> Path:
 
 @pytest.fixture(scope="session")
 def deep_checkpoint(tmp_path_factory) -> Path:
-    """tiny_gemma4 with 150 layers (no KV sharing), a few seconds to convert: long enough after its partial
-    file holds 1 MB for a signal to arrive mid-conversion even when the test process is descheduled."""
+    """tiny_gemma4 with 60 layers (no KV sharing): ~1000 weights, a few seconds to convert."""
     from ferrisres.convert.hf_config import eos_token_ids, model_config, read_config
 
     ck = tmp_path_factory.mktemp("deep") / "checkpoint"
@@ -75,7 +74,7 @@ def deep_checkpoint(tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(FIXTURES / "tiny_gemma4" / name, ck / name)
     config = json.loads((FIXTURES / "tiny_gemma4" / "config.json").read_text())
-    layers = 150
+    layers = 60
     config.update(num_hidden_layers=layers, num_kv_shared_layers=0,
                   layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * (layers // 5))
     (ck / "config.json").write_text(json.dumps(config))
