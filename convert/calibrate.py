@@ -166,12 +166,10 @@ class CalibratingLinear:
             if self.quantized_for is not h:  # a sibling called with another input is quantized on its own
                 together = [s for s in self.siblings if s.quantized_for is None] if self.quantized_for is None else [self]
                 stacked = gptq_planes(np.concatenate([s.w for s in together]), h, self.planes, self.group, self.rotation)
-                start = 0
-                for s in together:
-                    rows = slice(start, start + len(s.w))
-                    s.planes_result = TritPlanes(stacked.codes[rows], stacked.scales[rows], stacked.rotation)
+                ends = np.cumsum([len(s.w) for s in together])[:-1]
+                for s, codes, scales in zip(together, np.split(stacked.codes, ends), np.split(stacked.scales, ends)):
+                    s.planes_result = TritPlanes(codes, scales, stacked.rotation)
                     s.quantized_for = h
-                    start += len(s.w)
             # float32, unlike the runtime's float64: the layer's activations over all calibration tokens are
             # its largest arrays (8192 x 12288 for E2B's wide MLPs), and calibration measures them in float32
             return self.hessians.input32 @ self.effective_weight().T.astype(np.float32)
