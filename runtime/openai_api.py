@@ -99,7 +99,7 @@ def _prompt(prompt) -> str | list[int]:
         prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(_is_int(t) and 0 <= t < 2**31 for t in prompt):
         return prompt
     raise ApiError(400, "prompt must be a string or an array of token ids (one prompt per request)", "prompt")
 

@@ -125,10 +125,10 @@ class Scheduler:
                 self.waiting.remove(sequence)
             self._lock.notify()
 
-    def load(self) -> dict:
+    def status(self) -> dict:
         with self._lock:
             return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue}
+                    "max_queue": self.max_queue, "steps": self.steps}
 
     def _run(self) -> None:
         while True:
@@ -137,12 +137,17 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping:
                     return
-                while self.waiting and len(self.active) < self.max_batch:
-                    self.active.append(self.waiting.popleft())
-                batch = list(self.active)
-            self._step(batch)
+            self.step()
 
-    def _step(self, batch: list[Sequence]) -> None:
+    def step(self) -> bool:
+        """Admit waiting sequences into free slots, then advance every active one by one forward pass.
+        False when there was nothing to run. (The thread calls this in a loop; tests may call it directly.)"""
+        with self._lock:
+            while self.waiting and len(self.active) < self.max_batch:
+                self.active.append(self.waiting.popleft())
+            batch = list(self.active)
+        if not batch:
+            return False
         feeds = [s.feed(self.prefill_chunk) for s in batch]
         start = time.perf_counter()
         try:
@@ -150,7 +155,7 @@ class Scheduler:
                                                        for s, ids in zip(batch, feeds)], last_only=True)
         except Exception as e:  # noqa: BLE001 - (out of memory, ...) every sequence of the step fails with it
             self._finish(batch, e)
-            return
+            return True
         seconds = time.perf_counter() - start
         self.steps += 1
         done = []
@@ -163,6 +168,7 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - (non-finite logits, ...) this sequence alone fails
                 self._finish([s], e)
         self._finish(done)
+        return True
 
     def _finish(self, sequences: list[Sequence], error: Exception | None = None) -> None:
         with self._lock:

@@ -49,7 +49,7 @@ def create_app(model: Model, scheduler: Scheduler, limits: Limits, api_key: str 
         return api_key is None or hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
     async def health(request):
-        return JSONResponse({"status": "ok", **scheduler.load()})
+        return JSONResponse({"status": "ok", **scheduler.status()})
 
     async def models(request):
         if not authorized(request):
