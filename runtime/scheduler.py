@@ -2,7 +2,7 @@
 
 Each step feeds every active sequence its next tokens: its last chosen token once decoding, or the
 next `prefill_chunk` tokens of its prompt, so that a long prompt is prefilled a chunk per step beside
-the others' decode tokens instead of stalling them. A submitted generation waits in a bounded queue
+the others' decode tokens instead of stalling them (in longer chunks while no one is decoding). A submitted generation waits in a bounded queue
 and joins at the next step when one of the `max_batch` slots is free; a cancelled one (its client
 went away) leaves at once, or as soon as the step under way ends, and its KV cache goes with it.
 
@@ -22,12 +22,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .generate import PREFILL_CHUNK as GENERATION_PREFILL_CHUNK
 from .generate import Generation, Step
 from .sampling import sample
 
-# Prompt tokens a sequence prefills per step: at E2B scale a 64-token chunk takes about as long as a
-# few decode steps, the most a long prompt should delay everyone else's next token.
+# Prompt tokens a sequence prefills per step while others are decoding: at E2B scale a 64-token chunk
+# takes about two decode steps' time, the most a long prompt should delay everyone else's next token.
+# With no one decoding, chunks are as long as a lone generation's (ALONE_CHUNK): longer chunks
+# prefill faster per token (each weight is unpacked once for all of a chunk's tokens).
 PREFILL_CHUNK = 64
+ALONE_CHUNK = GENERATION_PREFILL_CHUNK
 
 
 class QueueFull(Exception):
@@ -148,7 +152,8 @@ class Scheduler:
             batch = list(self.active)
         if not batch:
             return False
-        feeds = [s.feed(self.prefill_chunk) for s in batch]
+        decoding = any(not s.unfed for s in batch)
+        feeds = [s.feed(self.prefill_chunk if decoding else max(self.prefill_chunk, ALONE_CHUNK)) for s in batch]
         start = time.perf_counter()
         try:
             logits = self.model.decoder.forward_batch([(np.asarray(ids, dtype=np.int64), s.generation.cache)

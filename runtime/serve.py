@@ -25,6 +25,7 @@ from .scheduler import Scheduler
 PROG = "ferrisres-serve"
 SERVE_EXTRA = "pip install 'ferrisres[serve]'"
 SPARE_CONNECTIONS = 16  # open connections beyond max batch + queue: health checks, bodies being read
+SHUTDOWN_SECONDS = 10  # on SIGTERM or Ctrl-C, replies still streaming get this long before they are cut
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _serve(args: Args) -> int:
     host, port = listener.getsockname()[:2]
     print(f"{PROG}: serving {model.artifact.path.name} on http://{host}:{port} (kernel {model.kernel}, "
           f"max batch {args.max_batch})", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
                             limit_concurrency=args.max_batch + args.max_queue + SPARE_CONNECTIONS)
     try:
         uvicorn.Server(config).run(sockets=[listener])

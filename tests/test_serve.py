@@ -23,7 +23,7 @@ from conftest import FIXTURES, run_tool
 from ferrisres.convert.build import Options, convert
 from ferrisres.runtime import load
 from ferrisres.runtime.generate import Generation
-from ferrisres.runtime.scheduler import Finished, Scheduler
+from ferrisres.runtime.scheduler import ALONE_CHUNK, Finished, Scheduler
 
 KEY = "test-key"
 PROMPTS = ["Hello", "The quick brown fox", "Once upon a time", "1 2 3 4", "ferris", "A", "Why is the sky blue?",
@@ -311,10 +311,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_others_decode_steps(art
     rng = np.random.default_rng(0)
     short, long = rng.integers(5, model.config.vocab_size, 3).tolist(), rng.integers(5, model.config.vocab_size, 37).tolist()
     scheduler = Scheduler(model, max_batch=2, max_queue=0, prefill_chunk=4)
-    fed = []
+    fed = []  # tokens fed per sequence, each forward pass
     forward_batch = model.decoder.forward_batch
-    model.decoder.forward_batch = lambda sequences, **kw: fed.append([len(ids) for ids, _ in sequences]) or \
-        forward_batch(sequences, **kw)
+
+    def recorded(sequences, *args, **kwargs):
+        fed.append([len(ids) for ids, _ in sequences])
+        return forward_batch(sequences, *args, **kwargs)
+
+    model.decoder.forward_batch = recorded
     events = {"short": [], "long": []}
 
     def submit(name: str, ids: list[int]) -> None:
@@ -326,7 +330,6 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_others_decode_steps(art
     submit("long", long)
     while scheduler.step():
         pass
-    del model.decoder.forward_batch  # the class's own again, for the runs alone below
     assert fed[0] == [3]
     prefill = fed[1:11]  # 37 tokens in chunks of 4, each step also decoding the short sequence
     assert prefill == [[1, 4]] * 9 + [[1, 1]] and fed[11] == [1, 1]
@@ -335,6 +338,12 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_others_decode_steps(art
         alone = model.generate(ids, max_tokens=16, temperature=0)
         assert [s.token for s in steps] == [s.token for s in alone]
         assert isinstance(end, Finished) and (end.stop_reason, end.completion_tokens) == (alone.stop_reason, len(alone.tokens))
+    # with no one decoding, a prompt goes in the longer chunks that prefill faster
+    fed.clear()
+    submit("long", rng.integers(5, model.config.vocab_size, ALONE_CHUNK + 5).tolist())
+    scheduler.step()
+    scheduler.step()
+    assert fed == [[ALONE_CHUNK], [5]]
 
 
 def test_a_cancelled_sequence_leaves_at_once_with_its_cache(artifact):
@@ -364,5 +373,20 @@ def test_a_request_past_the_timeout_ends_with_finish_reason_length(artifact):
         assert status == 200 and reply["choices"][0]["finish_reason"] == "length"
         assert 0 < reply["usage"]["completion_tokens"] < 2048 and time.monotonic() - start < 10
         wait_until_idle(s)
+    finally:
+        s.stop()
+
+
+def test_a_hostile_chat_template_is_refused_in_its_sandbox(tmp_path):
+    """The template reaches for Python internals: the sandbox refuses, the request gets 400, the server goes on."""
+    template = tmp_path / "hostile.jinja"
+    template.write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    path = tmp_path / "hostile.tern"
+    convert(FIXTURES / "tiny_gemma4", path, Options(method="rtn", chat_template=str(template)), progress=False)
+    s = Server(path)
+    try:
+        status, reply = s.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 400 and "chat template" in reply["error"]["message"] and reply["error"]["param"] == "messages"
+        assert s.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
     finally:
         s.stop()
