@@ -53,7 +53,7 @@ def create_app(model: Model, scheduler: Scheduler, limits: Limits, api_key: str 
 
     async def models(request):
         if not authorized(request):
-            return refused(_BAD_KEY)
+            return refused(_bad_key())
         return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                                          "owned_by": "ferrisres"}]})
 
@@ -61,7 +61,7 @@ def create_app(model: Model, scheduler: Scheduler, limits: Limits, api_key: str 
         async def handle(request):
             try:
                 if not authorized(request):
-                    raise _BAD_KEY
+                    raise _bad_key()
                 parsed = parse_request(await _json_body(request), chat)
                 generation = await _generation(model, parsed, limits)
                 reply = Reply(scheduler, generation, limits.timeout)
@@ -84,22 +84,26 @@ def create_app(model: Model, scheduler: Scheduler, limits: Limits, api_key: str 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
-_BAD_KEY = ApiError(401, "invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+def _bad_key() -> ApiError:  # a new one each time: a raised exception keeps its traceback, which would grow
+    return ApiError(401, "invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
 
 
 async def _json_body(request):
     """The request's JSON, read to MAX_BODY_BYTES (413 beyond) within BODY_SECONDS."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+        raise _too_large()
 
     async def read() -> bytes:
         data = bytearray()
         async for chunk in request.stream():
             data += chunk
             if len(data) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB",
-                               code="body_too_large")
+                raise _too_large()
         return bytes(data)
 
     try:
