@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .generate import PREFILL_CHUNK as GENERATION_PREFILL_CHUNK
+from .generate import PREFILL_CHUNK as ALONE_CHUNK  # a lone generation's prefill chunk (256 tokens)
 from .generate import Generation, Step
 from .sampling import sample
 
@@ -31,7 +31,6 @@ from .sampling import sample
 # With no one decoding, chunks are as long as a lone generation's (ALONE_CHUNK): longer chunks
 # prefill faster per token (each weight is unpacked once for all of a chunk's tokens).
 PREFILL_CHUNK = 64
-ALONE_CHUNK = GENERATION_PREFILL_CHUNK
 
 
 class QueueFull(Exception):
