@@ -61,7 +61,7 @@ real-demo: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e ".[convert,test,fast]"
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e ".[convert,test,fast,serve]"
 	touch $@
 
 # The environment, outputs and Python's caches; not the downloaded and generated models (clean-caches).

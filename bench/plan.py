@@ -13,6 +13,7 @@ TARGETS = {
     "decode_rss": ("<=", 1.5 * GB, "GB", None),
     "convert_time": ("<=", 3600.0, "s", None),  # the calibrated default: <= 60 min and 6 GB
     "convert_rss": ("<=", 6 * GB, "GB", None),
+    "serve_8_streams": (">=", 5.0, "x", None),  # ferrisres-serve: aggregate tok/s at 8 streams over 1 stream
 }
 
 FULL = dict(
@@ -20,14 +21,14 @@ FULL = dict(
     load_repeats=5, prefill_lengths=[64, 256], prefill_repeats=3,
     decode_contexts=[64, 512, 2048], decode_new=64, decode_repeats={64: 3, 512: 1, 2048: 1},
     moe_contexts=[64], moe_repeats=2, teacher_new=16, draft_new=64, draft_repeats=2,
-    scaling_decode_new=32, profile=True,
+    scaling_decode_new=32, profile=True, serve_streams=[1, 2, 4, 8], serve_prompt=16, serve_new=32,
 )
 QUICK = dict(
     scale="tiny", scaling_scales=["tiny"], convert_repeats=1, scaling_convert_repeats=1,
     load_repeats=3, prefill_lengths=[64, 256], prefill_repeats=2,
     decode_contexts=[64, 512, 2048], decode_new=16, decode_repeats={64: 2, 512: 1, 2048: 1},
     moe_contexts=[64], moe_repeats=1, teacher_new=8, draft_new=16, draft_repeats=1,
-    scaling_decode_new=0, profile=False,
+    scaling_decode_new=0, profile=False, serve_streams=[1, 2, 4, 8], serve_prompt=16, serve_new=16,
 )
 
 # The dense student with other table encodings than its default (int8 tables, tied head).

@@ -58,6 +58,9 @@ def report(r: dict) -> str:
         draft_v = f"{draft['speedup']:.2f}x but different tokens"
     else:
         draft_v = draft["speedup"]
+    serve = r.get("serve", {})
+    streams = _g(serve, "by_streams") or {}
+    one, eight = _g(streams, "1", "tok_s"), _g(streams, "8", "tok_s")
     rows = [
         ("decode, dense ternary, context 64", "decode_dense", _g(dec, "dense", "64", "tok_s"), bound("dense", 64)),
         ("decode, 2-expert top-2 MoE, context 64", "decode_moe", _g(dec, "moe2", "64", "tok_s"), bound("moe2", 64)),
@@ -67,6 +70,8 @@ def report(r: dict) -> str:
         ("peak RSS while decoding the dense student (context 64)", "decode_rss", _g(dec, "dense", "64", "decode_peak_rss_bytes"), None),
         (f"conversion of the {scale} checkpoint (dense ternary), wall time", "convert_time", _g(r, "convert", "dense", "seconds"), None),
         ("conversion peak RSS (ru_maxrss, dense ternary)", "convert_rss", _g(r, "convert", "dense", "ru_maxrss_bytes"), None),
+        ("ferrisres-serve: aggregate tok/s at 8 streams / at 1 stream", "serve_8_streams",
+         eight / one if one and eight else None, None),
     ]
     env = ", ".join(f"{k}={v}" for k, v in sorted(m["openblas_env"].items())) or "none set"
     dirty = r["code"]["dirty"]
@@ -150,6 +155,8 @@ def report(r: dict) -> str:
     for f in r.get("failures", []):
         lines.append(f"- **failed**: {f['kind']} {f['label']}: `{f['error'].strip().splitlines()[-1][:200]}`")
 
+    lines += _serving(serve)
+
     lines += ["", "### Embedding tables", "",
               "The dense student with each table encoding (`--tables`, `--per-layer-table`; the default is int8 "
               f"for both, the head tied to the int8 embedding), and the one-plane (1.58-bit) student, beside "
@@ -206,6 +213,29 @@ def report(r: dict) -> str:
     lines += ["", f"Total benchmark time {r['total_seconds'] / 60:.1f} min. Raw data: "
               f"{'bench/results.json' if r['mode'] == 'full' else 'bench/.cache/quick/results.json'}.", ""]
     return "\n".join(lines)
+
+
+def _serving(serve: dict) -> list[str]:
+    """The ferrisres-serve table: aggregate and per-stream rates, time to first token, by concurrent streams."""
+    if not serve:
+        return []
+    if "error" in serve:
+        return ["", "### Serving", "", "ferrisres-serve: failed (see results.json)"]
+    lines = ["", "### Serving", "",
+             f"`ferrisres-serve` on the dense student (one process, `--max-batch 8`, continuous batching): N clients "
+             f"stream at once, each a {serve['prompt']}-token random prompt and {serve['new']} greedy tokens over HTTP "
+             "(server-sent events). Aggregate: all the streams' tokens over the wall time from the first request to "
+             "the last token; time to first token: from sending the request to its first chunk of text.", "",
+             "| streams | aggregate tok/s | vs 1 stream | per-stream decode tok/s | time to first token (median / max) |",
+             "|---|---|---|---|---|"]
+    one = serve["by_streams"].get("1", {}).get("tok_s")
+    for n, v in serve["by_streams"].items():
+        lines.append(f"| {n} | {v['tok_s']:.2f} | {v['tok_s'] / one:.2f}x | {_fmt(v['per_stream_tok_s'])} "
+                     f"| {v['ttft_median_s']:.2f} s / {v['ttft_max_s']:.2f} s |")
+    lines += ["", f"Under load: a request arriving while {serve['joining_busy_streams']} streams decode gets its first "
+              f"token after {serve['ttft_joining_s']:.2f} s (it joins at the next step and prefills beside them). "
+              f"Server peak RSS {serve['server_peak_rss_bytes'] / GB:.2f} GB."]
+    return lines
 
 
 def _la(la) -> str:

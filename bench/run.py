@@ -11,7 +11,8 @@
    conversion wall time and peak RSS; artifact size; load time (open -> ready to generate, tokenizer
    included); prefill tok/s at 64 and 256 prompt tokens; decode tok/s over N new tokens after a context
    of 64, 512 and 2048 random token ids; peak RSS while decoding; n-gram draft decoding
-   (`draft="ngram"`) against plain greedy; the machine's DRAM read bandwidth (BLAS sgemv over 1 GiB,
+   (`draft="ngram"`) against plain greedy; ferrisres-serve's aggregate tok/s at 1, 2, 4 and 8 concurrent
+   streams and time to first token, alone and joining busy streams; the machine's DRAM read bandwidth (BLAS sgemv over 1 GiB,
    1 thread and default threads) and the decode ceiling it implies for the bytes each artifact reads per
    token (every tensor a decode step touches, from the artifact's own tensor sizes, plus the KV cache).
 4. Writes bench/results.json and BENCHMARKS.md (targets beside measurements, bandwidth bound, ratio,
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     results["draft"] = attempt("draft", {"path": str(arts["dense"]), "new": plan["draft_new"],
                                          "repeats": plan["draft_repeats"]}, label="dense ngram")
     results["scaling_decode"] = measure_scaling_decode(results, plan, attempt)
+    results["serve"] = attempt("serve", {"path": str(arts["dense"]), "streams": plan["serve_streams"],
+                                         "prompt": plan["serve_prompt"], "new": plan["serve_new"]}, label="dense streams")
     if plan["profile"] and not args.skip_profile:
         results["profile"] = attempt("profile", {"path": str(arts["dense"]), "context": 64, "steps": 4}, label="dense")
 

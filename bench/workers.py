@@ -55,9 +55,9 @@ class RssSampler(threading.Thread):
                 "end_rss_bytes": status.get("VmRSS", 0)}
 
 
-def _status() -> dict:
+def _status(pid: int | str = "self") -> dict:
     out = {}
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             parts = value.split()
@@ -270,8 +270,100 @@ def worker_profile(args: dict) -> None:
     _result(profile_decode.profile(args["path"], context=args.get("context", 64), steps=args.get("steps", 4)))
 
 
+def worker_serve(args: dict) -> None:
+    """ferrisres-serve on the artifact, in its own process: N streaming clients at once (N = 1, 2, 4, 8),
+    each a random prompt and `new` greedy tokens; aggregate tokens/s and each stream's time to first
+    token; then the time to first token of one request joining `max(streams) - 1` streams mid-decode."""
+    import subprocess
+
+    server = subprocess.Popen([sys.executable, "-m", "ferrisres.runtime.serve", args["path"], "--port", "0",
+                               "--max-batch", str(max(args["streams"]))], stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        address = line.split(" on http://")[1].split()[0]
+        threading.Thread(target=server.stderr.read, daemon=True).start()  # drained, so the server never blocks
+        from ferrisres.format import Artifact
+
+        with Artifact.open(args["path"]) as a:
+            vocab = a.config.vocab_size
+        _stream(address, _context_ids(vocab, args["prompt"], 99), 2)  # warm-up: maps every weight page
+        out = {"prompt": args["prompt"], "new": args["new"], "by_streams": {}}
+        for n in args["streams"]:
+            prompts = [_context_ids(vocab, args["prompt"], 1000 * n + i) for i in range(n)]
+            start = time.perf_counter()
+            runs = _concurrently([lambda p=p: _stream(address, p, args["new"]) for p in prompts])
+            wall = time.perf_counter() - start
+            tokens = sum(r["tokens"] for r in runs)
+            out["by_streams"][str(n)] = {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
+                                         "ttft_median_s": statistics.median(r["ttft_s"] for r in runs),
+                                         "ttft_max_s": max(r["ttft_s"] for r in runs),
+                                         "per_stream_tok_s": statistics.median(r["decode_tok_s"] for r in runs)}
+        busy = max(args["streams"]) - 1
+        started = threading.Event()
+        background = [lambda i=i: _stream(address, _context_ids(vocab, args["prompt"], 5000 + i), args["new"] * 2,
+                                          started if i == 0 else None) for i in range(busy)]
+        runner = threading.Thread(target=_concurrently, args=(background,))
+        runner.start()
+        started.wait(timeout=3600)
+        time.sleep(1.0)  # the others are decoding by now
+        out["ttft_joining_s"] = _stream(address, _context_ids(vocab, args["prompt"], 7777), 1)["ttft_s"]
+        out["joining_busy_streams"] = busy
+        runner.join()
+        out["server_peak_rss_bytes"] = _status(server.pid).get("VmHWM", 0)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    _result(out)
+
+
+def _stream(address: str, prompt: list[int], new: int, first_token: threading.Event | None = None) -> dict:
+    """One streamed /v1/completions request of `new` greedy tokens: time to first token, tokens, decode rate."""
+    import http.client
+
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=3600)
+    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"ferrisres-serve answered {response.status}: {response.read()[:300]!r}")
+    first = last = None
+    tokens = 0
+    for line in response:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        now = time.perf_counter()
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif first is None:
+            first = now
+            if first_token is not None:
+                first_token.set()
+        last = now
+    conn.close()
+    return {"ttft_s": first - start, "tokens": tokens,
+            "decode_tok_s": (tokens - 1) / (last - first) if tokens > 1 and last > first else None}
+
+
+def _concurrently(calls: list) -> list:
+    """Each call's result, all started at once, each in its own thread."""
+    results = [None] * len(calls)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, calls[i]())) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(r is None for r in results):
+        raise RuntimeError("a stream failed (see its traceback above)")
+    return results
+
+
 WORKERS = {"bandwidth": worker_bandwidth, "convert": worker_convert, "load": worker_load,
-           "prefill": worker_prefill, "decode": worker_decode, "draft": worker_draft, "profile": worker_profile}
+           "prefill": worker_prefill, "decode": worker_decode, "draft": worker_draft, "profile": worker_profile,
+           "serve": worker_serve}
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class Generation:
         self.prefill_seconds = seconds = time.perf_counter() - start
         while True:
             token = sample(logits[-1], self.params, np.asarray(self.context, dtype=np.int64), rng)
-            yield from self._emit(token, logits[-1], seconds)
+            yield self.take(token, logits[-1], seconds)
             if self.stop_reason is not None:
                 return
             drafts = self._drafts(token) if self.draft else []
@@ -100,28 +100,29 @@ class Generation:
                     logits = logits[j : j + 1]
                     break
                 self.accepted += 1
-                yield from self._emit(proposed, logits[j], seconds)
+                yield self.take(proposed, logits[j], seconds)
                 if self.stop_reason is not None:
                     self._take_back(len(drafts) - j - 1)
                     return
             else:
                 logits = logits[-1:]
 
-    def _emit(self, token: int, logits: np.ndarray, seconds: float):
-        """Hand out the step of one chosen token, and decide whether generation stops here."""
+    def take(self, token: int, logits: np.ndarray, seconds: float) -> Step:
+        """Record one chosen token (from `logits`, computed in `seconds`): the step to hand out. Sets
+        `stop_reason` when generation stops here. Iterating calls it; so does a server's scheduler
+        (runtime/scheduler.py), which runs the forward passes of many generations itself."""
         self.decode_tokens += 1 if self.tokens or self.stop_reason else 0
         top = self._top(logits) if self.want_top else None
         if token in self.stop_ids:  # a last step for the EOS token shows any text still held back
             self.stop_reason = "eos"
-            yield Step(token, self._take_text(final=True), seconds, top)
-            return
+            return Step(token, self._take_text(final=True), seconds, top)
         self.tokens.append(token)
         self._update_text()
         if self.stop_reason is None and len(self.tokens) >= self.max_tokens:
             self.stop_reason = "max_tokens"
         if self.stop_reason is None and self._start + len(self.tokens) >= self.max_context:
             self.stop_reason = "context_full"
-        yield Step(token, self._take_text(final=self.stop_reason is not None), seconds, top)
+        return Step(token, self._take_text(final=self.stop_reason is not None), seconds, top)
 
     def _drafts(self, token: int) -> list[int]:
         """Prompt lookup: the tokens that followed the latest earlier occurrence of the last n-gram."""

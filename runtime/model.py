@@ -96,7 +96,7 @@ class Model:
                            **{**special_token_variables(self.tokenizer_config), **template_options})
 
     def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        return self.decoder.forward(self._checked(ids), cache, last_only)
+        return self.decoder.forward(self.checked_ids(ids), cache, last_only)
 
     def logits(self, ids) -> np.ndarray:
         """float32 [T, vocab]: a full forward over `ids` with a fresh cache."""
@@ -114,14 +114,14 @@ class Model:
         `top=True` fills each step's 5 likeliest tokens.
         """
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return Generation(self, self._checked(ids).tolist(), self.default_sampling(**sampling), max_tokens,
+        return Generation(self, self.checked_ids(ids).tolist(), self.default_sampling(**sampling), max_tokens,
                           self.config.eos_token_ids, stop, max_context=max_context, top=top, draft=draft)
 
     def generate_batch(self, prompts: list[str | list[int]], max_tokens: int = 256, max_context: int | None = None,
                        **sampling) -> list[Completion]:
         """Continue every prompt (as `generate` does, without stop strings), advancing all of them in one
         forward per step: a few sequences cost little more than one. Returns one `Completion` per prompt."""
-        prompts = [self._checked(self.encode(p) if isinstance(p, str) else list(p)).tolist() for p in prompts]
+        prompts = [self.checked_ids(self.encode(p) if isinstance(p, str) else list(p)).tolist() for p in prompts]
         return generate_batch(self, prompts, self.default_sampling(**sampling), max_tokens, self.config.eos_token_ids,
                               max_context)
 
@@ -129,7 +129,8 @@ class Model:
         """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) using the chat template."""
         return self.generate(self.encode(self.render_chat(messages)), max_tokens, **options)
 
-    def _checked(self, ids) -> np.ndarray:
+    def checked_ids(self, ids) -> np.ndarray:
+        """`ids` as int64, refused (ValueError) when empty or outside the vocabulary."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("no token ids to process")
