@@ -28,7 +28,9 @@ ENCODINGS: dict[str, np.dtype] = {
     "int4-g64": np.dtype("u1"),
     "i64": np.dtype("<i8"),
     "bytes": np.dtype("u1"),
+    "zlib": np.dtype("u1"),  # documents only (compression.py)
 }
+DOCUMENT_ENCODINGS = ("bytes", "zlib")  # a document's text as is, or compressed (format 1.2)
 
 # 2-bit ternary codes: value + 1, so -1 -> 0b00, 0 -> 0b01, +1 -> 0b10. 0b11 is invalid.
 GROUPED_TERNARY = {"ternary-g1": 1, "ternary-g2": 2}  # encoding -> planes of codes per row

@@ -32,7 +32,7 @@ import h5py
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 import numpy as np
 
-from .encodings import ENCODINGS, GROUPED_TERNARY, packed_columns
+from .encodings import DOCUMENT_ENCODINGS, ENCODINGS, GROUPED_TERNARY, packed_columns
 from .errors import ArtifactError
 from .isolated import run_isolated
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP
@@ -237,8 +237,8 @@ class _Walk:
         if min(stored) < 1:
             raise ArtifactError(f"{where} is empty (shape {list(stored)})")
         encoding = _text_attr(ds, "encoding", where) if tensors else _text_attr(ds, "encoding", where, required=False)
-        if not tensors and encoding not in (None, "bytes"):
-            raise ArtifactError(f"{where} has encoding {encoding[:50]!r}; documents are bytes")
+        if not tensors and encoding not in (None, *DOCUMENT_ENCODINGS):
+            raise ArtifactError(f"{where} has encoding {encoding[:50]!r}; documents are {' or '.join(DOCUMENT_ENCODINGS)}")
         encoding = encoding or "bytes"
         if encoding not in ENCODINGS:
             raise ArtifactError(f"{where} has unknown encoding {encoding[:50]!r}")

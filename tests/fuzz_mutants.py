@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,9 @@ from typing import Callable
 import h5py
 import numpy as np
 from h5py import h5d, h5p, h5t
+
+from ferrisres.format import FORMAT_VERSION
+from ferrisres.format.documents import MAX_DOCUMENT, MAX_TEMPLATE
 
 from fuzz_common import INSPECT_REFUSES, INTACT, REFUSED, RUN_REFUSES, VERIFY_FAILS, Dataset, Mutant, layout
 
@@ -121,8 +125,9 @@ def rewrite(f, key: str, data=None, attrs: dict | None = None, fix_digest: bool 
             ds.attrs[k] = v
 
 
-def set_document(f, name: str, text: str | bytes | None) -> None:
-    """Replace (or add, or with None delete) document `name`, with a correct digest."""
+def set_document(f, name: str, text: str | bytes | None, encoding: str = "bytes") -> None:
+    """Replace (or add, or with None delete) document `name`, with a correct digest; `text` is stored as
+    given under `encoding` (bytes of a zlib stream for "zlib")."""
     key = f"meta/{name}"
     if key in f:
         del f[key]
@@ -130,15 +135,29 @@ def set_document(f, name: str, text: str | bytes | None) -> None:
         return
     raw = np.frombuffer(text.encode("utf-8") if isinstance(text, str) else text, dtype=np.uint8)
     ds = f["meta"].create_dataset(name, data=raw)
-    ds.attrs["encoding"] = "bytes"
+    ds.attrs["encoding"] = encoding
     ds.attrs["blake2b"] = blake2b(raw)
+
+
+def document_text(f, name: str) -> str:
+    """Document `name` of an open artifact, inflated when it is stored compressed."""
+    ds = f[f"meta/{name}"]
+    raw = bytes(ds[...])
+    return (zlib.decompress(raw) if ds.attrs.get("encoding") == "zlib" else raw).decode("utf-8")
+
+
+def zlib_bomb(size: int) -> bytes:
+    """A zlib stream of `size` zero bytes, made a MiB at a time (~1000x smaller than what it inflates to)."""
+    deflater, chunk = zlib.compressobj(9), bytes(1 << 20)
+    parts = [deflater.compress(chunk) for _ in range(size >> 20)]
+    return b"".join([*parts, deflater.compress(bytes(size % (1 << 20))), deflater.flush()])
 
 
 def edit_json(name: str, change: Callable[[dict], object]) -> Callable[[object], None]:
     """An h5py edit replacing JSON document `name` by `change(parsed)` (serialised unless it is a str)."""
 
     def edit(f) -> None:
-        value = json.loads(bytes(f[f"meta/{name}"][...]).decode("utf-8"))
+        value = json.loads(document_text(f, name))
         new = change(value)
         new = new if new is not None else value
         set_document(f, name, new if isinstance(new, (str, bytes)) else json.dumps(new))
@@ -313,7 +332,7 @@ def attribute_text(b: Bases) -> None:
         add(f"digest text/{d.key} not hex", "attribute text", "ternary",
             lambda src, dst, at=at: (copy(src, dst), patch(dst, at, b"g")), {REFUSED}, (d.name, "blake2b"))
     name_at = find_once(raw, b"ferrisres.tern")
-    version_at = raw.find(b"1.1\0", name_at)
+    version_at = raw.find(b"%d.%d\0" % FORMAT_VERSION, name_at)
     for name, at, text, expect, words in [
         ("format", name_at + 10, b"a", REFUSED, ("not a .tern", "ferrisres.aern")),
         ("format_version 2.1", version_at, b"2", REFUSED, ("2.1", "newer")),
@@ -507,6 +526,18 @@ def documents(b: Bases) -> None:
         add(f"documents/without {doc}", "documents", "ternary",
             h5edit(lambda f, doc=doc: set_document(f, doc, None)), {expect}, words)
     add("documents/extra notes.txt", "documents", "ternary", h5edit(lambda f: set_document(f, "notes.txt", "hi")), {INTACT})
+    config = json.dumps({"vocab_size": 1}).encode()
+    for label, stored, words in [  # zlib documents (format 1.2): inflated within a bound, or refused by name
+        ("inflates past the bound", zlib_bomb(MAX_DOCUMENT + 1), ("model_config.json", "inflates to more than")),
+        ("cut short", zlib.compress(config)[:-3], ("model_config.json", "cut short")),
+        ("bytes after the stream", zlib.compress(config) + b"\0", ("model_config.json", "bytes follow")),
+        ("not a zlib stream", config, ("model_config.json", "damaged")),
+    ]:
+        add(f"documents/zlib {label}", "documents", "ternary",
+            h5edit(lambda f, stored=stored: set_document(f, "model_config.json", stored, "zlib")), {REFUSED}, words)
+    add("documents/zlib template inflates past its bound", "documents", "ternary",
+        h5edit(lambda f: set_document(f, "chat_template.jinja", zlib_bomb(MAX_TEMPLATE + 1), "zlib")), {REFUSED},
+        ("chat_template.jinja", "more than a chat template may have"))
     add("documents/extra future.json, not JSON", "documents", "ternary",
         h5edit(lambda f: set_document(f, "future.json", "{oops")), {INTACT})
 
@@ -641,7 +672,7 @@ def datatypes(b: Bases) -> None:
         ("document as int8", "ternary", "meta/model_config.json",
          lambda f: rewrite(f, "meta/model_config.json", f["meta/model_config.json"][...].view("i1")), ("datatype",)),
         ("document as a string", "ternary", "meta/model_config.json",
-         lambda f: rewrite(f, "meta/model_config.json", bytes(f["meta/model_config.json"][...]).decode()),
+         lambda f: rewrite(f, "meta/model_config.json", document_text(f, "model_config.json")),
          ("model_config.json",)),
         ("bf16 as f16", "bf16", f"tensors/{bf16.name}",
          lambda f: rewrite(f, f"tensors/{bf16.name}", f[f"tensors/{bf16.name}"][...].view("<f2")), ("datatype",)),

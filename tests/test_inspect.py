@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, PER_ROW, run_tool
-from ferrisres.format import Artifact
+from ferrisres.format import FORMAT_VERSION, Artifact
 
 INSPECT = "ferrisres-inspect"
 FLIPPED = "layers.3.mlp.up_proj"  # a ternary weight
@@ -77,7 +77,7 @@ def test_text_summary(student):
     with Artifact.open(student) as a:
         n_tensors = len(a.tensors)
     assert f"{n_tensors} tensors" in out
-    assert ".tern 1.1" in out
+    assert ".tern %d.%d" % FORMAT_VERSION in out
     assert "no chat template: prompts run as raw text" in out  # tiny_gemma4 ships none
     assert "verify" not in out  # digests are only checked on request
 
@@ -126,7 +126,7 @@ def test_json(student):
     assert report["student"]["quant"] == "ternary"
     assert report["student"]["method"] == "gptq" and report["student"]["planes"] == 2
     assert report["student"]["tables"] == {"embed_tokens": "int8", "embed_tokens_per_layer": "int8"}
-    assert report["format_version"] == "1.1"
+    assert report["format_version"] == "%d.%d" % FORMAT_VERSION
     assert report["file_bytes"] == student.stat().st_size
     assert report["chat_template"] is None
 
