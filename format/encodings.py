@@ -82,6 +82,12 @@ def base3_columns(n_in: int) -> int:
     return n_in // BASE3_BLOCK * BASE3_BLOCK_BYTES + -(-(n_in % BASE3_BLOCK) // 5)
 
 
+def base3_fits(n_in: int, groups: int) -> bool:
+    """Whether `groups` scale groups of a row of `n_in` codes start on base-3 bytes: one group per row, or
+    groups of whole blocks of 64 codes."""
+    return groups == 1 or n_in % groups == 0 and n_in // groups % BASE3_BLOCK == 0
+
+
 def base3_slots(n_in: int) -> np.ndarray:
     """int64 [n_in]: the slot (5 per byte: code k of byte j is slot 5j + k) that holds each column's code."""
     columns = np.arange(n_in)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .encodings import BASE3_BLOCK, BASE3_TERNARY, GROUPED_TERNARY
+from .encodings import BASE3_BLOCK, BASE3_TERNARY, GROUPED_TERNARY, base3_fits
 from .errors import ArtifactError
 from .model_config import ModelConfig
 from .tables import INT4_GROUPS, SCALE_ENCODINGS, scale_shape
@@ -163,7 +163,7 @@ def _check_group_scale(path: Path, name: str, shape: tuple[int, ...], encoding: 
             or groups < 1 or n_in % groups):
         raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not float16 "
                             f"{[*shape[:-1], planes]} + [groups], with groups dividing {n_in}")
-    if encoding in BASE3_TERNARY and groups > 1 and n_in // groups % BASE3_BLOCK:
+    if encoding in BASE3_TERNARY and not base3_fits(n_in, groups):
         # a group must start on a byte, so that a kernel applies one scale to whole bytes
         raise ArtifactError(f"{path}: tensor {name} is {encoding}, whose groups must be whole blocks of {BASE3_BLOCK} "
                             f"columns (or one group per row), not {n_in // groups}")
