@@ -25,7 +25,7 @@ from fuzz_common import INSPECT_REFUSES, INTACT, REFUSED, RUN_REFUSES, VERIFY_FA
 
 
 def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
-    """Every mutant, deterministically from the base artifacts (by label: ternary, f32, bf16, int4)."""
+    """Every mutant, deterministically from the base artifacts (by label: ternary, f32, bf16, int4, base3)."""
     b = Bases(bases)
     for family in FAMILIES:
         family(b)
@@ -52,11 +52,12 @@ class Bases:
         self.int4_tables = tensors("int4", lambda d: d.name.startswith("embed_tokens"))  # tables and their float16 scales
         self.int4 = next(d for d in self.int4_tables if d.encoding == "int4-g32")
         self.int4_scale = self.lay["int4"][f"tensors/{self.int4.name}.weight_scale"]
+        self.base3 = tensors("base3", lambda d: d.encoding == "ternary5-g2" and d.shape[-1] >= 256)[0]  # 4 groups
         self.X, self.N, self.H = (f"tensors/{d.name}" for d in (self.ternary, self.norm, self.int8))
         self.I4, self.I4S = f"tensors/{self.int4.name}", f"tensors/{self.int4_scale.name}"
 
-    def add(self, name, family, base, make, expect, words=(), verify=None, keep=False) -> None:
-        same_data = family not in ("JSON documents", "documents")  # those rewrite documents, digests and all
+    def add(self, name, family, base, make, expect, words=(), verify=None, keep=False, same_data=True) -> None:
+        same_data = same_data and family not in ("JSON documents", "documents")  # those rewrite documents, digests and all
         self.mutants.append(Mutant(name, family, base, make, frozenset(expect), tuple(words), verify, keep, same_data))
 
     def tensors(self, label: str, pred=lambda d: True) -> list[Dataset]:
@@ -305,10 +306,11 @@ def metadata_flips(b: Bases) -> None:
 def data_flips(b: Bases) -> None:
     """One byte changed in the data of every dataset: --verify must name exactly that dataset."""
     add, lay, ternary, int4_tables = b.add, b.lay, b.ternary, b.int4_tables
-    for label in ("ternary", "f32", "bf16", "int4"):
+    for label in ("ternary", "f32", "bf16", "int4", "base3"):
         rng = random.Random(f"data-{label}")
         for d in lay[label].values():
-            if label == "bf16" and d.encoding != "bf16" or label == "int4" and d not in int4_tables:
+            if (label == "bf16" and d.encoding != "bf16" or label == "int4" and d not in int4_tables
+                    or label == "base3" and not d.encoding.startswith("ternary5")):
                 continue  # the rest is as in the ternary student
             at, mask = d.offset + rng.randrange(d.nbytes), rng.randrange(1, 256)
             expect = {VERIFY_FAILS} if d.group == "tensors" else {VERIFY_FAILS, REFUSED}
@@ -442,6 +444,33 @@ def int4_attributes(b: Bases) -> None:
     add("int4 table/per-tensor scale", "dataset attributes", "int4",
         h5edit(lambda f: rewrite(f, I4S, f[I4S][:1, :1].reshape(1), {"shape": np.asarray([1])})), {REFUSED},
         (int4_scale.name, "float16"))
+
+
+def base3_tensors(b: Bases) -> None:
+    """A base-3 ternary tensor (format 1.2): other readings of its bytes are refused, naming it; the byte
+    values no writer writes (243-255) are defined, and read as zeros."""
+    add, d = b.add, b.base3
+    key, scale = f"tensors/{d.name}", f"tensors/{d.name}.weight_scale"
+    for value, words in [("ternary-g2", ("stored as",)), ("ternary5-g1", ("stored as",)),
+                         ("ternary5-g3", ("unknown encoding",)), ("int8", ("datatype",))]:
+        add(f"base3 attr/encoding={value}", "base-3 tensors", "base3", set_attr(key, "encoding", value), {REFUSED},
+            (*words, d.name))
+    add("base3 attr/shape one column wider", "base-3 tensors", "base3",
+        set_attr(key, "shape", np.asarray([*d.shape[:-1], d.shape[-1] + 1])), {REFUSED}, ("shape", d.name))
+
+    def bytes_past_242(f):
+        data = f[key][...]
+        data[:, :, :1] = 243 + np.arange(len(data))[:, None, None] % 13
+        rewrite(f, key, data)
+
+    add("base3 data/bytes 243-255", "base-3 tensors", "base3", h5edit(bytes_past_242), {INTACT}, same_data=False)
+
+    def groups_of_32(f):  # halves of 64-column blocks: a group would start inside a byte
+        halves = np.repeat(f[scale][...], 2, axis=-1)
+        rewrite(f, scale, halves, {"shape": np.asarray(halves.shape)})
+
+    add("base3 scale/groups of 32 columns", "base-3 tensors", "base3", h5edit(groups_of_32), {REFUSED},
+        ("whole blocks of 64", d.name))
 
 
 def json_documents(b: Bases) -> None:
@@ -758,5 +787,5 @@ def declared_shapes(b: Bases) -> None:
 
 
 FAMILIES = (not_artifacts, truncations, extensions, superblock_flips, metadata_flips, data_flips, attribute_text,
-            root_attributes, dataset_attributes, int4_attributes, json_documents, documents, structure, storage_layouts,
-            datatypes, dataspaces, layout_patches, declared_shapes)
+            root_attributes, dataset_attributes, int4_attributes, base3_tensors, json_documents, documents, structure,
+            storage_layouts, datatypes, dataspaces, layout_patches, declared_shapes)

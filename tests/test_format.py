@@ -19,6 +19,7 @@ from ferrisres.format import (
     pack_ternary, ternary_lut, unpack_ternary,
 )
 from ferrisres.format.compression import compress, decompress
+from ferrisres.format.encodings import base3_lut, pack_base3, unpack_base3
 from ferrisres.format.spec import digest
 from ferrisres.format.tables import pack_int4
 
@@ -431,6 +432,45 @@ def test_model_config_rejects_inconsistent_config(text, named):
     with pytest.raises(ArtifactError) as e:
         ModelConfig.from_json(text)
     assert named in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# base-3 ternary packing (format 1.2)
+
+
+@pytest.mark.parametrize("n_in", [1, 4, 5, 6, 63, 64, 65, 69, 70, 128, 130, 1536])
+def test_base3_pack_unpack_round_trip(n_in):
+    rng = np.random.default_rng(n_in)
+    t = rng.integers(-1, 2, size=(3, n_in)).astype(np.int8)
+    packed = pack_base3(t)
+    # 13 bytes per whole block of 64 codes, then 5 codes a byte: 1.625 bits per code where 2-bit takes 2
+    assert packed.dtype == np.uint8 and packed.shape == (3, n_in // 64 * 13 + -(-(n_in % 64) // 5))
+    assert packed.max() < 243, "a written byte is a 5-digit base-3 number"
+    np.testing.assert_array_equal(unpack_base3(packed, n_in), t.astype(np.float32))
+    digits = packed[..., None] // 3 ** np.arange(5) % 3
+    used = np.zeros(digits.size // 3, bool)
+    used[np.arange(n_in) + np.arange(n_in) // 64] = True  # slot 5j + k of code k of byte j
+    assert (digits.reshape(3, -1)[:, ~used] == 1).all(), "unused slots (one per block, the row's tail) hold zeros"
+
+
+def test_base3_layout_by_hand():
+    # digit t + 1, slot k weighs 3^k: [+1, 0, -1, +1, -1] -> 2 + 1*3 + 0*9 + 2*27 + 0*81 = 59 (SPEC.md's example)
+    np.testing.assert_array_equal(pack_base3(np.array([[1, 0, -1, 1, -1]])), [[59]])
+    # 65 columns: block 0 (64 codes + an unused zero slot) in bytes 0-12, column 64 alone in byte 13
+    t = np.zeros((1, 65), np.int8)
+    t[0, 63], t[0, 64] = 1, -1  # slot 63 = byte 12, digit 3 (27); slot 65 = byte 13, digit 0
+    packed = pack_base3(t)
+    assert packed.shape == (1, 14)
+    assert packed[0, 12] == 121 + 27 and packed[0, 13] == 121 - 1  # 121: five zeros (digits 1)
+
+
+def test_base3_bytes_no_writer_writes_read_as_zeros():
+    lut = base3_lut()
+    assert lut.shape == (256, 5) and lut.dtype == np.float32
+    np.testing.assert_array_equal(lut[243:], 0)
+    np.testing.assert_array_equal(lut[59], [1, 0, -1, 1, -1])
+    np.testing.assert_array_equal(lut[0], [-1] * 5)
+    np.testing.assert_array_equal(lut[242], [1] * 5)
 
 
 # ---------------------------------------------------------------------------------------------------------
