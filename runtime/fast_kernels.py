@@ -75,17 +75,17 @@ def _dot4(w, x, j):
 
 @njit(inline="always", **_JIT)
 def _weights5(b):
-    """The five weights of one base-3 byte (digits weight + 1, lowest first), as float32: divisions by 3
-    that LLVM turns into multiplies and shifts. A byte >= 243 is first made 121 (five zeros), as numpy's
-    table reads it."""
-    if b >= 243:
-        b = 121
-    q1 = b // 3
-    q2 = q1 // 3
-    q3 = q2 // 3
-    q4 = q3 // 3
-    return (np.float32(b - 3 * q1) - _ONE, np.float32(q1 - 3 * q2) - _ONE, np.float32(q2 - 3 * q3) - _ONE,
-            np.float32(q3 - 3 * q4) - _ONE, np.float32(q4) - _ONE)
+    """The five weights of one base-3 byte (digits weight + 1, lowest first), as float32. q // 3 is
+    (q * 171) >> 9 for every q < 256: multiplies and shifts in 16-bit lanes, which vectorize where a
+    division does not. A byte >= 243 is first made 121 (five zeros), as numpy's table reads it."""
+    b = np.uint16(b) if b < 243 else np.uint16(121)
+    q1 = np.uint16(b * np.uint16(171)) >> np.uint16(9)
+    q2 = np.uint16(q1 * np.uint16(171)) >> np.uint16(9)
+    q3 = np.uint16(q2 * np.uint16(171)) >> np.uint16(9)
+    q4 = np.uint16(q3 * np.uint16(171)) >> np.uint16(9)
+    return (np.float32(b - np.uint16(3) * q1) - _ONE, np.float32(q1 - np.uint16(3) * q2) - _ONE,
+            np.float32(q2 - np.uint16(3) * q3) - _ONE, np.float32(q3 - np.uint16(3) * q4) - _ONE,
+            np.float32(q4) - _ONE)
 
 
 @njit(inline="always", **_JIT)
@@ -151,23 +151,34 @@ def _ternary_tokens(packed, xk, scales, group_bytes, f16, out):
             out[t, r] = totals[t]
 
 
+@njit(inline="always", **_JIT)
+def _byte_scales(scales, group_bytes, f16, out):
+    """out[p, j]: the float32 scale of byte j of plane p (each group's scale, repeated over its bytes)."""
+    for p in range(scales.shape[0]):
+        for g in range(scales.shape[1]):
+            s = f16[scales[p, g]]
+            for j in range(g * group_bytes, (g + 1) * group_bytes):
+                out[p, j] = s
+
+
 @njit(parallel=True, **_JIT)
 def _ternary5(packed, x, scales, group_bytes, f16, out):
-    """`_ternary` for base-3 bytes: x [5, bytes] the input of code k of byte j at [k, j] (zero in unused slots)."""
+    """`_ternary` for base-3 bytes: x [5, bytes] the input of code k of byte j at [k, j] (zero in unused slots).
+    A group here is 13 bytes, too few for `_group_sum`'s vector adds: each byte's products are scaled
+    instead, so the whole row is one vectorized sum."""
     rows, planes, nbytes = packed.shape
     for r in prange(rows):
-        partial = np.empty((planes, nbytes), dtype=np.float32)
-        first, last, p0, p1 = packed[r, 0], packed[r, planes - 1], partial[0], partial[planes - 1]
-        if planes == 2:
+        byte_scales = np.empty((planes, nbytes), dtype=np.float32)
+        _byte_scales(scales[r], group_bytes, f16, byte_scales)
+        first, last, s0, s1 = packed[r, 0], packed[r, planes - 1], byte_scales[0], byte_scales[planes - 1]
+        total = np.float32(0)
+        if planes == 2:  # both planes against each input once
             for j in range(nbytes):
-                p0[j] = _dot5(_weights5(np.int32(first[j])), x, j)
-                p1[j] = _dot5(_weights5(np.int32(last[j])), x, j)
+                total += (_dot5(_weights5(np.int32(first[j])), x, j) * s0[j]
+                          + _dot5(_weights5(np.int32(last[j])), x, j) * s1[j])
         else:
             for j in range(nbytes):
-                p0[j] = _dot5(_weights5(np.int32(first[j])), x, j)
-        total = np.float32(0)
-        for p in range(planes):
-            total += _scaled_groups(partial[p], scales[r, p], group_bytes, f16)
+                total += _dot5(_weights5(np.int32(first[j])), x, j) * s0[j]
         out[r] = total
 
 
