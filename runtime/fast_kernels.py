@@ -39,6 +39,7 @@ _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundschec
 LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
 # float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
 _ONE, _EIGHT = np.float32(1), np.float32(8)  # float32 constants: numba makes float32 - 1 a float64
+_THREE, _THIRD = np.float32(3), np.float32(1 / 3)
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -75,17 +76,17 @@ def _dot4(w, x, j):
 
 @njit(inline="always", **_JIT)
 def _weights5(b):
-    """The five weights of one base-3 byte (digits weight + 1, lowest first), as float32. q // 3 is
-    (q * 171) >> 9 for every q < 256: multiplies and shifts in 16-bit lanes, which vectorize where a
-    division does not. A byte >= 243 is first made 121 (five zeros), as numpy's table reads it."""
-    b = np.uint16(b) if b < 243 else np.uint16(121)
-    q1 = np.uint16(b * np.uint16(171)) >> np.uint16(9)
-    q2 = np.uint16(q1 * np.uint16(171)) >> np.uint16(9)
-    q3 = np.uint16(q2 * np.uint16(171)) >> np.uint16(9)
-    q4 = np.uint16(q3 * np.uint16(171)) >> np.uint16(9)
-    return (np.float32(b - np.uint16(3) * q1) - _ONE, np.float32(q1 - np.uint16(3) * q2) - _ONE,
-            np.float32(q2 - np.uint16(3) * q3) - _ONE, np.float32(q3 - np.uint16(3) * q4) - _ONE,
-            np.float32(q4) - _ONE)
+    """The five weights of one base-3 byte (digits weight + 1, lowest first), as float32, computed in
+    float32 lanes: for an integer q < 256, floor(q * float32(1/3)) is q // 3 (float32(1/3) exceeds 1/3 by
+    1e-8, too little to reach the next integer), and q - 3 * (q // 3) is exact. A byte >= 243 is first made
+    121 (five zeros), as numpy's table reads it."""
+    q0 = np.float32(b if b < 243 else 121)
+    q1 = np.floor(q0 * _THIRD)
+    q2 = np.floor(q1 * _THIRD)
+    q3 = np.floor(q2 * _THIRD)
+    q4 = np.floor(q3 * _THIRD)
+    return (q0 - _THREE * q1 - _ONE, q1 - _THREE * q2 - _ONE, q2 - _THREE * q3 - _ONE, q3 - _THREE * q4 - _ONE,
+            q4 - _ONE)
 
 
 @njit(inline="always", **_JIT)
