@@ -2,9 +2,10 @@
 
     python bench/kernels.py [--repeats 15] [--tokens 1,2,4,8,16] [--out bench/kernels.json]
 
-Random weights in each stored encoding (the default student's two-plane grouped ternary, the per-row
-ternary, the int8 head); each timing is the median of `--repeats` calls, numpy and fast alternated so
-that a change in the machine's load falls on both. Needs the fast extra (numba).
+Random weights in each stored encoding (the default student's two-plane grouped ternary, packed 2 bits
+per code and base-3, 5 codes per byte; the per-row ternary, the int8 head); each timing is the median of
+`--repeats` calls, numpy and fast alternated so that a change in the machine's load falls on both. Needs
+the fast extra (numba).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ferrisres.format.encodings import BASE3_TERNARY, pack_base3, pack_ternary
 from ferrisres.runtime import kernels
 from ferrisres.runtime.fast_kernels import attach
 from ferrisres.runtime.kernels import Linear
 
-# (name, out, in, encoding): E2B's MLP gate/up, its double-wide down projection, the tied int8 head
-SHAPES = [("gate/up 6144x1536", 6144, 1536, "ternary-g2"), ("down 1536x12288", 1536, 12288, "ternary-g2"),
+# (name, out, in, encoding): E2B's MLP gate/up and its double-wide down projection in both packings, the
+# per-row ternary, the tied int8 head
+SHAPES = [("gate/up 6144x1536", 6144, 1536, "ternary-g2"), ("gate/up 6144x1536", 6144, 1536, "ternary5-g2"),
+          ("down 1536x12288", 1536, 12288, "ternary-g2"), ("down 1536x12288", 1536, 12288, "ternary5-g2"),
           ("gate/up 6144x1536", 6144, 1536, "ternary"), ("head 262144x1536", 262144, 1536, "int8")]
 
 
@@ -31,8 +35,8 @@ def linear(out: int, n_in: int, encoding: str, rng) -> Linear:
     if encoding == "int8":
         return Linear(rng.integers(-127, 128, (out, n_in), dtype=np.int8), encoding, (out, n_in),
                       scale=rng.random(out, dtype=np.float32))
-    codes = rng.integers(0, 3, (out, n_in), dtype=np.uint8)  # valid 2-bit codes, packed four a byte
-    packed = codes[:, 0::4] | codes[:, 1::4] << 2 | codes[:, 2::4] << 4 | codes[:, 3::4] << 6
+    codes = rng.integers(-1, 2, (out, n_in), dtype=np.int8)
+    packed = (pack_base3 if encoding in BASE3_TERNARY else pack_ternary)(codes)
     if encoding == "ternary":
         return Linear(packed, encoding, (out, n_in), scale=rng.random(out, dtype=np.float32))
     planes = np.stack([packed, np.roll(packed, 1, axis=0)], axis=1)
@@ -54,31 +58,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tokens", default="1", help="comma-separated token counts per call")
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--shapes", default=None, help="comma-separated shape names to measure (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "kernels.json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
-    for name, out, n_in, encoding in SHAPES:
-        fast = linear(out, n_in, encoding, rng)
-        plain = Linear(fast.data, encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
-        attach([fast])
-        fast.fast.max_tokens = 1 << 30  # the fused kernel for every token count measured
+    names = list(dict.fromkeys(name for name, *_ in SHAPES))
+    for name in names if args.shapes is None else args.shapes.split(","):
+        # every encoding of one shape, numpy and fast, timed in turn: the packings meet the same load
+        products = []
+        for _, out, n_in, encoding in (s for s in SHAPES if s[0] == name):
+            fast = linear(out, n_in, encoding, rng)
+            plain = Linear(fast.data, encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
+            attach([fast])
+            fast.fast.max_tokens = 1 << 30  # the fused kernel for every token count measured
+            products.append((encoding, out, n_in, plain, fast))
         for threads in map(int, args.threads.split(",")):
             kernels.set_threads(threads)
             for tokens in map(int, args.tokens.split(",")):
-                x = rng.standard_normal((tokens, n_in))
-                plain(x), fast(x)  # warm: pages, buffers, compiled code
-                numpy_times, fast_times = [], []
+                x = rng.standard_normal((tokens, products[0][2]))
+                times = {(encoding, kind): [] for encoding, *_ in products for kind in ("numpy", "fast")}
+                for encoding, _, _, plain, fast in products:
+                    plain(x), fast(x)  # warm: pages, buffers, compiled code
                 for _ in range(args.repeats):
-                    numpy_times += timed(plain, x, 1)
-                    fast_times += timed(fast, x, 1)
-                row = {"shape": name, "encoding": encoding, "threads": threads, "tokens": tokens,
-                       "numpy_ms": 1e3 * float(np.median(numpy_times)), "fast_ms": 1e3 * float(np.median(fast_times))}
-                for k in ("numpy", "fast"):
-                    row[f"{k}_ns_per_weight"] = row[f"{k}_ms"] * 1e6 / (out * n_in * tokens)
-                rows.append(row)
-                print(f"{name:18} {encoding:10} threads {threads} tokens {tokens:2}: numpy {row['numpy_ms']:8.2f} ms, "
-                      f"fast {row['fast_ms']:8.2f} ms ({row['numpy_ms'] / row['fast_ms']:.1f}x)", flush=True)
+                    for encoding, _, _, plain, fast in products:
+                        times[encoding, "numpy"] += timed(plain, x, 1)
+                        times[encoding, "fast"] += timed(fast, x, 1)
+                for encoding, out, n_in, _, _ in products:
+                    row = {"shape": name, "encoding": encoding, "threads": threads, "tokens": tokens,
+                           **{f"{k}_ms": 1e3 * float(np.median(times[encoding, k])) for k in ("numpy", "fast")}}
+                    for k in ("numpy", "fast"):
+                        row[f"{k}_ns_per_weight"] = row[f"{k}_ms"] * 1e6 / (out * n_in * tokens)
+                    rows.append(row)
+                    print(f"{name:18} {encoding:11} threads {threads} tokens {tokens:2}: numpy {row['numpy_ms']:8.2f} ms, "
+                          f"fast {row['fast_ms']:8.2f} ms ({row['numpy_ms'] / row['fast_ms']:.1f}x)", flush=True)
     machine = {"cpu": _cpu(), "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
                "load_average": os.getloadavg()}
     args.out.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows}, indent=1) + "\n")

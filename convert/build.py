@@ -25,6 +25,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ferrisres.format import HEAD, ArtifactWriter, ModelConfig, f32_to_bf16, pack_ternary, weight_shapes
+from ferrisres.format.encodings import base3_fits, pack_base3
 from ferrisres.format.writer import work_folder
 from ferrisres.format.documents import check_document
 from ferrisres.format.errors import ArtifactError
@@ -188,9 +189,13 @@ def _write_projection(writer: ArtifactWriter, name: str, shape: tuple[int, ...],
         parts = [round_to_planes(m, options.planes, group, rotation) for m in (w if w.ndim == 3 else w[None])]
     planes = options.planes
     codes = np.stack([p.codes for p in parts]).reshape(-1, n_in)
-    packed = pack_ternary(codes).reshape(*shape[:-1], planes, -1)
     scales = np.stack([p.scales for p in parts]).reshape(*shape[:-1], planes, -1)
-    writer.add_tensor(name, packed, f"ternary-g{planes}", shape=shape, rotation=parts[0].rotation)
+    # base-3 bytes hold whole groups only when the groups are whole blocks of 64 columns: a tensor whose
+    # groups are not (an input width without such a divisor) keeps the 2-bit packing
+    base3 = options.packing == "base3" and base3_fits(n_in, scales.shape[-1])
+    packed = (pack_base3 if base3 else pack_ternary)(codes).reshape(*shape[:-1], planes, -1)
+    encoding = f"ternary5-g{planes}" if base3 else f"ternary-g{planes}"
+    writer.add_tensor(name, packed, encoding, shape=shape, rotation=parts[0].rotation)
     writer.add_tensor(name + SCALE_SUFFIX, scales, "f16")
 
 

@@ -23,6 +23,7 @@ from ferrisres.format.sizes import size_summary
 from ferrisres.format.writer import remove_stale_partials
 
 from .build import QUANTS, Options, convert
+from .student import PACKINGS
 from .errors import ConversionError, require_extra
 from .quantize import DEFAULT_SCHEME, SCHEMES
 from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
@@ -42,6 +43,7 @@ class Args:
     planes: int = field(default=2, metadata={"choices": [1, 2], "help": "ternary planes per weight: 2 (default, ~4.5 bits/weight) or 1 (the strict 1.58-bit student, ~2.25)"})
     group: Optional[str] = field(default=None, metadata={"help": "input columns per scale (default 64; with --scheme: row), or 'row' for one scale per row"})
     rotate: Optional[str] = field(default=None, metadata={"help": "rotate each linear's input by block Hadamard matrices of this order (default 64; with --scheme: none), or 'none'"})
+    packing: str = field(default="2bit", metadata={"choices": PACKINGS, "help": "how grouped ternary codes are packed: 2bit (4 per byte, default) or base3 (5 per byte, 19%% smaller weights)"})
     calibration: str = field(default="teacher", metadata={"help": "calibration text: 'teacher' (sampled from the model itself, default) or a UTF-8 text file"})
     calibration_tokens: int = field(default=8192, metadata={"help": "calibration tokens (default 8192, in sequences of 128)"})
     scheme: Optional[str] = field(
@@ -119,7 +121,8 @@ def _convert(args: Args) -> int:
     convert(
         Path(args.model_path), out, Options(
             quant=args.quant, method=args.method, planes=args.planes, group=_size_flag("--group", args.group, "row", per_row),
-            rotate=_size_flag("--rotate", args.rotate, "none", per_row), calibration=args.calibration,
+            rotate=_size_flag("--rotate", args.rotate, "none", per_row), packing=args.packing,
+            calibration=args.calibration,
             calibration_tokens=args.calibration_tokens, scheme=args.scheme or DEFAULT_SCHEME, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
             moe_noise=args.moe_noise, seed=args.seed, attnres=args.attnres, attnres_gate=args.attnres_gate,
             lora=args.lora, chat_template=args.chat_template, tables=args.tables,

@@ -25,6 +25,7 @@ from .names import expert_of, hf_name
 from .quantize import DEFAULT_SCHEME
 from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
 
+PACKINGS = ("2bit", "base3")  # grouped ternary: 4 codes per byte (ternary-gN), 5 (ternary5-gN, format 1.2)
 SEQUENCE_TOKENS = 128  # tokens per calibration sequence (BOS included)
 
 ROUTER_INIT_STD = 0.02  # x hidden**-0.5: router logits start with a std of ~0.02, so routing is near uniform
@@ -39,6 +40,7 @@ class Options:
     planes: int = 2  # ternary planes per weight (1: the strict 1.58-bit student)
     group: int = 64  # columns per scale (0: one scale per row)
     rotate: int = 64  # block Hadamard order of each linear's input rotation (0: none)
+    packing: str = "2bit"  # grouped ternary codes: "2bit" (4 per byte) or "base3" (5 per byte)
     calibration: str = "teacher"  # "teacher" (text sampled from the float student) or a UTF-8 text file
     calibration_tokens: int = 8192
     scheme: str = DEFAULT_SCHEME  # per-row scale scheme of --method rtn --planes 1 --group row, see quantize.py
@@ -92,6 +94,7 @@ class Options:
             "planes": self.planes if ternary else None,
             "group": (self.group or "row") if ternary else None,
             "rotate": self.rotate if ternary else None,
+            "packing": self.packing if ternary and not self.per_row else None,
             "calibration": ({"source": "teacher" if self.calibration == "teacher" else "text file",
                              "tokens": self.calibration_tokens} if calibrated else None),
             "scheme": self.scheme if ternary and self.per_row else None,

@@ -25,6 +25,7 @@ MAX_EXPERTS = 1024  # experts of an MoE block or of an expanded MLP (Gemma 4 26B
 MAX_POSITIONS = 1 << 62  # context length and sliding window: declared, never allocated (caches grow with tokens)
 MAX_TOKEN_ID = (1 << 31) - 1  # what every tokenizer and numpy index type holds
 MAX_TEMPLATE = 1 << 20  # bytes of a chat template (Gemma 4's is ~15 KB)
+MAX_DOCUMENT = 1 << 27  # bytes a compressed document may inflate to (Gemma's largest tokenizer.json: 33 MB)
 MAX_ADDED_TOKEN = 1 << 10  # characters of an added token's text
 
 Check = Callable[[object], str | None]  # a value's problem in a few words, or None if it is fine

@@ -7,7 +7,8 @@ weights have a float32 companion dataset `<name>.weight_scale` (per row, or `[1]
 
 Grouped ternary weights (`ternary-g1`, `ternary-g2`) hold one or two planes of ternary codes per row,
 W = sum_p scale_p * T_p, with a float16 scale per plane and per group of columns, and optionally
-multiply an input rotated by a block Hadamard matrix (`hadamard`, attribute `rotation`).
+multiply an input rotated by a block Hadamard matrix (`hadamard`, attribute `rotation`). Their base-3
+forms (`ternary5-g1`, `ternary5-g2`, format 1.2) pack 5 codes per byte instead of 4 (`pack_base3`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,26 @@ ENCODINGS: dict[str, np.dtype] = {
     "ternary": np.dtype("u1"),
     "ternary-g1": np.dtype("u1"),
     "ternary-g2": np.dtype("u1"),
+    "ternary5-g1": np.dtype("u1"),
+    "ternary5-g2": np.dtype("u1"),
     "int4-g32": np.dtype("u1"),  # embedding tables only (tables.py)
     "int4-g64": np.dtype("u1"),
     "i64": np.dtype("<i8"),
     "bytes": np.dtype("u1"),
+    "zlib": np.dtype("u1"),  # documents only (compression.py)
 }
+DOCUMENT_ENCODINGS = ("bytes", "zlib")  # a document's text as is, or compressed (format 1.2)
 
 # 2-bit ternary codes: value + 1, so -1 -> 0b00, 0 -> 0b01, +1 -> 0b10. 0b11 is invalid.
-GROUPED_TERNARY = {"ternary-g1": 1, "ternary-g2": 2}  # encoding -> planes of codes per row
+BASE3_TERNARY = {"ternary5-g1": 1, "ternary5-g2": 2}  # grouped ternary packed 5 codes per byte
+GROUPED_TERNARY = {"ternary-g1": 1, "ternary-g2": 2, **BASE3_TERNARY}  # encoding -> planes of codes per row
+
+# Base-3 codes: a byte holds 5 codes as the base-3 number sum_k (t_k + 1) 3^k (3^5 = 243 <= 256). A row is
+# cut into blocks of 64 codes, each packed into 13 bytes (65 slots, the last one a zero), so that every
+# group of a multiple of 64 columns starts on a byte. Bytes 243-255 are never written and read as 5 zeros.
+BASE3_BLOCK = 64  # codes per block
+BASE3_BLOCK_BYTES = 13  # ceil(64 / 5)
+_POWERS_OF_3 = 3 ** np.arange(5)
 
 
 def packed_columns(n_in: int) -> int:
@@ -62,6 +75,42 @@ def ternary_lut() -> np.ndarray:
 def unpack_ternary(packed: np.ndarray, n_in: int) -> np.ndarray:
     """float32 [out, n_in] from a packed [out, ceil(n_in/4)] array (whole matrix; for tests and tools)."""
     return ternary_lut()[packed].reshape(packed.shape[0], -1)[:, :n_in]
+
+
+def base3_columns(n_in: int) -> int:
+    """Bytes per base-3 packed row of `n_in` codes: whole blocks of 13 bytes, then ceil(rest / 5)."""
+    return n_in // BASE3_BLOCK * BASE3_BLOCK_BYTES + -(-(n_in % BASE3_BLOCK) // 5)
+
+
+def base3_fits(n_in: int, groups: int) -> bool:
+    """Whether `groups` scale groups of a row of `n_in` codes start on base-3 bytes: one group per row, or
+    groups of whole blocks of 64 codes."""
+    return groups == 1 or n_in % groups == 0 and n_in // groups % BASE3_BLOCK == 0
+
+
+def base3_slots(n_in: int) -> np.ndarray:
+    """int64 [n_in]: the slot (5 per byte: code k of byte j is slot 5j + k) that holds each column's code."""
+    columns = np.arange(n_in)
+    return columns + columns // BASE3_BLOCK  # each block of 64 columns is followed by one unused slot
+
+
+def pack_base3(t: np.ndarray) -> np.ndarray:
+    """Pack int values in {-1, 0, +1} of shape [out, in] into uint8 [out, base3_columns(in)]."""
+    out_dim, in_dim = t.shape
+    digits = np.full((out_dim, 5 * base3_columns(in_dim)), 1, dtype=np.uint8)  # unused slots: zeros (digit 1)
+    digits[:, base3_slots(in_dim)] = t + 1
+    return (digits.reshape(out_dim, -1, 5) @ _POWERS_OF_3.astype(np.uint8)).astype(np.uint8)
+
+
+def base3_lut() -> np.ndarray:
+    """float32 [256, 5]: the five codes a base-3 byte holds, slot 5j + k in column k (bytes >= 243 read as 0)."""
+    b = np.arange(256)[:, None]
+    return np.where(b < 243, b // _POWERS_OF_3 % 3 - 1, 0).astype(np.float32)
+
+
+def unpack_base3(packed: np.ndarray, n_in: int) -> np.ndarray:
+    """float32 [out, n_in] from a base-3 packed [out, base3_columns(n_in)] array (for tests and tools)."""
+    return base3_lut()[packed].reshape(packed.shape[0], -1)[:, base3_slots(n_in)]
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:

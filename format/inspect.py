@@ -79,12 +79,17 @@ def _inspect(args: Args) -> int:
     return 0
 
 
+_PACKINGS = {"2bit": "2-bit packing (4 codes per byte)", "base3": "base-3 packing (5 codes per byte)"}
+
+
 def _quantization(s: dict) -> str:
-    """How the ternary weights were made, e.g. "gptq, 2 planes, group 64, rotate 64, calibrated on teacher
-    (8192 tokens)" or "scheme absmean-row" (the original per-row student)."""
+    """How the ternary weights were made, e.g. "gptq, 2 planes, group 64, rotate 64, base-3 packing (5 codes
+    per byte), calibrated on teacher (8192 tokens)" or "scheme absmean-row" (the original per-row student)."""
     if s.get("scheme") or s.get("method") is None:
         return f"scheme {s.get('scheme')}"
     text = f"{s.get('method')}, {s.get('planes')} planes, group {s.get('group')}, rotate {s.get('rotate') or 'none'}"
+    if s.get("packing"):  # recorded since format 1.2
+        text += f", {_PACKINGS.get(s['packing'], s['packing'])}"
     calibration = s.get("calibration")
     if isinstance(calibration, dict):
         text += f", calibrated on {calibration.get('source')} ({calibration.get('tokens')} tokens)"

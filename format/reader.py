@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .documents import MAX_TEMPLATE, check_document
+from .compression import decompress
+from .documents import MAX_DOCUMENT, MAX_TEMPLATE, check_document
 from .encodings import ENCODINGS
 from .errors import ArtifactError
 from .model_config import ModelConfig
@@ -76,10 +77,8 @@ class Artifact:
                 raise ArtifactError(f"{self.path}: document {name} is missing")
         for name in JSON_DOCUMENTS:
             self.json(name)
-        template = self.documents.get("chat_template.jinja")
-        if template is not None and template.nbytes > MAX_TEMPLATE:
-            raise ArtifactError(f"{self.path}: document chat_template.jinja has {template.nbytes} bytes, more than a "
-                                f"chat template may have ({MAX_TEMPLATE})")
+        if "chat_template.jinja" in self.documents:
+            self._document_bytes("chat_template.jinja", MAX_TEMPLATE, "a chat template")
 
     def _model_config(self) -> ModelConfig:
         try:
@@ -95,13 +94,23 @@ class Artifact:
         return self._view(info)
 
     def document(self, name: str) -> str:
+        """Document `name`'s text (inflated, when it is stored compressed, to at most MAX_DOCUMENT bytes)."""
+        try:
+            return self._document_bytes(name, MAX_DOCUMENT, "a document").decode("utf-8")
+        except UnicodeDecodeError:
+            raise ArtifactError(f"{self.path}: document {name} is not valid UTF-8") from None
+
+    def _document_bytes(self, name: str, limit: int, what: str) -> bytes:
+        """The bytes of document `name`'s text, refused beyond `limit` (`what` may have that many)."""
         info = self.documents.get(name)
         if info is None:
             raise ArtifactError(f"{self.path}: document {name} is missing")
-        try:
-            return self._view(info).tobytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise ArtifactError(f"{self.path}: document {name} is not valid UTF-8") from None
+        stored = self._view(info)
+        if info.encoding == "zlib":
+            return decompress(stored, limit, f"{self.path}: document {name}", what)
+        if info.nbytes > limit:
+            raise ArtifactError(f"{self.path}: document {name} has {info.nbytes} bytes, more than {what} may have ({limit})")
+        return stored.tobytes()
 
     def json(self, name: str) -> dict | None:
         """JSON document `name` as an object, its fields checked (`documents.py`); None if there is none.

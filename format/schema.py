@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .encodings import GROUPED_TERNARY
+from .encodings import BASE3_BLOCK, BASE3_TERNARY, GROUPED_TERNARY, base3_fits
 from .errors import ArtifactError
 from .model_config import ModelConfig
 from .tables import INT4_GROUPS, SCALE_ENCODINGS, scale_shape
@@ -25,7 +25,7 @@ SCALAR = "scalar"  # a layer's output scale, and the AttnRes gates
 FLOAT32_ROLES = (ROUTER, NORM, SCALAR)  # what every artifact stores as float32, student or teacher
 
 TABLE_ENCODINGS = ("bf16", "f16", "f32", "int8", *INT4_GROUPS)  # int8 and int4: format 1.1, see tables.py
-LINEAR_ENCODINGS = ("ternary", "ternary-g1", "ternary-g2", "int8", "bf16", "f16", "f32")
+LINEAR_ENCODINGS = ("ternary", *GROUPED_TERNARY, "int8", "bf16", "f16", "f32")
 SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.weight_scale`
 TABLE_SCALE_ENCODINGS = tuple(SCALE_ENCODINGS)  # tables stored with a scale per row (int8) or per group (int4)
 # ternary and int8: per row (the tensor's shape without its last axis) or [1] for the whole tensor;
@@ -147,22 +147,26 @@ def check_tensors(path: Path, tensors: dict, config: ModelConfig) -> None:
                 raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not float32 {list(shape[:-1])} or [1]")
             scales.add(name + SCALE_SUFFIX)
         if info.encoding in GROUPED_TERNARY:
-            _check_group_scale(path, name, shape, GROUPED_TERNARY[info.encoding], tensors.get(name + SCALE_SUFFIX))
+            _check_group_scale(path, name, shape, info.encoding, tensors.get(name + SCALE_SUFFIX))
             scales.add(name + SCALE_SUFFIX)
     extra = sorted(set(tensors) - set(expected) - scales)
     if extra:
         raise ArtifactError(f"{path}: unexpected tensor {extra[0]} for this model config")
 
 
-def _check_group_scale(path: Path, name: str, shape: tuple[int, ...], planes: int, scale) -> None:
-    n_in = shape[-1]
+def _check_group_scale(path: Path, name: str, shape: tuple[int, ...], encoding: str, scale) -> None:
+    n_in, planes = shape[-1], GROUPED_TERNARY[encoding]
     groups = scale.shape[-1] if scale is not None else 0
-    if n_in % 4:
+    if n_in % 4 and encoding not in BASE3_TERNARY:
         raise ArtifactError(f"{path}: tensor {name} is grouped ternary, which needs an input width divisible by 4, not {n_in}")
     if (scale is None or scale.encoding != "f16" or scale.shape[:-1] != (*shape[:-1], planes)
             or groups < 1 or n_in % groups):
         raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not float16 "
                             f"{[*shape[:-1], planes]} + [groups], with groups dividing {n_in}")
+    if encoding in BASE3_TERNARY and not base3_fits(n_in, groups):
+        # a group must start on a byte, so that a kernel applies one scale to whole bytes
+        raise ArtifactError(f"{path}: tensor {name} is {encoding}, whose groups must be whole blocks of {BASE3_BLOCK} "
+                            f"columns (or one group per row), not {n_in // groups}")
 
 
 def _check_table_scale(path: Path, name: str, encoding: str, shape: tuple[int, int], scale) -> None:

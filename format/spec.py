@@ -7,7 +7,9 @@ import hashlib
 import numpy as np
 
 FORMAT_NAME = "ferrisres.tern"
-FORMAT_VERSION = (1, 1)  # a reader refuses a newer major version; 1.1 added grouped ternary and quantized tables
+# A reader refuses a newer major version. 1.1 added grouped ternary and quantized tables; 1.2 zlib documents
+# and base-3 ternary (SPEC.md, "History")
+FORMAT_VERSION = (1, 2)
 ALIGNMENT = 4096  # byte offset of every dataset's data is a multiple of this
 META_GROUP = "meta"  # UTF-8 documents: configs, tokenizer, provenance
 TENSOR_GROUP = "tensors"  # model weights by artifact name

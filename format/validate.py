@@ -32,7 +32,7 @@ import h5py
 from h5py import h5a, h5d, h5g, h5l, h5o, h5s, h5t
 import numpy as np
 
-from .encodings import ENCODINGS, GROUPED_TERNARY, packed_columns
+from .encodings import BASE3_TERNARY, DOCUMENT_ENCODINGS, ENCODINGS, GROUPED_TERNARY, base3_columns, packed_columns
 from .errors import ArtifactError
 from .isolated import run_isolated
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP
@@ -64,6 +64,8 @@ def stored_shape_of(encoding: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The dataset shape an encoding uses for a tensor of logical `shape`."""
     if encoding == "ternary":
         return (*shape[:-1], packed_columns(shape[-1]))
+    if encoding in BASE3_TERNARY:
+        return (*shape[:-1], BASE3_TERNARY[encoding], base3_columns(shape[-1]))
     if encoding in GROUPED_TERNARY:
         return (*shape[:-1], GROUPED_TERNARY[encoding], packed_columns(shape[-1]))
     if encoding in INT4_GROUPS:
@@ -237,8 +239,8 @@ class _Walk:
         if min(stored) < 1:
             raise ArtifactError(f"{where} is empty (shape {list(stored)})")
         encoding = _text_attr(ds, "encoding", where) if tensors else _text_attr(ds, "encoding", where, required=False)
-        if not tensors and encoding not in (None, "bytes"):
-            raise ArtifactError(f"{where} has encoding {encoding[:50]!r}; documents are bytes")
+        if not tensors and encoding not in (None, *DOCUMENT_ENCODINGS):
+            raise ArtifactError(f"{where} has encoding {encoding[:50]!r}; documents are {' or '.join(DOCUMENT_ENCODINGS)}")
         encoding = encoding or "bytes"
         if encoding not in ENCODINGS:
             raise ArtifactError(f"{where} has unknown encoding {encoding[:50]!r}")
@@ -271,7 +273,7 @@ class _Walk:
             shape = _shape_attr(ds, where)
             if stored_shape_of(encoding, shape) != stored:
                 raise ArtifactError(f"{where} is stored as {list(stored)}, which does not hold logical shape {list(shape)}")
-            if encoding in GROUPED_TERNARY and shape[-1] % 4:
+            if encoding in GROUPED_TERNARY and encoding not in BASE3_TERNARY and shape[-1] % 4:
                 raise ArtifactError(f"{where}: logical shape {list(shape)}: a grouped ternary row's width must be a multiple of 4")
             rotation = _rotation_attr(ds, where, encoding, shape[-1])
         else:

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 from h5py import h5d, h5p
 
+from .compression import compress
 from .encodings import ENCODINGS
 from .errors import ArtifactError
 from .spec import ALIGNMENT, DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP, digest_stream
@@ -183,11 +184,11 @@ class ArtifactWriter:
         raise ArtifactError(f"cannot create a temporary file in {self.path.parent}")
 
     def add_document(self, name: str, content: str | dict | list) -> None:
-        """Store a UTF-8 text document (a dict or list is stored as canonical JSON)."""
+        """Store a UTF-8 text document, zlib-compressed (a dict or list is stored as canonical JSON)."""
         if not isinstance(content, str):
             content = json.dumps(content, sort_keys=True, ensure_ascii=False)
-        data = np.frombuffer(content.encode("utf-8"), dtype=np.uint8)
-        self._create(self._meta, name, [data], data.shape, data.dtype, {"encoding": "bytes"})
+        data = np.frombuffer(compress(content.encode("utf-8")), dtype=np.uint8)
+        self._create(self._meta, name, [data], data.shape, data.dtype, {"encoding": "zlib"})
 
     def add_tensor(self, name: str, data: np.ndarray, encoding: str, shape: tuple[int, ...] | None = None,
                    rotation: int = 0) -> None:

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ferrisres.format.encodings import GROUPED_TERNARY
+from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY
 from ferrisres.format.tables import INT4_GROUPS
 
 from . import kernels
@@ -39,6 +39,7 @@ _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundschec
 LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
 # float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
 _ONE, _EIGHT = np.float32(1), np.float32(8)  # float32 constants: numba makes float32 - 1 a float64
+_THREE, _THIRD = np.float32(3), np.float32(1 / 3)
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -71,6 +72,27 @@ def _weights(b):
 def _dot4(w, x, j):
     """Byte j's four weights `w` times their inputs x[:, j] (x: one token's deinterleaved input)."""
     return w[0] * x[0, j] + w[1] * x[1, j] + w[2] * x[2, j] + w[3] * x[3, j]
+
+
+@njit(inline="always", **_JIT)
+def _weights5(b):
+    """The five weights of one base-3 byte (digits weight + 1, lowest first), as float32, computed in
+    float32 lanes: for an integer q < 256, floor(q * float32(1/3)) is q // 3 (float32(1/3) exceeds 1/3 by
+    1e-8, too little to reach the next integer), and q - 3 * (q // 3) is exact. A byte >= 243 is first made
+    121 (five zeros), as numpy's table reads it."""
+    q0 = np.float32(b if b < 243 else 121)
+    q1 = np.floor(q0 * _THIRD)
+    q2 = np.floor(q1 * _THIRD)
+    q3 = np.floor(q2 * _THIRD)
+    q4 = np.floor(q3 * _THIRD)
+    return (q0 - _THREE * q1 - _ONE, q1 - _THREE * q2 - _ONE, q2 - _THREE * q3 - _ONE, q3 - _THREE * q4 - _ONE,
+            q4 - _ONE)
+
+
+@njit(inline="always", **_JIT)
+def _dot5(w, x, j):
+    """A base-3 byte j's five weights `w` times their inputs x[:, j]."""
+    return w[0] * x[0, j] + w[1] * x[1, j] + w[2] * x[2, j] + w[3] * x[3, j] + w[4] * x[4, j]
 
 
 @njit(inline="always", **_JIT)
@@ -125,6 +147,60 @@ def _ternary_tokens(packed, xk, scales, group_bytes, f16, out):
                 x0, x1, x2, x3 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3]
                 for j in range(nbytes):
                     partial[j] = w0[j] * x0[j] + w1[j] * x1[j] + w2[j] * x2[j] + w3[j] * x3[j]
+                totals[t] += _scaled_groups(partial, scales[r, p], group_bytes, f16)
+        for t in range(tokens):
+            out[t, r] = totals[t]
+
+
+@njit(inline="always", **_JIT)
+def _byte_scales(scales, group_bytes, f16, out):
+    """out[p, j]: the float32 scale of byte j of plane p (each group's scale, repeated over its bytes)."""
+    for p in range(scales.shape[0]):
+        for g in range(scales.shape[1]):
+            s = f16[scales[p, g]]
+            for j in range(g * group_bytes, (g + 1) * group_bytes):
+                out[p, j] = s
+
+
+@njit(parallel=True, **_JIT)
+def _ternary5(packed, x, scales, group_bytes, f16, out):
+    """`_ternary` for base-3 bytes: x [5, bytes] the input of code k of byte j at [k, j] (zero in unused slots).
+    A group here is 13 bytes, too few for `_group_sum`'s vector adds: each byte's products are scaled
+    instead, so the whole row is one vectorized sum."""
+    rows, planes, nbytes = packed.shape
+    for r in prange(rows):
+        byte_scales = np.empty((planes, nbytes), dtype=np.float32)
+        _byte_scales(scales[r], group_bytes, f16, byte_scales)
+        first, last, s0, s1 = packed[r, 0], packed[r, planes - 1], byte_scales[0], byte_scales[planes - 1]
+        total = np.float32(0)
+        if planes == 2:  # both planes against each input once
+            for j in range(nbytes):
+                total += (_dot5(_weights5(np.int32(first[j])), x, j) * s0[j]
+                          + _dot5(_weights5(np.int32(last[j])), x, j) * s1[j])
+        else:
+            for j in range(nbytes):
+                total += _dot5(_weights5(np.int32(first[j])), x, j) * s0[j]
+        out[r] = total
+
+
+@njit(parallel=True, **_JIT)
+def _ternary5_tokens(packed, xk, scales, group_bytes, f16, out):
+    """`_ternary_tokens` for base-3 bytes (xk [T, 5, bytes])."""
+    rows, planes, nbytes = packed.shape
+    tokens = out.shape[0]
+    for r in prange(rows):
+        w = np.empty((5, nbytes), dtype=np.float32)
+        w0, w1, w2, w3, w4 = w[0], w[1], w[2], w[3], w[4]
+        partial = np.empty(nbytes, dtype=np.float32)
+        totals = np.zeros(tokens, dtype=np.float32)
+        for p in range(planes):
+            row = packed[r, p]
+            for j in range(nbytes):
+                w0[j], w1[j], w2[j], w3[j], w4[j] = _weights5(np.int32(row[j]))
+            for t in range(tokens):
+                x0, x1, x2, x3, x4 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3], xk[t, 4]
+                for j in range(nbytes):
+                    partial[j] = w0[j] * x0[j] + w1[j] * x1[j] + w2[j] * x2[j] + w3[j] * x3[j] + w4[j] * x4[j]
                 totals[t] += _scaled_groups(partial, scales[r, p], group_bytes, f16)
         for t in range(tokens):
             out[t, r] = totals[t]
@@ -226,7 +302,8 @@ class FastMatmul:
     def __init__(self, linear: kernels.Linear):
         if linear.encoding not in FAST_ENCODINGS:
             raise ValueError(f"no fast kernel for encoding {linear.encoding!r}")
-        self.encoding, self.width = linear.encoding, linear.width
+        self.encoding, self.in_features = linear.encoding, linear.in_features
+        self.width, self.positions = linear.width, linear.positions
         self.max_tokens = MAX_TOKENS[linear.encoding]
         self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
         self.scales, self.group_bytes = None, 0
@@ -245,12 +322,11 @@ class FastMatmul:
         _use_threads(1)  # one row: other threads would only be woken (on a loaded machine, at great cost)
         for tokens in range(1, min(self.max_tokens, 2) + 1):
             self._rows(self.data[:1], None if self.scales is None else self.scales[:1],
-                       np.zeros((tokens, self.width), np.float32))
+                       np.zeros((tokens, self.in_features), np.float32))
 
     def _rows(self, data: np.ndarray, scales: np.ndarray | None, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[1] != self.width:  # rows padded to whole bytes (or groups) hold zero weights there
-            x = np.pad(x, ((0, 0), (0, self.width - x.shape[1])))
+        # rows padded to whole bytes (or groups), and base-3 bytes' unused slots, hold zero weights there
+        x = kernels.decoded_input(np.ascontiguousarray(x, dtype=np.float32), self.width, self.positions)
         out = np.empty((len(x), len(data)), dtype=np.float32)
         if self.encoding == "int8" and scales is not None:
             _int8_groups(data, x, scales, self.group_bytes, _F16, out)
@@ -265,6 +341,10 @@ class FastMatmul:
         elif self.encoding == "ternary":  # numpy's sgemm takes several tokens (MAX_TOKENS): one at a time here
             for t, xt in enumerate(_deinterleaved(x, 4)):
                 _ternary_rows(data, xt, out[t])
+        elif self.encoding in BASE3_TERNARY and len(x) == 1:
+            _ternary5(data, _deinterleaved(x, kernels.BASE3_SLOTS, 5)[0], scales, self.group_bytes, _F16, out[0])
+        elif self.encoding in BASE3_TERNARY:
+            _ternary5_tokens(data, _deinterleaved(x, kernels.BASE3_SLOTS, 5), scales, self.group_bytes, _F16, out)
         elif len(x) == 1:
             _ternary(data, _deinterleaved(x, 4)[0], scales, self.group_bytes, _F16, out[0])
         else:
@@ -272,9 +352,10 @@ class FastMatmul:
         return out
 
 
-def _deinterleaved(x: np.ndarray, per_byte: int) -> np.ndarray:
-    """x [T, per_byte * n] as [T, per_byte, n]: [t, k, j] is the input of code k of byte j."""
-    return np.ascontiguousarray(x.reshape(len(x), -1, per_byte).transpose(0, 2, 1))
+def _deinterleaved(x: np.ndarray, per_byte: int, codes: int | None = None) -> np.ndarray:
+    """x [T, per_byte * n] as [T, codes, n]: [t, k, j] is the input of code k of byte j (the first `codes`
+    of every `per_byte` slots; all of them by default)."""
+    return np.ascontiguousarray(x.reshape(len(x), -1, per_byte)[:, :, :codes].transpose(0, 2, 1))
 
 
 # Smaller weights run on one thread: waking the others costs more than they save (the tiny test models
@@ -282,8 +363,8 @@ def _deinterleaved(x: np.ndarray, per_byte: int) -> np.ndarray:
 PARALLEL_BYTES = 64 << 10
 # Up to how many tokens a call beats numpy's decode-a-chunk-then-sgemm, which pays the decoding once for
 # all tokens where these kernels pay it per token (bench/kernels.py, docs/kernels.md).
-MAX_TOKENS = {"ternary": 1, "ternary-g1": 4, "ternary-g2": 4, "int8": 8, "int4-g32": 4, "int4-g64": 4, "bf16": 8,
-              "f16": 8}
+MAX_TOKENS = {"ternary": 1, **{encoding: 4 for encoding in GROUPED_TERNARY}, "int8": 8, "int4-g32": 4,
+              "int4-g64": 4, "bf16": 8, "f16": 8}
 FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *INT4_GROUPS, "int8", "bf16", "f16")  # f32 stays with BLAS
 
 

@@ -16,11 +16,14 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ferrisres.format import ternary_lut
-from ferrisres.format.encodings import GROUPED_TERNARY, rotate_blocks
+from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY, base3_lut, base3_slots, rotate_blocks
 from ferrisres.format.tables import INT4_GROUPS, int4_lut
 
 CHUNK_BYTES = 2 << 20  # float32 bytes of decoded rows per chunk: 1-4 MiB measured best
 _LUT16 = ternary_lut().view(np.complex128).reshape(256)  # 16-byte items: one packed byte -> 4 float32
+BASE3_SLOTS = 8  # decoded float32 per base-3 byte: its 5 codes, then 3 zeros
+_BASE3_LUT = np.pad(base3_lut(), ((0, 0), (0, BASE3_SLOTS - 5)))  # [256, 8]
+_BASE3_LUT32 = _BASE3_LUT.view("V32").reshape(256)  # 32-byte items: one base-3 byte -> 8 float32
 _INT4_LUT8 = int4_lut().view(np.uint64).reshape(256)  # 8-byte items: one packed int4 byte -> 2 float32
 _local = threading.local()  # each thread's decode buffers, one per row width
 _pool: ThreadPoolExecutor | None = None  # workers that split a matrix's rows; None = one thread
@@ -66,7 +69,11 @@ class Linear:
         self.group_scale = group_scale
         self.rotation = rotation
         self.planes = GROUPED_TERNARY.get(encoding, 1)
-        if encoding == "ternary" or encoding in GROUPED_TERNARY:
+        self.positions = None  # where each input column lies in a decoded row, when not at its own index
+        if encoding in BASE3_TERNARY:
+            self.width = data.shape[-1] * BASE3_SLOTS
+            self.positions = base3_positions(self.in_features)
+        elif encoding == "ternary" or encoding in GROUPED_TERNARY:
             self.width = data.shape[-1] * 4  # decoded row width (of one plane): padded to whole bytes
         elif encoding in INT4_GROUPS:
             self.width = data.shape[-1] * 2  # padded to whole groups
@@ -92,7 +99,10 @@ class Linear:
     def keep_int8(self) -> None:
         """Unpack a ternary matrix once into resident int8 codes (4x its packed size in RAM): each use
         then only casts them, skipping the table lookup (docs/kernels.md: ~1.4x faster)."""
-        if self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
+        if self.encoding in BASE3_TERNARY:  # one base-3 byte -> its 8 decoded slots as int8
+            self.data = np.take(_BASE3_LUT.astype(np.int8).view(np.uint64).reshape(256), self.data).view(np.int8)
+            self.encoding = "int8"
+        elif self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
             lut8 = ternary_lut().astype(np.int8).view(np.int32).reshape(256)  # one packed byte -> 4 int8
             self.data = np.take(lut8, self.data).view(np.int8)
             self.encoding = "int8"
@@ -102,15 +112,15 @@ class Linear:
         y = x @ W.T: for tests and tools, not for inference."""
         w = np.empty((self.out_features, self.planes * self.width), dtype=np.float32)
         self._decode(0, self.out_features, w)
-        w = w.reshape(self.out_features, self.planes, self.width).sum(axis=1)[:, : self.in_features]
+        w = w.reshape(self.out_features, self.planes, self.width).sum(axis=1)
+        w = w[:, : self.in_features] if self.positions is None else w[:, self.positions]
         if self.scale is not None:
             w *= self.scale[:, None] if self.scale.size > 1 else self.scale[0]
         # y = W' (R x) = (W' R) x, and rotating each row's blocks computes W' R (R is symmetric)
         return rotate_blocks(w, self.rotation) if self.rotation else w
 
     def _chunked_matmul(self, x: np.ndarray) -> np.ndarray:
-        if self.width != self.in_features:  # ternary rows padded to a multiple of 4 hold zero weights there
-            x = np.pad(x, ((0, 0), (0, self.width - self.in_features)))
+        x = decoded_input(x, self.width, self.positions)
         if self.planes > 1:  # [plane 1 | plane 2] @ [x | x]: one product for both planes, no sum pass
             x = np.tile(x, self.planes)
         yt = np.empty((self.out_features, x.shape[0]), dtype=np.float32)  # transposed: a chunk's rows are contiguous
@@ -138,7 +148,9 @@ class Linear:
     def _decode(self, r0: int, r1: int, out: np.ndarray) -> None:
         """Rows r0:r1 as float32 into `out` [rows, planes * width] (without the per-row scale)."""
         rows = self.data[r0:r1]
-        if self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
+        if self.encoding in BASE3_TERNARY:
+            np.take(_BASE3_LUT32, rows.reshape(len(rows), -1), out=out.view("V32"), mode="clip")
+        elif self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
             np.take(_LUT16, rows.reshape(len(rows), -1), out=out.view(np.complex128), mode="clip")
         elif self.encoding in INT4_GROUPS:
             np.take(_INT4_LUT8, rows, out=out.view(np.uint64), mode="clip")
@@ -152,6 +164,22 @@ class Linear:
             scales = self.group_scale[r0:r1].astype(np.float32)  # [rows, planes, groups]
             grouped = out.reshape(len(rows), self.planes, scales.shape[-1], -1)
             np.multiply(grouped, scales[..., None], out=grouped)
+
+
+def base3_positions(n_in: int) -> np.ndarray:
+    """int64 [n_in]: where each input column lies in a row of decoded base-3 bytes (BASE3_SLOTS per byte)."""
+    slots = base3_slots(n_in)
+    return slots // 5 * BASE3_SLOTS + slots % 5
+
+
+def decoded_input(x: np.ndarray, width: int, positions: np.ndarray | None = None) -> np.ndarray:
+    """x [T, in] laid out as a decoded row of `width`: each column at its position (its own index when
+    `positions` is None), zeros under the padding and the unused slots, whose weights are zero too."""
+    if positions is None:
+        return x if x.shape[1] == width else np.pad(x, ((0, 0), (0, width - x.shape[1])))
+    out = np.zeros((len(x), width), dtype=x.dtype)
+    out[:, positions] = x
+    return out
 
 
 def rotated_input(x: np.ndarray, block: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 from reference_forward import float32_bounds
 
 from ferrisres.format import Artifact, decode_f32, unpack_ternary
-from ferrisres.format.encodings import GROUPED_TERNARY, hadamard
+from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY, hadamard
 
 
 def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
@@ -18,7 +18,8 @@ def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
             continue
         data = artifact.tensor(name)
         if info.encoding in GROUPED_TERNARY:
-            out[name] = _grouped_ternary(data, artifact.tensor(name + ".weight_scale"), info.shape, info.rotation)
+            out[name] = _grouped_ternary(data, artifact.tensor(name + ".weight_scale"), info.shape, info.rotation,
+                                         info.encoding in BASE3_TERNARY)
         elif info.encoding.startswith("int4-g"):
             out[name] = _int4_table(data, artifact.tensor(name + ".weight_scale"), int(info.encoding[6:]), info.shape)
         elif info.encoding in ("ternary", "int8"):
@@ -31,11 +32,21 @@ def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
     return out
 
 
-def _grouped_ternary(packed: np.ndarray, scales: np.ndarray, shape: tuple[int, ...], rotation: int) -> np.ndarray:
+def base3_codes(packed: np.ndarray, n_in: int) -> np.ndarray:
+    """SPEC.md: byte j's digit k (base 3, lowest first) minus 1 is slot 5j + k; blocks of 64 codes take 65
+    slots, the last one unused."""
+    slots = (packed[..., None].astype(np.int64) // 3 ** np.arange(5) % 3 - 1).reshape(len(packed), -1)
+    blocks = [slots[:, b * 65 : b * 65 + 64] for b in range(-(-n_in // 64))]
+    return np.concatenate(blocks, axis=1)[:, :n_in].astype(np.float32)
+
+
+def _grouped_ternary(packed: np.ndarray, scales: np.ndarray, shape: tuple[int, ...], rotation: int,
+                     base3: bool) -> np.ndarray:
     """sum over planes p of scale[.., p, group] * T_p, then (rotated tensors) W' R: the weight that
     multiplies the unrotated input."""
     n_in, groups = shape[-1], scales.shape[-1]
-    codes = unpack_ternary(packed.reshape(-1, packed.shape[-1]), n_in).reshape(*packed.shape[:-1], n_in)
+    rows = packed.reshape(-1, packed.shape[-1])
+    codes = (base3_codes(rows, n_in) if base3 else unpack_ternary(rows, n_in)).reshape(*packed.shape[:-1], n_in)
     per_column = np.repeat(scales.astype(np.float64), n_in // groups, axis=-1)  # [.., out, planes, in]
     w = np.sum(codes * per_column, axis=-2)
     if rotation:

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -17,11 +18,14 @@ import h5py
 import numpy as np
 from h5py import h5d, h5p, h5t
 
+from ferrisres.format import FORMAT_VERSION
+from ferrisres.format.documents import MAX_DOCUMENT, MAX_TEMPLATE
+
 from fuzz_common import INSPECT_REFUSES, INTACT, REFUSED, RUN_REFUSES, VERIFY_FAILS, Dataset, Mutant, layout
 
 
 def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
-    """Every mutant, deterministically from the base artifacts (by label: ternary, f32, bf16, int4)."""
+    """Every mutant, deterministically from the base artifacts (by label: ternary, f32, bf16, int4, base3)."""
     b = Bases(bases)
     for family in FAMILIES:
         family(b)
@@ -48,11 +52,12 @@ class Bases:
         self.int4_tables = tensors("int4", lambda d: d.name.startswith("embed_tokens"))  # tables and their float16 scales
         self.int4 = next(d for d in self.int4_tables if d.encoding == "int4-g32")
         self.int4_scale = self.lay["int4"][f"tensors/{self.int4.name}.weight_scale"]
+        self.base3 = tensors("base3", lambda d: d.encoding == "ternary5-g2" and d.shape[-1] >= 256)[0]  # 4 groups
         self.X, self.N, self.H = (f"tensors/{d.name}" for d in (self.ternary, self.norm, self.int8))
         self.I4, self.I4S = f"tensors/{self.int4.name}", f"tensors/{self.int4_scale.name}"
 
-    def add(self, name, family, base, make, expect, words=(), verify=None, keep=False) -> None:
-        same_data = family not in ("JSON documents", "documents")  # those rewrite documents, digests and all
+    def add(self, name, family, base, make, expect, words=(), verify=None, keep=False, same_data=True) -> None:
+        same_data = same_data and family not in ("JSON documents", "documents")  # those rewrite documents, digests and all
         self.mutants.append(Mutant(name, family, base, make, frozenset(expect), tuple(words), verify, keep, same_data))
 
     def tensors(self, label: str, pred=lambda d: True) -> list[Dataset]:
@@ -121,8 +126,9 @@ def rewrite(f, key: str, data=None, attrs: dict | None = None, fix_digest: bool 
             ds.attrs[k] = v
 
 
-def set_document(f, name: str, text: str | bytes | None) -> None:
-    """Replace (or add, or with None delete) document `name`, with a correct digest."""
+def set_document(f, name: str, text: str | bytes | None, encoding: str = "bytes") -> None:
+    """Replace (or add, or with None delete) document `name`, with a correct digest; `text` is stored as
+    given under `encoding` (bytes of a zlib stream for "zlib")."""
     key = f"meta/{name}"
     if key in f:
         del f[key]
@@ -130,15 +136,29 @@ def set_document(f, name: str, text: str | bytes | None) -> None:
         return
     raw = np.frombuffer(text.encode("utf-8") if isinstance(text, str) else text, dtype=np.uint8)
     ds = f["meta"].create_dataset(name, data=raw)
-    ds.attrs["encoding"] = "bytes"
+    ds.attrs["encoding"] = encoding
     ds.attrs["blake2b"] = blake2b(raw)
+
+
+def document_text(f, name: str) -> str:
+    """Document `name` of an open artifact, inflated when it is stored compressed."""
+    ds = f[f"meta/{name}"]
+    raw = bytes(ds[...])
+    return (zlib.decompress(raw) if ds.attrs.get("encoding") == "zlib" else raw).decode("utf-8")
+
+
+def zlib_bomb(size: int) -> bytes:
+    """A zlib stream of `size` zero bytes, made a MiB at a time (~1000x smaller than what it inflates to)."""
+    deflater, chunk = zlib.compressobj(9), bytes(1 << 20)
+    parts = [deflater.compress(chunk) for _ in range(size >> 20)]
+    return b"".join([*parts, deflater.compress(bytes(size % (1 << 20))), deflater.flush()])
 
 
 def edit_json(name: str, change: Callable[[dict], object]) -> Callable[[object], None]:
     """An h5py edit replacing JSON document `name` by `change(parsed)` (serialised unless it is a str)."""
 
     def edit(f) -> None:
-        value = json.loads(bytes(f[f"meta/{name}"][...]).decode("utf-8"))
+        value = json.loads(document_text(f, name))
         new = change(value)
         new = new if new is not None else value
         set_document(f, name, new if isinstance(new, (str, bytes)) else json.dumps(new))
@@ -286,10 +306,11 @@ def metadata_flips(b: Bases) -> None:
 def data_flips(b: Bases) -> None:
     """One byte changed in the data of every dataset: --verify must name exactly that dataset."""
     add, lay, ternary, int4_tables = b.add, b.lay, b.ternary, b.int4_tables
-    for label in ("ternary", "f32", "bf16", "int4"):
+    for label in ("ternary", "f32", "bf16", "int4", "base3"):
         rng = random.Random(f"data-{label}")
         for d in lay[label].values():
-            if label == "bf16" and d.encoding != "bf16" or label == "int4" and d not in int4_tables:
+            if (label == "bf16" and d.encoding != "bf16" or label == "int4" and d not in int4_tables
+                    or label == "base3" and not d.encoding.startswith("ternary5")):
                 continue  # the rest is as in the ternary student
             at, mask = d.offset + rng.randrange(d.nbytes), rng.randrange(1, 256)
             expect = {VERIFY_FAILS} if d.group == "tensors" else {VERIFY_FAILS, REFUSED}
@@ -313,12 +334,12 @@ def attribute_text(b: Bases) -> None:
         add(f"digest text/{d.key} not hex", "attribute text", "ternary",
             lambda src, dst, at=at: (copy(src, dst), patch(dst, at, b"g")), {REFUSED}, (d.name, "blake2b"))
     name_at = find_once(raw, b"ferrisres.tern")
-    version_at = raw.find(b"1.1\0", name_at)
+    version_at = raw.find(b"%d.%d\0" % FORMAT_VERSION, name_at)
     for name, at, text, expect, words in [
         ("format", name_at + 10, b"a", REFUSED, ("not a .tern", "ferrisres.aern")),
-        ("format_version 2.1", version_at, b"2", REFUSED, ("2.1", "newer")),
+        ("format_version 2.x", version_at, b"2", REFUSED, ("2.%d" % FORMAT_VERSION[1], "newer")),
         ("format_version 1.9", version_at + 2, b"9", INTACT, ()),
-        ("format_version 1:1", version_at + 1, b":", REFUSED, ("malformed",)),
+        ("format_version 1:x", version_at + 1, b":", REFUSED, ("malformed",)),
     ]:
         add(f"root text/{name}", "attribute text", "ternary",
             lambda src, dst, at=at, text=text: (copy(src, dst), patch(dst, at, text)), {expect}, words)
@@ -425,6 +446,33 @@ def int4_attributes(b: Bases) -> None:
         (int4_scale.name, "float16"))
 
 
+def base3_tensors(b: Bases) -> None:
+    """A base-3 ternary tensor (format 1.2): other readings of its bytes are refused, naming it; the byte
+    values no writer writes (243-255) are defined, and read as zeros."""
+    add, d = b.add, b.base3
+    key, scale = f"tensors/{d.name}", f"tensors/{d.name}.weight_scale"
+    for value, words in [("ternary-g2", ("stored as",)), ("ternary5-g1", ("stored as",)),
+                         ("ternary5-g3", ("unknown encoding",)), ("int8", ("datatype",))]:
+        add(f"base3 attr/encoding={value}", "base-3 tensors", "base3", set_attr(key, "encoding", value), {REFUSED},
+            (*words, d.name))
+    add("base3 attr/shape one column wider", "base-3 tensors", "base3",
+        set_attr(key, "shape", np.asarray([*d.shape[:-1], d.shape[-1] + 1])), {REFUSED}, ("shape", d.name))
+
+    def bytes_past_242(f):
+        data = f[key][...]
+        data[:, :, :1] = 243 + np.arange(len(data))[:, None, None] % 13
+        rewrite(f, key, data)
+
+    add("base3 data/bytes 243-255", "base-3 tensors", "base3", h5edit(bytes_past_242), {INTACT}, same_data=False)
+
+    def groups_of_32(f):  # halves of 64-column blocks: a group would start inside a byte
+        halves = np.repeat(f[scale][...], 2, axis=-1)
+        rewrite(f, scale, halves, {"shape": np.asarray(halves.shape)})
+
+    add("base3 scale/groups of 32 columns", "base-3 tensors", "base3", h5edit(groups_of_32), {REFUSED},
+        ("whole blocks of 64", d.name))
+
+
 def json_documents(b: Bases) -> None:
     """JSON documents: valid containers (digests fixed) with contents the tools must refuse or tolerate."""
     add = b.add
@@ -507,6 +555,18 @@ def documents(b: Bases) -> None:
         add(f"documents/without {doc}", "documents", "ternary",
             h5edit(lambda f, doc=doc: set_document(f, doc, None)), {expect}, words)
     add("documents/extra notes.txt", "documents", "ternary", h5edit(lambda f: set_document(f, "notes.txt", "hi")), {INTACT})
+    config = json.dumps({"vocab_size": 1}).encode()
+    for label, stored, words in [  # zlib documents (format 1.2): inflated within a bound, or refused by name
+        ("inflates past the bound", zlib_bomb(MAX_DOCUMENT + 1), ("model_config.json", "inflates to more than")),
+        ("cut short", zlib.compress(config)[:-3], ("model_config.json", "cut short")),
+        ("bytes after the stream", zlib.compress(config) + b"\0", ("model_config.json", "bytes follow")),
+        ("not a zlib stream", config, ("model_config.json", "damaged")),
+    ]:
+        add(f"documents/zlib {label}", "documents", "ternary",
+            h5edit(lambda f, stored=stored: set_document(f, "model_config.json", stored, "zlib")), {REFUSED}, words)
+    add("documents/zlib template inflates past its bound", "documents", "ternary",
+        h5edit(lambda f: set_document(f, "chat_template.jinja", zlib_bomb(MAX_TEMPLATE + 1), "zlib")), {REFUSED},
+        ("chat_template.jinja", "more than a chat template may have"))
     add("documents/extra future.json, not JSON", "documents", "ternary",
         h5edit(lambda f: set_document(f, "future.json", "{oops")), {INTACT})
 
@@ -641,7 +701,7 @@ def datatypes(b: Bases) -> None:
         ("document as int8", "ternary", "meta/model_config.json",
          lambda f: rewrite(f, "meta/model_config.json", f["meta/model_config.json"][...].view("i1")), ("datatype",)),
         ("document as a string", "ternary", "meta/model_config.json",
-         lambda f: rewrite(f, "meta/model_config.json", bytes(f["meta/model_config.json"][...]).decode()),
+         lambda f: rewrite(f, "meta/model_config.json", document_text(f, "model_config.json")),
          ("model_config.json",)),
         ("bf16 as f16", "bf16", f"tensors/{bf16.name}",
          lambda f: rewrite(f, f"tensors/{bf16.name}", f[f"tensors/{bf16.name}"][...].view("<f2")), ("datatype",)),
@@ -727,5 +787,5 @@ def declared_shapes(b: Bases) -> None:
 
 
 FAMILIES = (not_artifacts, truncations, extensions, superblock_flips, metadata_flips, data_flips, attribute_text,
-            root_attributes, dataset_attributes, int4_attributes, json_documents, documents, structure, storage_layouts,
-            datatypes, dataspaces, layout_patches, declared_shapes)
+            root_attributes, dataset_attributes, int4_attributes, base3_tensors, json_documents, documents, structure,
+            storage_layouts, datatypes, dataspaces, layout_patches, declared_shapes)

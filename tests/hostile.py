@@ -123,8 +123,8 @@ def with_documents(src: Path, dst: Path, **documents: str | bytes | dict | None)
 
 def document(path: Path, name: str):
     """Document `name` of artifact `path`, parsed when it is JSON."""
-    import h5py
+    from ferrisres.format import Artifact
 
-    with h5py.File(path, "r") as f:
-        text = bytes(f[f"meta/{name}"][...]).decode("utf-8")
+    with Artifact.open(path, check_model=False) as artifact:
+        text = artifact.document(name)
     return json.loads(text) if name.endswith(".json") else text

@@ -14,7 +14,7 @@ import pytest
 from artifact_weights import float32_bound
 from conftest import PER_ROW, reference, run_tool
 
-from ferrisres.format.encodings import pack_ternary
+from ferrisres.format.encodings import BASE3_TERNARY, pack_base3, pack_ternary
 from ferrisres.format.tables import pack_int4
 from ferrisres.runtime import load, set_threads
 from ferrisres.runtime import model as model_module
@@ -31,9 +31,10 @@ def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: 
     if encoding.startswith("ternary"):
         planes = int(encoding[-1]) if encoding != "ternary" else 1
         codes = rng.integers(-1, 2, (out, planes, n_in))
-        packed = np.stack([pack_ternary(codes[:, p]) for p in range(planes)], axis=1)
-        packed[0, 0, 0] = 0xFF  # invalid codes 0b11, read as zero weights by both paths
-        codes[0, 0, :4] = 0
+        base3 = encoding in BASE3_TERNARY
+        packed = np.stack([(pack_base3 if base3 else pack_ternary)(codes[:, p]) for p in range(planes)], axis=1)
+        packed[0, 0, 0] = 0xF7 if base3 else 0xFF  # bytes no writer writes, read as zero weights by both paths
+        codes[0, 0, : 5 if base3 else 4] = 0
         if encoding == "ternary":
             scale = rng.random(out, dtype=np.float32)
             return Linear(packed[:, 0], encoding, (out, n_in), scale=scale), np.abs(codes[:, 0]) * scale[:, None]
@@ -56,9 +57,11 @@ def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: 
     return Linear(data, encoding, (out, n_in)), np.abs(Linear(data, encoding, (out, n_in)).dequantize())
 
 
-CASES = [  # encoding, out, in, group, rotation: padded rows, groups of 16 bytes and of other sizes
+CASES = [  # encoding, out, in, group, rotation: padded rows, groups of 16 bytes and of other sizes, base-3 rows
+    # of whole blocks and with a short last block
     ("ternary", 37, 70, 0, 0), ("ternary-g1", 40, 256, 64, 64), ("ternary-g2", 40, 256, 64, 0),
-    ("ternary-g2", 33, 96, 32, 32), ("ternary-g2", 24, 40, 4, 0), ("int4-g32", 30, 70, 0, 0),
+    ("ternary-g2", 33, 96, 32, 32), ("ternary-g2", 24, 40, 4, 0), ("ternary5-g1", 40, 256, 64, 64),
+    ("ternary5-g2", 40, 256, 128, 0), ("ternary5-g2", 33, 70, 70, 0), ("int4-g32", 30, 70, 0, 0),
     ("int4-g64", 30, 200, 0, 0), ("int8", 50, 130, 0, 0), ("bf16", 20, 100, 0, 0), ("f16", 20, 100, 0, 0),
 ]
 
@@ -99,6 +102,7 @@ def test_rows_split_over_threads_give_identical_products():
 
 ARTIFACTS = {  # every encoding an artifact's Linears can hold, the tied int8 / int4 heads, MoE experts
     "default student": ("tiny_gemma4", "ternary", {}),
+    "base-3 student": ("tiny_gemma4", "ternary", {"packing": "base3"}),
     "per-row": ("tiny_gemma4", "ternary", PER_ROW),
     "int4 tables": ("tiny_gemma4", "ternary", {"tables": "int4-g32", "method": "rtn"}),
     "bf16 teacher": ("tiny_gemma4_bf16", "bf16", {}),
@@ -130,8 +134,9 @@ def test_greedy_generation_is_the_same_with_the_fast_kernels(converted, name):
 
 
 @needs_numba
-def test_resident_int8_codes_run_through_the_fast_kernel(converted):
-    path = converted("tiny_gemma4", "ternary")
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+def test_resident_int8_codes_run_through_the_fast_kernel(converted, packing):
+    path = converted("tiny_gemma4", "ternary", **({"packing": packing} if packing != "2bit" else {}))
     model = load(path, cache="int8", kernel="fast")
     codes = [linear for linear in model.weights.linears() if linear.encoding == "int8"]  # (the PLE projection is f32)
     assert len(codes) > 10 and all(linear.fast is not None and linear.data.ndim == 3 for linear in codes)

@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
+import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from ferrisres.format import (
-    ENCODINGS, FULL, SLIDING, Artifact, ArtifactError, ArtifactWriter, ModelConfig, bf16_to_f32, f32_to_bf16,
+    ENCODINGS, FORMAT_VERSION, FULL, SLIDING, Artifact, ArtifactError, ArtifactWriter, ModelConfig, bf16_to_f32, f32_to_bf16,
     pack_ternary, ternary_lut, unpack_ternary,
 )
+from ferrisres.format.compression import compress, decompress
+from ferrisres.format.encodings import base3_lut, pack_base3, unpack_base3
+from ferrisres.format.spec import digest
 from ferrisres.format.tables import pack_int4
 
 ALIGNMENT = 4096  # SPEC: every dataset's data starts on a multiple of this
@@ -183,7 +189,7 @@ def test_round_trip(written):
     path, tensors, docs, codes = written
     assert files_in(path.parent) == ["model.tern"], "temporary files left beside the artifact"
     with Artifact.open(path, check_model=False) as a:
-        assert a.version == (1, 1)
+        assert a.version == FORMAT_VERSION
         assert set(a.tensors) == set(tensors)
         for name, (encoding, _, shape, stored) in tensors.items():
             info = a.tensors[name]
@@ -426,3 +432,82 @@ def test_model_config_rejects_inconsistent_config(text, named):
     with pytest.raises(ArtifactError) as e:
         ModelConfig.from_json(text)
     assert named in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# base-3 ternary packing (format 1.2)
+
+
+@pytest.mark.parametrize("n_in", [1, 4, 5, 6, 63, 64, 65, 69, 70, 128, 130, 1536])
+def test_base3_pack_unpack_round_trip(n_in):
+    rng = np.random.default_rng(n_in)
+    t = rng.integers(-1, 2, size=(3, n_in)).astype(np.int8)
+    packed = pack_base3(t)
+    # 13 bytes per whole block of 64 codes, then 5 codes a byte: 1.625 bits per code where 2-bit takes 2
+    assert packed.dtype == np.uint8 and packed.shape == (3, n_in // 64 * 13 + -(-(n_in % 64) // 5))
+    assert packed.max() < 243, "a written byte is a 5-digit base-3 number"
+    np.testing.assert_array_equal(unpack_base3(packed, n_in), t.astype(np.float32))
+    digits = packed[..., None] // 3 ** np.arange(5) % 3
+    used = np.zeros(digits.size // 3, bool)
+    used[np.arange(n_in) + np.arange(n_in) // 64] = True  # slot 5j + k of code k of byte j
+    assert (digits.reshape(3, -1)[:, ~used] == 1).all(), "unused slots (one per block, the row's tail) hold zeros"
+
+
+def test_base3_layout_by_hand():
+    # digit t + 1, slot k weighs 3^k: [+1, 0, -1, +1, -1] -> 2 + 1*3 + 0*9 + 2*27 + 0*81 = 59 (SPEC.md's example)
+    np.testing.assert_array_equal(pack_base3(np.array([[1, 0, -1, 1, -1]])), [[59]])
+    # 65 columns: block 0 (64 codes + an unused zero slot) in bytes 0-12, column 64 alone in byte 13
+    t = np.zeros((1, 65), np.int8)
+    t[0, 63], t[0, 64] = 1, -1  # slot 63 = byte 12, digit 3 (27); slot 65 = byte 13, digit 0
+    packed = pack_base3(t)
+    assert packed.shape == (1, 14)
+    assert packed[0, 12] == 121 + 27 and packed[0, 13] == 121 - 1  # 121: five zeros (digits 1)
+
+
+def test_base3_bytes_no_writer_writes_read_as_zeros():
+    lut = base3_lut()
+    assert lut.shape == (256, 5) and lut.dtype == np.float32
+    np.testing.assert_array_equal(lut[243:], 0)
+    np.testing.assert_array_equal(lut[59], [1, 0, -1, 1, -1])
+    np.testing.assert_array_equal(lut[0], [-1] * 5)
+    np.testing.assert_array_equal(lut[242], [1] * 5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# documents stored compressed (format 1.2)
+
+
+def test_documents_are_stored_as_zlib_streams_of_their_text(written):
+    path, _, docs, _ = written
+    with Artifact.open(path, check_model=False) as a, h5py.File(path, "r") as f:
+        for name in docs:
+            assert a.documents[name].encoding == "zlib"
+            assert zlib.decompress(bytes(f[f"meta/{name}"][...])).decode("utf-8") == a.document(name)
+    text = json.dumps({"vocab": {f"piece{i}": i for i in range(5000)}})
+    assert len(compress(text.encode())) < len(text) / 3  # what it is for: a tokenizer's JSON shrinks
+
+
+@pytest.mark.parametrize("stored,words", [
+    (zlib.compress(bytes(1001)), "inflates to more than 1000 bytes, more than a document may have"),
+    (zlib.compress(b"{}")[:-2], "is damaged (its zlib stream is cut short)"),
+    (zlib.compress(b"{}") + b"x", "is damaged (bytes follow its zlib stream)"),
+    (b"{}", "is damaged (its zlib stream: "),
+])
+def test_a_compressed_document_inflates_within_its_bound_or_is_refused_by_name(stored, words):
+    assert decompress(zlib.compress(bytes(1000)), 1000, "doc") == bytes(1000)  # exactly the bound: read
+    with pytest.raises(ArtifactError, match=f"^doc {re.escape(words)}"):
+        decompress(stored, 1000, "doc")
+
+
+def test_a_compressed_bomb_is_refused_without_inflating_it(written, tmp_path):
+    """A 1 MB stream that would inflate to 1 GiB: refused at the bound, naming the file and the document."""
+    path = written[0]
+    deflater = zlib.compressobj(9)
+    bomb = b"".join([*(deflater.compress(bytes(1 << 20)) for _ in range(1024)), deflater.flush()])
+    with h5py.File(path, "r+", alignment_threshold=1, alignment_interval=ALIGNMENT) as f:
+        del f["meta/config.json"]
+        ds = f["meta"].create_dataset("config.json", data=np.frombuffer(bomb, np.uint8))
+        ds.attrs.update({"encoding": "zlib", "blake2b": digest(np.frombuffer(bomb, np.uint8))})
+    with Artifact.open(path, check_model=False) as a:
+        with pytest.raises(ArtifactError, match=f"{re.escape(str(path))}: document config.json inflates to more than"):
+            a.document("config.json")

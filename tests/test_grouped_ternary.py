@@ -8,10 +8,10 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from artifact_weights import dequantized_weights
+from artifact_weights import base3_codes, dequantized_weights
 from conftest import run_tool
 
-from ferrisres.format import Artifact, ArtifactError
+from ferrisres.format import Artifact, ArtifactError, unpack_ternary
 from ferrisres.format.encodings import rotate_blocks
 from ferrisres.runtime import load
 from ferrisres.runtime.kernels import Linear, rotated_input
@@ -59,16 +59,18 @@ def test_reader_refuses_group_scales_whose_groups_do_not_divide_the_row(converte
         Artifact.open(patched(converted("tiny_gemma4"), tmp_path, change))
 
 
-def test_every_multiplication_path_computes_the_dequantized_weight(converted):
+@pytest.mark.parametrize("encoding,options", [("ternary-g2", {}), ("ternary5-g2", {"packing": "base3"})])
+def test_every_multiplication_path_computes_the_dequantized_weight(converted, encoding, options):
     """Chunked numpy decode, the int8 code cache and row-split threads against the independent dequantizer."""
-    model = load(converted("tiny_gemma4"))
+    model = load(converted("tiny_gemma4", **options))
     expected = dequantized_weights(model.artifact)[NAME]
     linear = model.weights.layers[0]["mlp.down_proj"]
-    assert linear.encoding == "ternary-g2" and linear.rotation == 64
+    assert linear.encoding == encoding and linear.rotation == 64
     np.testing.assert_allclose(linear.dequantize(), expected, rtol=0, atol=1e-6)
     x = np.random.default_rng(0).standard_normal((5, 256))
     want = x @ expected.T
-    # float32 products over 2 planes x 256 inputs: each output's rounding is at most ~512 float32 epsilons
+    # float32 products over 2 planes x 256 inputs (base-3: 2 x 320 slots, the unused ones exact zeros): each
+    # output's rounding is at most ~512 float32 epsilons
     # (1.2e-7 each) of sum |x| |w|; 1e-5 of it leaves room for the rotation's own rounding
     atol = 1e-5 * np.max(np.abs(x).sum(axis=1)) * np.abs(expected).max()
     np.testing.assert_allclose(linear(x), want, rtol=0, atol=atol)
@@ -87,3 +89,25 @@ def test_rotation_is_computed_once_for_linears_sharing_an_input():
     assert rotated_input(x.copy(), 64) is not first  # another input is rotated anew
     np.testing.assert_allclose(first, rotate_blocks(x, 64), rtol=0, atol=1e-6)
     np.testing.assert_allclose(rotate_blocks(rotate_blocks(x, 64), 64), x, atol=1e-12)  # its own inverse
+
+
+def test_base3_packing_stores_the_same_codes_in_13_bytes_per_64(converted):
+    two_bit, base3 = (load(converted("tiny_gemma4", method="rtn", **options)).artifact
+                      for options in ({}, {"packing": "base3"}))
+    packed = {name: info for name, info in two_bit.tensors.items() if info.encoding == "ternary-g2"}
+    assert packed
+    for name, info in packed.items():
+        other, n_in = base3.tensors[name], info.shape[-1]
+        assert other.encoding == "ternary5-g2" and other.shape == info.shape
+        assert other.stored_shape[-1] == n_in // 64 * 13 + -(-(n_in % 64) // 5)  # 32 wide: 7 bytes, not 8
+        np.testing.assert_array_equal(base3.tensor(name + ".weight_scale"), two_bit.tensor(name + ".weight_scale"))
+        codes = base3_codes(base3.tensor(name).reshape(-1, other.stored_shape[-1]), n_in)
+        np.testing.assert_array_equal(codes, unpack_ternary(two_bit.tensor(name).reshape(-1, info.stored_shape[-1]), n_in))
+
+
+def test_base3_keeps_2bit_for_groups_that_are_not_whole_blocks(converted):
+    """--group 32: a group would start inside a base-3 byte, so those tensors stay 2-bit; a 32-wide input is
+    one group, which base-3 holds."""
+    artifact = load(converted("tiny_gemma4", method="rtn", group=32, packing="base3")).artifact
+    assert artifact.tensors["layers.0.mlp.down_proj"].encoding == "ternary-g2"  # 256 wide: 8 groups of 32
+    assert artifact.tensors["layers.0.self_attn.o_proj"].encoding == "ternary5-g2"  # 32 wide: 1 group

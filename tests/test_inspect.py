@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, PER_ROW, run_tool
-from ferrisres.format import Artifact
+from ferrisres.format import FORMAT_VERSION, Artifact
 
 INSPECT = "ferrisres-inspect"
 FLIPPED = "layers.3.mlp.up_proj"  # a ternary weight
@@ -26,6 +26,16 @@ def ternary_bytes(path: Path) -> int:
         return sum(
             2 * info.shape[0] * ((info.shape[1] + 3) // 4) for info in a.tensors.values() if info.encoding == "ternary-g2"
         )
+
+
+def test_inspect_shows_base3_packing_and_its_bytes(converted):
+    student = converted("tiny_gemma4", method="rtn", packing="base3")
+    out = run_tool(INSPECT, str(student)).stdout
+    assert "rtn, 2 planes, group 64, rotate 64, base-3 packing (5 codes per byte)" in out, out
+    with Artifact.open(student) as a:  # 13 bytes per 64 codes of a row and plane, 5 codes a byte after
+        expected = sum(2 * info.shape[0] * (info.shape[1] // 64 * 13 + -(-(info.shape[1] % 64) // 5))
+                       for info in a.tensors.values() if info.encoding == "ternary5-g2")
+    assert expected and amount(kind_line(out, "linear weights (ternary5-g2)")) == expected
 
 
 def all_tensor_bytes(path: Path) -> int:
@@ -67,7 +77,8 @@ def test_text_summary(student):
     assert f"{c['num_kv_shared_layers']} KV-shared layers" in out
     assert f"head dims {sorted({c['head_dim'], c['global_head_dim']})}" in out
     # the quantization scheme
-    assert re.search(r"quant ternary, gptq, 2 planes, group 64, rotate 64, calibrated on teacher \(8192 tokens\)", out), out
+    assert re.search(r"quant ternary, gptq, 2 planes, group 64, rotate 64, 2-bit packing \(4 codes per byte\), "
+                     r"calibrated on teacher \(8192 tokens\)", out), out
     assert "head tied, tables embed_tokens int8 / embed_tokens_per_layer int8" in out
     # bytes by kind
     assert "bytes by kind:" in out
@@ -77,7 +88,7 @@ def test_text_summary(student):
     with Artifact.open(student) as a:
         n_tensors = len(a.tensors)
     assert f"{n_tensors} tensors" in out
-    assert ".tern 1.1" in out
+    assert ".tern %d.%d" % FORMAT_VERSION in out
     assert "no chat template: prompts run as raw text" in out  # tiny_gemma4 ships none
     assert "verify" not in out  # digests are only checked on request
 
@@ -126,7 +137,7 @@ def test_json(student):
     assert report["student"]["quant"] == "ternary"
     assert report["student"]["method"] == "gptq" and report["student"]["planes"] == 2
     assert report["student"]["tables"] == {"embed_tokens": "int8", "embed_tokens_per_layer": "int8"}
-    assert report["format_version"] == "1.1"
+    assert report["format_version"] == "%d.%d" % FORMAT_VERSION
     assert report["file_bytes"] == student.stat().st_size
     assert report["chat_template"] is None
 

@@ -15,6 +15,8 @@ ENCODINGS = {  # every way the converter stores a projection
     "gptq-1-plane": {"planes": 1, "rotate": 0},
     "rtn-2-planes-row-scale": {"method": "rtn", "group": 0},
     "per-row": PER_ROW,
+    "gptq-2-planes-base3": {"packing": "base3"},
+    "rtn-1-plane-base3-row-scale": {"method": "rtn", "planes": 1, "group": 0, "packing": "base3"},
 }
 
 
