@@ -13,9 +13,10 @@ from ferrisres.format.documents import check_document
 
 from .chat_template import render_chat, special_token_variables, template_of
 from .gemma4 import Gemma4
-from .generate import Completion, Generation, generate_batch
+from .generate import Completion, Generation
 from .kv_cache import KVCache
 from .sampling import SamplingParams
+from .scheduler import Scheduler
 from .weights import Weights
 
 # Sampling fields a generation_config.json may set, and the names SamplingParams gives them.
@@ -119,11 +120,21 @@ class Model:
 
     def generate_batch(self, prompts: list[str | list[int]], max_tokens: int = 256, max_context: int | None = None,
                        **sampling) -> list[Completion]:
-        """Continue every prompt (as `generate` does, without stop strings), advancing all of them in one
-        forward per step: a few sequences cost little more than one. Returns one `Completion` per prompt."""
-        prompts = [self.checked_ids(self.encode(p) if isinstance(p, str) else list(p)).tolist() for p in prompts]
-        return generate_batch(self, prompts, self.default_sampling(**sampling), max_tokens, self.config.eos_token_ids,
-                              max_context)
+        """Continue every prompt (as `generate` does), advancing all of them in one forward per step: a
+        few sequences cost little more than one. It is the server's scheduler, run to the end. Returns
+        one `Completion` per prompt."""
+        generations = [self.generate(p, max_tokens, max_context=max_context, **sampling) for p in prompts]
+        if not generations:
+            return []
+        scheduler = Scheduler(self, max_batch=len(generations), max_queue=0)
+        failures: list[Exception] = []
+        for g in generations:
+            scheduler.submit(g, lambda event: failures.append(event) if isinstance(event, Exception) else None)
+        while scheduler.step():
+            pass
+        if failures:
+            raise failures[0]
+        return [Completion(g.tokens, g.text, g.stop_reason) for g in generations]
 
     def chat(self, messages: list[dict], max_tokens: int = 256, **options) -> Generation:
         """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) using the chat template."""
