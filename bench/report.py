@@ -287,12 +287,18 @@ def peers_section(p: dict | None) -> list[str]:
             peer = _g(row, "llama_cpp", test, "tok_s")
             ours = _g(row, "ferrisres_numpy", key)
             fast = _g(row, "ferrisres_fast", key)
-            lines.append(f"| {what} | {n} ({row['cpus']}) | {_fmt(peer)} | {_fmt(ours)} | {_fmt(fast)} "
+            lines.append(f"| {what} | {n} ({row['cpus']}) | {_fmt(peer)}{_spread(_g(row, 'llama_cpp', test, 'samples_ts'))} "
+                         f"| {_fmt(ours)}{_spread(_runs(row, 'ferrisres_numpy', key))} | {_fmt(fast)}{_spread(_runs(row, 'ferrisres_fast', key))} "
                          f"| {_ratio(ours, peer)} | {_ratio(fast, peer)} |")
-    setup = [f"build {b['build_s'] / 60:.1f} min" if not b.get("reused") else "build reused",
-             f"GGUF conversion {g['convert_s'] / 60:.1f} min + quantization {g['quantize_s'] / 60:.1f} min"
-             if not g.get("reused") else "GGUF reused"]
-    lines += ["", f"Cost of the peer: {'; '.join(setup)} (this run's setup {p['setup_s'] / 60:.1f} min, "
+    lines += ["", "Rates in parentheses: the lowest and highest of the repetitions. Where they are far apart, the "
+              "other jobs on the machine took the cores from one side for part of a run (two threads on two shared cores "
+              "wait for each other at every step)."]
+    setup = [f"build {b['build_s'] / 60:.1f} min", f"GGUF conversion {g['convert_s'] / 60:.1f} min + quantization "
+             f"{g['quantize_s'] / 60:.1f} min"]
+    reused = [what for what, rec in (("build", b), ("GGUF", g)) if rec.get("reused")]
+    lines += ["", f"Cost of the peer, once: {'; '.join(setup)}"
+              + (f" (the {' and '.join(reused)} made by an earlier run and reused here" if reused else " (")
+              + f"; this run's setup {p['setup_s'] / 60:.1f} min, "
               f"the whole peer comparison {p['total_s'] / 60:.1f} min); on disk (bench/.cache/peers/) the sdist "
               f"{b['sdist_bytes'] / GB:.2f} GB, its tree {b['source_bytes'] / GB:.2f} GB, the build {b['build_bytes'] / GB:.2f} GB, "
               f"the GGUF {g['bytes'] / GB:.2f} GB (the f16 intermediate, {g['f16_bytes'] / GB:.2f} GB, is deleted), "
@@ -310,7 +316,22 @@ def peers_section(p: dict | None) -> list[str]:
 
 
 def _ratio(a, b) -> str:
-    return f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "–"
+    if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and b):
+        return "–"
+    return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
+
+
+def _runs(row: dict, side: str, key: str) -> list:
+    """The per-run rates behind a ferrisres median (decode: one per worker; prefill: the worker's repeats)."""
+    if key == "decode_tok_s":
+        return [r["tok_s"] for r in _g(row, side, "decode_runs") or [] if "error" not in r]
+    run = _g(row, side, "prefill_run") or {}
+    n = next((k for k in run if k.isdigit()), None)
+    return [int(n) / t for t in run[n]["seconds"]] if n else []
+
+
+def _spread(rates) -> str:
+    return f" ({min(rates):.2f}–{max(rates):.2f})" if rates and len(rates) > 1 else ""
 
 
 def _la(la) -> str:
