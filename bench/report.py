@@ -156,14 +156,21 @@ def report(r: dict) -> str:
         lines.append(f"- **failed**: {f['kind']} {f['label']}: `{f['error'].strip().splitlines()[-1][:200]}`")
 
     lines += _serving(serve)
+    lines += peers_section(r.get("peers"))
 
+    gguf_bytes = _g(r, "peers", "gguf", "bytes")
+    gguf_size = (f"{gguf_bytes / GB:.2f} GB, measured by `make bench PEERS=1`" if gguf_bytes else
+                 f"{LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB: not measured in this run, a fallback figure from an earlier measurement")
     lines += ["", "### Embedding tables", "",
               "The dense student with each table encoding (`--tables`, `--per-layer-table`; the default is int8 "
               f"for both, the head tied to the int8 embedding), and the one-plane (1.58-bit) student, beside "
-              f"llama.cpp's TQ2_0 GGUF ({LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB):", "",
+              f"llama.cpp's TQ2_0 GGUF ({gguf_size}):", "",
               "| student | artifact | decode tok/s @64 | peak RSS while decoding |", "|---|---|---|---|"]
     for name in ("dense-bf16-tables", "dense", "dense-int4-per-layer", "one-plane", "one-plane-int4-per-layer"):
         cv, dv = _g(r, "convert", name), _g(dec, name, "64")
+        if name not in r.get("convert", {}):  # results of a run from before the variant was added
+            lines.append(f"| {name} | not measured in this run | | |")
+            continue
         if cv is None or dv is None or "error" in dv:
             lines.append(f"| {name} | failed (see results.json) | | |")
             continue
@@ -236,6 +243,95 @@ def _serving(serve: dict) -> list[str]:
               f"token after {serve['ttft_joining_s']:.2f} s (it joins at the next step and prefills beside them). "
               f"Server peak RSS {serve['server_peak_rss_bytes'] / GB:.2f} GB."]
     return lines
+
+
+def peers_section(p: dict | None) -> list[str]:
+    """`make bench PEERS=1`: llama.cpp's TQ2_0 beside ferrisres, side by side at each thread count, with the ratios."""
+    if not p:
+        return []
+    plan = p["plan"]
+    lines = ["", "## Peers: llama.cpp TQ2_0", ""]
+    if "error" in p:
+        return lines + [f"llama.cpp could not be built or could not convert the checkpoint: `{p['error'].strip().splitlines()[-1][:200]}`"]
+    b, g = p["build"], p["gguf"]
+    special = ", ".join(f"{n} {t}" for n, t in sorted(g.get("special_tensor_types", {}).items()))
+    types = ", ".join(f"{t} {v['tensors']} tensors {v['bytes'] / GB:.2f} GB" for t, v in
+                      sorted((g.get("tensor_types") or {}).items(), key=lambda kv: -kv[1]["bytes"]))
+    m = p.get("machine")
+    lines += [
+        "`make bench PEERS=1` (bench/peers.py; `python bench/run.py --only peers` runs this part alone and adds it to "
+        "results.json) fetches the llama-cpp-python sdist from the package registry (`pip download`), builds llama-bench "
+        "and llama-quantize from the llama.cpp it vendors, makes a bench-only venv (CPU torch pinned) for its "
+        "`convert_hf_to_gguf.py`, converts and quantizes the checkpoint, then measures both sides. All of it is cached in "
+        "bench/.cache/peers/, keyed by the sdist version and the llama.cpp commit: a rerun only measures.",
+        "",
+        f"llama.cpp {b['commit'][:9]} (vendored in the package registry's llama-cpp-python {b['llama_cpp_python']} sdist), "
+        "built CPU only, Release, `-DGGML_NATIVE=ON` (for this machine's instruction set, as a user would), "
+        "OpenMP; the same checkpoint converted by its `convert_hf_to_gguf.py` (f16) then `llama-quantize ... TQ2_0` "
+        f"with its defaults: **{g['bytes'] / GB:.2f} GB** GGUF ({types}; outside the layers: {special}). "
+        f"ferrisres: {p.get('ferrisres_artifact', 'the dense student')}, {_fmt(p.get('artifact_bytes'), 'GB')}.",
+        "",
+        f"Each side pinned to the same cores with taskset, at 1 and 2 threads (ferrisres: `set_threads(n)`; "
+        f"llama-bench: `-t n`), alternating llama.cpp and ferrisres at each thread count. Decode: {plan['new']} tokens "
+        f"after a {plan['context']}-token context (llama-bench tg{plan['new']} at depth {plan['context']}; ferrisres's "
+        f"decode worker); prefill: a {plan['prompt']}-token prompt (pp{plan['prompt']}). Medians of {plan['repetitions']} "
+        "repetitions (llama-bench's per-repetition rates; ferrisres's runs, each its own process). "
+        "ferrisres `--kernel fast` is measured on decoding only: prefill takes the numpy path with it too.",
+        "",
+        "| measurement | threads (cores) | llama.cpp TQ2_0 | ferrisres numpy | ferrisres `--kernel fast` | numpy / llama.cpp | fast / llama.cpp |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for what, test, key in ((f"decode tok/s ({plan['new']} after {plan['context']})", f"tg{plan['new']}@d{plan['context']}", "decode_tok_s"),
+                            (f"prefill tok/s ({plan['prompt']} tokens)", f"pp{plan['prompt']}", "prefill_tok_s")):
+        for n, row in p["by_threads"].items():
+            peer = _g(row, "llama_cpp", test, "tok_s")
+            ours = _g(row, "ferrisres_numpy", key)
+            fast = _g(row, "ferrisres_fast", key)
+            lines.append(f"| {what} | {n} ({row['cpus']}) | {_fmt(peer)}{_spread(_g(row, 'llama_cpp', test, 'samples_ts'))} "
+                         f"| {_fmt(ours)}{_spread(_runs(row, 'ferrisres_numpy', key))} | {_fmt(fast)}{_spread(_runs(row, 'ferrisres_fast', key))} "
+                         f"| {_ratio(ours, peer)} | {_ratio(fast, peer)} |")
+    lines += ["", "Rates in parentheses: the lowest and highest of the repetitions. Where they are far apart, the "
+              "other jobs on the machine took the cores from one side for part of a run (two threads on two shared cores "
+              "wait for each other at every step)."]
+    setup = [f"build {b['build_s'] / 60:.1f} min", f"GGUF conversion {g['convert_s'] / 60:.1f} min + quantization "
+             f"{g['quantize_s'] / 60:.1f} min"]
+    reused = [what for what, rec in (("build", b), ("GGUF", g)) if rec.get("reused")]
+    lines += ["", f"Cost of the peer, once: {'; '.join(setup)}"
+              + (f" (the {' and '.join(reused)} made by an earlier run and reused here" if reused else " (")
+              + f"; this run's setup {p['setup_s'] / 60:.1f} min, "
+              f"the whole peer comparison {p['total_s'] / 60:.1f} min); on disk (bench/.cache/peers/) the sdist "
+              f"{b['sdist_bytes'] / GB:.2f} GB, its tree {b['source_bytes'] / GB:.2f} GB, the build {b['build_bytes'] / GB:.2f} GB, "
+              f"the GGUF {g['bytes'] / GB:.2f} GB (the f16 intermediate, {g['f16_bytes'] / GB:.2f} GB, is deleted), "
+              + (f"the convert venv {p['venv']['bytes'] / GB:.2f} GB (made in {p['venv']['seconds'] / 60:.1f} min; torch "
+                 f"{p['venv']['torch']}, transformers {p['venv']['transformers']})." if p.get("venv") else "and the convert venv.")]
+    if m:
+        lines += ["", f"Measured {m['date']} (code {p['code']['commit'][:12]}) on {m['cpu'].get('model name')} "
+                  f"({', '.join(m['cpu'].get('flags', []))}), {m['cores']} cores; load average at start {_la(m['loadavg'])}, "
+                  f"at end {_la(m.get('loadavg_end'))}"
+                  + (": the machine was shared with another job, so both sides' numbers are pessimistic" if m["loadavg"][0] > 1.5 else "")
+                  + "."]
+    for f in p.get("failures", []):
+        lines.append(f"- **failed**: {f['kind']} {f['label']}: `{f['error'].strip().splitlines()[-1][:200]}`")
+    return lines
+
+
+def _ratio(a, b) -> str:
+    if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and b):
+        return "–"
+    return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
+
+
+def _runs(row: dict, side: str, key: str) -> list:
+    """The per-run rates behind a ferrisres median (decode: one per worker; prefill: the worker's repeats)."""
+    if key == "decode_tok_s":
+        return [r["tok_s"] for r in _g(row, side, "decode_runs") or [] if "error" not in r]
+    run = _g(row, side, "prefill_run") or {}
+    n = next((k for k in run if k.isdigit()), None)
+    return [int(n) / t for t in run[n]["seconds"]] if n else []
+
+
+def _spread(rates) -> str:
+    return f" ({min(rates):.2f}–{max(rates):.2f})" if rates and len(rates) > 1 else ""
 
 
 def _la(la) -> str:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Performance at real E2B scale: `make bench` (full, ~15 min on a quiet machine) or `make bench QUICK=1` (tiny model, ~1 min).
 
-    python bench/run.py [--quick] [--keep] [--reuse] [--skip-profile] [--out bench]
+    python bench/run.py [--quick] [--keep] [--reuse] [--skip-profile] [--peers] [--out bench]
+    python bench/run.py --only peers [--quick]           # the llama.cpp comparison alone, into results.json
     python bench/run.py --report-only bench/results.json      # rewrite BENCHMARKS.md from the data
 
 1. Makes (or reuses) the synthetic Gemma 4 E2B checkpoints of bench/make_synthetic_e2b.py in bench/.cache/.
@@ -15,7 +16,12 @@
    streams and time to first token, alone and joining busy streams; the machine's DRAM read bandwidth (BLAS sgemv over 1 GiB,
    1 thread and default threads) and the decode ceiling it implies for the bytes each artifact reads per
    token (every tensor a decode step touches, from the artifact's own tensor sizes, plus the KV cache).
-4. Writes bench/results.json and BENCHMARKS.md (targets beside measurements, bandwidth bound, ratio,
+4. With --peers (`make bench PEERS=1`): builds llama.cpp, converts the same checkpoint to its TQ2_0
+   GGUF and runs its llama-bench beside ferrisres's decode and prefill workers, at 1 and 2 threads, each
+   pinned to as many cores (bench/peers.py). `--only peers` does just that, with a dense student rounded
+   to nearest (`--method rtn`: the default's encodings, so its speed, in minutes), and merges the result
+   into the existing results.json.
+5. Writes bench/results.json and BENCHMARKS.md (targets beside measurements, bandwidth bound, ratio,
    scaling tables), and in the full run a profile of decode steps (bench/profile_decode.py).
 
 What is measured is in plan.py, each measurement in workers.py, the markdown in report.py.
@@ -48,7 +54,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import make_synthetic_e2b as synth  # noqa: E402
-from plan import FULL, QUICK, TABLE_VARIANTS  # noqa: E402
+import peers  # noqa: E402
+from plan import FULL, PEERS, QUICK, QUICK_PEERS, TABLE_VARIANTS  # noqa: E402
 from report import report  # noqa: E402
 from workers import RESULT_MARK  # noqa: E402
 
@@ -66,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts kept (--keep) from an earlier run of the same product code, with their conversion measurements")
     ap.add_argument("--out", type=Path, default=HERE, help="folder for results.json of a full run (BENCHMARKS.md goes to the repo root)")
+    ap.add_argument("--peers", action="store_true", help="also measure llama.cpp's TQ2_0 beside ferrisres (bench/peers.py; builds it once)")
+    ap.add_argument("--only", choices=["peers"], help="only the llama.cpp comparison, merged into the existing results.json")
     ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON", help="rewrite the markdown report from a results.json")
     args = ap.parse_args(argv)
 
@@ -78,15 +87,14 @@ def main(argv=None) -> int:
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     results = {"mode": "quick" if args.quick else "full", "plan": plan, "machine": machine_info(), "code": code_info()}
-    snapshot = snapshot_code(results["code"]["product_code_digest"])
-    sys.path.insert(0, str(snapshot))
-    WORKER_ENV["PYTHONPATH"] = os.pathsep.join([str(snapshot), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    results["code"]["snapshot"] = str(snapshot)
+    snapshot = use_snapshot(results)
     print(f"bench ({results['mode']}): load average {results['machine']['loadavg']}; product code snapshot {snapshot}",
           file=sys.stderr)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     attempt = Attempts()
     results["failures"] = attempt.failures
+    if args.only == "peers":
+        return peers_only(results, plan, attempt, args.out, args.quick, started)
 
     sources = {s: synth.build(s) for s in dict.fromkeys([plan["scale"], *plan["scaling_scales"]])}
     results["checkpoints"] = {s: json.loads((p / "SYNTHETIC.json").read_text()) for s, p in sources.items()}
@@ -105,6 +113,9 @@ def main(argv=None) -> int:
                                          "prompt": plan["serve_prompt"], "new": plan["serve_new"]}, label="dense streams")
     if plan["profile"] and not args.skip_profile:
         results["profile"] = attempt("profile", {"path": str(arts["dense"]), "context": 64, "steps": 4}, label="dense")
+    if args.peers:
+        results["peers"] = peers.measure(sources[plan["scale"]], arts["dense"], QUICK_PEERS if args.quick else PEERS, attempt)
+        results["peers"]["ferrisres_artifact"] = "the dense student of this run (calibrated default)"
 
     results["artifact_sizes"] = {name: p.stat().st_size for name, p in arts.items()}
     results["total_seconds"] = time.perf_counter() - started
@@ -113,6 +124,40 @@ def main(argv=None) -> int:
         for p in ARTIFACTS.glob("*.tern"):
             p.unlink()
     write_results(results, args.out, args.quick)
+    return 0
+
+
+def use_snapshot(results: dict) -> Path:
+    """Snapshot the product code (snapshot_code) and make this process and every worker import it."""
+    snapshot = snapshot_code(results["code"]["product_code_digest"])
+    sys.path.insert(0, str(snapshot))
+    WORKER_ENV["PYTHONPATH"] = os.pathsep.join([str(snapshot), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    results["code"]["snapshot"] = str(snapshot)
+    return snapshot
+
+
+def peers_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: bool, started: float) -> int:
+    """`--only peers`: the llama.cpp comparison on a dense student rounded to nearest (kept in
+    bench/.cache/artifacts for the next run: the same encodings as the calibrated default, so the same
+    speed), written into the existing results.json as results["peers"] with this run's machine and code."""
+    json_path = CACHE / "quick" / "results.json" if quick else out / "results.json"
+    if not json_path.exists():
+        raise SystemExit(f"--only peers: no {json_path} to add the comparison to (run the bench once first)")
+    source = synth.build(plan["scale"])
+    artifact = ARTIFACTS / f"{plan['scale']}-dense-rtn.tern"
+    if not artifact.exists():
+        r = attempt("convert", {"source": str(source), "out": str(artifact), "extra": ["--method", "rtn"]},
+                    label=f"{plan['scale']} dense rtn")
+        if "error" in r or r.get("rc") != 0:
+            raise SystemExit(f"--only peers: the dense rtn conversion failed (see {LOGS})")
+    measured = peers.measure(source, artifact, QUICK_PEERS if quick else PEERS, attempt)
+    run["machine"]["loadavg_end"] = os.getloadavg()
+    measured.update(ferrisres_artifact="a dense student converted with --method rtn (same encodings and speed as the default)",
+                    machine=run["machine"], code=run["code"], failures=attempt.failures,
+                    total_seconds=time.perf_counter() - started)
+    results = json.loads(json_path.read_text())
+    results["peers"] = measured
+    write_results(results, out, quick)
     return 0
 
 
@@ -246,14 +291,16 @@ def write_results(results: dict, out: Path, quick: bool) -> None:
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
 
 
-def run_worker(kind: str, args: dict, env: dict | None = None, timeout: float = 7200, label: str = "") -> dict:
-    """Run a worker in a fresh interpreter; its result, wall time, the child's rusage and the load average."""
+def run_worker(kind: str, args: dict, env: dict | None = None, timeout: float = 7200, label: str = "",
+               pin: str | None = None) -> dict:
+    """Run a worker in a fresh interpreter (pinned to the cores `pin` with taskset, e.g. "0,1");
+    its result, wall time, the child's rusage and the load average."""
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{time.strftime('%H%M%S')}-{kind}-{label or 'run'}.log"
     load_before = os.getloadavg()
     start = time.perf_counter()
     with open(log, "w") as err:
-        p = subprocess.Popen([sys.executable, str(HERE / "workers.py"), kind, json.dumps(args)],
+        p = subprocess.Popen([*(["taskset", "-c", pin] if pin else []), sys.executable, str(HERE / "workers.py"), kind, json.dumps(args)],
                              stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **WORKER_ENV, **(env or {})},
                              cwd=ROOT)
         timer = threading.Timer(timeout, p.kill)

@@ -140,12 +140,20 @@ def worker_load(args: dict) -> None:
              "first_token_s": t4 - t3, "peak_rss_bytes": _status().get("VmHWM", 0)})
 
 
+def _load(args: dict):
+    """The artifact loaded as a user would run it: `threads` (default 1, the runtime's own default) and
+    `kernel` ("numpy", the reference path, by default), tokenizer parsed."""
+    from ferrisres.runtime import load, set_threads
+
+    set_threads(args.get("threads", 1))
+    model = load(args["path"], kernel=args.get("kernel", "numpy"))
+    model.tokenizer
+    return model
+
+
 def worker_prefill(args: dict) -> None:
     """Prompt processing rate: generate(max_tokens=1) on random prompts, its prefill time."""
-    from ferrisres.runtime import load
-
-    model = load(args["path"])
-    model.tokenizer
+    model = _load(args)
     vocab = model.config.vocab_size
 
     def prefill(ids) -> float:
@@ -190,10 +198,7 @@ def worker_decode(args: dict) -> None:
     """Decode after a random context; peak RSS of the decode phase (VmHWM reset after the prefill)."""
     sampler = RssSampler(0.05)
     sampler.start()
-    from ferrisres.runtime import load
-
-    model = load(args["path"])
-    model.tokenizer
+    model = _load(args)
     ids = _context_ids(model.config.vocab_size, args["context"], args.get("seed", 0))
     before_decode = {}
 
