@@ -119,11 +119,16 @@ def binary(name: str) -> Path:
     return package_dir() / "build" / "bin" / name
 
 
+def _venv_record() -> Path:
+    """What convert_venv made (versions, time, size), in the venv's own folder."""
+    return PEERS / f"convert-venv-torch{TORCH_VERSION}" / "ferrisres-bench.json"
+
+
 def convert_venv() -> dict:
     """A bench-only venv for convert_hf_to_gguf.py: CPU torch pinned, the vendored gguf-py, the rest newest."""
-    venv = PEERS / f"convert-venv-torch{TORCH_VERSION}"
+    record = _venv_record()
+    venv = record.parent
     python = venv / "bin" / "python"
-    record = venv / "ferrisres-bench.json"
     if record.exists():
         return {**json.loads(record.read_text()), "python": python, "reused": True}
     src = fetch_source()
@@ -206,9 +211,8 @@ def measure(checkpoint: Path, artifact: Path, plan: dict, attempt) -> dict:
     try:
         out["build"] = build()
         out["gguf"] = gguf_file(checkpoint)
-        venv = PEERS / f"convert-venv-torch{TORCH_VERSION}" / "ferrisres-bench.json"  # made when the GGUF was
-        if venv.exists():
-            out["venv"] = json.loads(venv.read_text())
+        if _venv_record().exists():  # made with the GGUF, by this run or an earlier one
+            out["venv"] = json.loads(_venv_record().read_text())
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         attempt.failures.append({"kind": "peers", "label": "llama.cpp build or GGUF", "error": str(e)[-1500:]})
         print(f"  FAILED: llama.cpp: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -183,8 +183,8 @@ class CalibratingLinear:
         """The trit-planes, once the layer's pass is over; a linear its pass never called (an expert no
         calibration token chose) is quantized as if its inputs were uncorrelated, H = I: round-to-nearest.
         Lets go of the weight, the Hessian and the siblings: siblings refer to each other, a reference
-        cycle that only Python's cyclic collector frees, and numpy-heavy code triggers it rarely. Before,
-        every layer's Hessians and weights stayed (E2B: 0.3-0.5 GB more resident per layer)."""
+        cycle that only Python's cyclic collector frees, and numpy-heavy code seldom triggers it, so
+        every layer's Hessians and weights would stay resident (E2B: 0.3-0.5 GB per layer)."""
         if self.planes_result is None:
             with threadpool_limits(os.cpu_count(), user_api="blas"):
                 self.planes_result = gptq_planes(self.w, np.eye(self.w.shape[1]), self.planes, self.group,
