@@ -35,8 +35,9 @@ GGUF = ROOT / ".cache" / "gemma-3-270m-q4_k_m.gguf"
 TINY = ROOT / "tests/fixtures/tiny_gemma4"
 CONVERT = Path(sys.executable).parent / "ferrisres-convert"
 STUDENTS = {  # name -> ferrisres-convert flags
-    "gptq, 2 planes (default)": [],
-    "rtn, 2 planes": ["--method", "rtn"],
+    "gptq, 2 planes, 3 in the down projections (default)": [],
+    "gptq, 2 planes everywhere (--down-planes 2)": ["--down-planes", "2"],
+    "rtn, 2 planes, 3 in the down projections": ["--method", "rtn"],
     "gptq, 1 plane": ["--planes", "1"],
     "rtn, 1 plane": ["--method", "rtn", "--planes", "1"],
     "per-row absmean (the original student)": ["--method", "rtn", "--planes", "1", "--group", "row", "--rotate", "none"],

@@ -91,9 +91,9 @@ class Calibration:
     `quantized(name)` returns a ternary linear's trit-planes, running the layers up to its own."""
 
     def __init__(self, model: Model, weights, ternary_names: set[str], sequences: list[np.ndarray],
-                 planes: int, group: int, rotate: int):
+                 planes_of, group: int, rotate: int):
         self.model, self.weights, self.ternary_names = model, weights, ternary_names
-        self.planes, self.group, self.rotate = planes, group, rotate
+        self.planes_of, self.group, self.rotate = planes_of, group, rotate  # planes_of(name): a linear's planes
         caches = [KVCache(model.config) for _ in sequences]
         self.tokens = model.decoder.embed(list(zip(sequences, caches)))
         self.hessians = HessianCache()
@@ -120,7 +120,8 @@ class Calibration:
                 continue
             source = self.weights.read(name, self.model.artifact.tensors[name].shape)
             matrices = source if source.ndim == 3 else source[None]
-            calibrating = [CalibratingLinear(m, self.planes, self.group, self.rotate, self.hessians) for m in matrices]
+            calibrating = [CalibratingLinear(m, self.planes_of(name), self.group, self.rotate, self.hessians)
+                           for m in matrices]
             weights[key] = calibrating if source.ndim == 3 else calibrating[0]
             pending.append((name, calibrating))
         for keys in SHARED_INPUT:

@@ -11,6 +11,7 @@ Schemes (`--scheme`), the default chosen by measurement (QUALITY.md):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,25 +124,50 @@ def fit_plane_scales(w: np.ndarray, planes: int, importance: np.ndarray | None =
     `importance` (GPTQ passes the diagonal of H: the mean square of that input, so a weight that
     multiplies large inputs counts more; None: all equal). Plane 1 keeps, per row, the k largest |w|
     with the best scale for the best k (the exact least-squares ternary fit when all weigh the same);
-    plane 2 does the same with what plane 1 leaves. Then, alternately, every weight takes its nearest
-    of the 9 levels two planes form and the two scales are refit to those codes by least squares."""
+    each further plane does the same with what the planes before it leave. Then, alternately, every
+    weight takes its nearest of the levels the planes form (9 for two, 27 for three) and the scales are
+    refit to those codes by weighted least squares."""
     d = np.ones(w.shape[1]) if importance is None else np.maximum(importance, 1e-30)
-    t1, a1 = _weighted_ternary_fit(w, d)
+    fits, rest = [], w
+    for _ in range(planes):
+        t, a = _weighted_ternary_fit(rest, d)
+        fits.append(a)
+        rest = rest - a[:, None] * t
+    scales = np.stack(fits, axis=1)
     if planes == 1:
-        return _as_f16(a1[:, None])
-    _, a2 = _weighted_ternary_fit(w - a1[:, None] * t1, d)
-    scales = np.stack([a1, a2], axis=1)
+        return _as_f16(scales)
     for _ in range(refinements):
-        c1, c2 = nearest_codes(w, scales).astype(np.float64).transpose(1, 0, 2)  # [out, g] each
-        # the weighted least-squares 2 x 2 system per row, solved by Cramer's rule (numpy's batched
-        # solve costs microseconds per tiny matrix)
-        g11, g12, g22 = (c1 * c1) @ d, (c1 * c2) @ d, (c2 * c2) @ d
-        r1, r2 = (c1 * w) @ d, (c2 * w) @ d
-        det = g11 * g22 - g12 * g12
-        solvable = np.abs(det) > 1e-12 * (g11 + g22) ** 2
-        refit = np.stack([r1 * g22 - r2 * g12, r2 * g11 - r1 * g12], axis=1)
-        scales = np.where(solvable[:, None], refit / np.where(solvable, det, 1)[:, None], scales)
+        c = nearest_codes(w, scales).astype(np.float64)  # [out, planes, g]
+        weighted = c * d
+        gram = weighted @ c.transpose(0, 2, 1)  # [out, planes, planes]
+        rhs = (weighted @ w[:, :, None])[:, :, 0]
+        refit, solvable = _solve_small_gram(gram, rhs)
+        scales = np.where(solvable[:, None], refit, scales)  # a singular row keeps its scales
     return _as_f16(scales)
+
+
+def _solve_small_gram(gram: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [out, p] with gram x = rhs for each row's small Gram matrix gram [out, p, p], by a Cholesky
+    factorization written out over the p <= 3 unknowns and vectorized over the rows (numpy's batched
+    solve costs microseconds per tiny matrix: seconds per E2B layer). A row whose matrix is singular
+    (a plane with no non-zero code, or two planes with the same codes) is marked unsolvable."""
+    out, p, _ = gram.shape
+    scale = np.einsum("opp->o", gram)
+    lower = np.zeros_like(gram)
+    solvable = scale > 0
+    for j in range(p):
+        pivot = gram[:, j, j] - np.sum(lower[:, j, :j] ** 2, axis=1)
+        solvable &= pivot > 1e-12 * scale
+        lower[:, j, j] = np.sqrt(np.where(solvable, pivot, 1.0))
+        for i in range(j + 1, p):
+            lower[:, i, j] = (gram[:, i, j] - np.sum(lower[:, i, :j] * lower[:, j, :j], axis=1)) / lower[:, j, j]
+    y = np.zeros_like(rhs)
+    for i in range(p):  # L y = rhs
+        y[:, i] = (rhs[:, i] - np.sum(lower[:, i, :i] * y[:, :i], axis=1)) / lower[:, i, i]
+    x = np.zeros_like(rhs)
+    for i in reversed(range(p)):  # Lᵀ x = y
+        x[:, i] = (y[:, i] - np.sum(lower[:, i + 1 :, i] * x[:, i + 1 :], axis=1)) / lower[:, i, i]
+    return x, solvable
 
 
 def _weighted_ternary_fit(w: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,11 +188,10 @@ def _weighted_ternary_fit(w: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.
 
 
 class Levels:
-    """The values one group of a row can take with its scales [out, planes]: 3 (one plane) or 9 (two),
+    """The values one group of a row can take with its scales [out, planes]: 3 ** planes (3, 9 or 27),
     sorted per row, so the nearest level of a weight is found by comparing it with the midpoints."""
 
-    CODES = {1: np.array([[-1], [0], [1]], dtype=np.int8),
-             2: np.array([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=np.int8)}
+    CODES = {p: np.array(list(itertools.product((-1, 0, 1), repeat=p)), dtype=np.int8) for p in (1, 2, 3)}
 
     def __init__(self, scales: np.ndarray):
         codes = self.CODES[scales.shape[1]]

@@ -28,6 +28,10 @@ from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
 PACKINGS = ("2bit", "base3")  # grouped ternary: 4 codes per byte (ternary-gN), 5 (ternary5-gN, format 1.2)
 SEQUENCE_TOKENS = 128  # tokens per calibration sequence (BOS included)
 
+# The MLP down projections' planes by --planes: the 2-plane student gives them a third. Measured on Gemma 3
+# 270M, they carry the largest share of the student's error per weight (docs/quantization.md).
+DOWN_PLANES_DEFAULT = {1: 1, 2: 3}
+
 ROUTER_INIT_STD = 0.02  # x hidden**-0.5: router logits start with a std of ~0.02, so routing is near uniform
 
 
@@ -38,6 +42,7 @@ class Options:
     quant: str = "ternary"  # or "bf16" / "f16" / "f32": the unquantized teacher
     method: str = "gptq"  # "gptq": calibrated (calibrate.py); "rtn": round to nearest, no calibration
     planes: int = 2  # ternary planes per weight (1: the strict 1.58-bit student)
+    down_planes: int | None = None  # the MLP down projections' planes (None: DOWN_PLANES_DEFAULT[planes])
     group: int = 64  # columns per scale (0: one scale per row)
     rotate: int = 64  # block Hadamard order of each linear's input rotation (0: none)
     packing: str = "2bit"  # grouped ternary codes: "2bit" (4 per byte) or "base3" (5 per byte)
@@ -55,10 +60,18 @@ class Options:
     tables: str | None = None  # both embedding tables' encoding (None: the student's default, a teacher's quant)
     per_layer_table: str | None = None  # the per-layer table's, if not that of --tables
 
+    def planes_of(self, name: str) -> int:
+        """Ternary planes of the linear `name`: the MLP down projections (dense, every expert, Gemma 4's MoE
+        block) may carry more than the others (docs/quantization.md, "Where the planes go")."""
+        if name.endswith("down_proj"):
+            return self.down_planes or DOWN_PLANES_DEFAULT[self.planes]
+        return self.planes
+
     @property
     def per_row(self) -> bool:
         """The original student: one scale per row by `scheme`, the `ternary` encoding."""
-        return self.method == "rtn" and self.planes == 1 and self.group == 0 and self.rotate == 0
+        return (self.method == "rtn" and self.planes == 1 and self.planes_of("down_proj") == 1 and self.group == 0
+                and self.rotate == 0)
 
     def float_student(self) -> "Options":
         """The same student (MoE expansion, AttnRes, LoRA) unquantized, in bf16: what calibration runs.
@@ -92,6 +105,7 @@ class Options:
             "quant": self.quant,
             "method": self.method if ternary else None,
             "planes": self.planes if ternary else None,
+            "down_planes": self.planes_of("down_proj") if ternary else None,
             "group": (self.group or "row") if ternary else None,
             "rotate": self.rotate if ternary else None,
             "packing": self.packing if ternary and not self.per_row else None,
@@ -188,7 +202,7 @@ def student_config(base: ModelConfig, options: Options) -> ModelConfig:
 def _check_quantization(options: Options, defaults: Options) -> None:
     """The quantization flags make sense together (each refused with the flag that does not)."""
     if options.quant != "ternary":
-        for flag in ("method", "planes", "group", "rotate", "calibration", "calibration_tokens", "scheme"):
+        for flag in ("method", "planes", "down_planes", "group", "rotate", "calibration", "calibration_tokens", "scheme"):
             if getattr(options, flag) != getattr(defaults, flag):
                 raise ConversionError(f"--{flag.replace('_', '-')} applies to ternary students, not to --quant {options.quant}")
         return
@@ -196,6 +210,8 @@ def _check_quantization(options: Options, defaults: Options) -> None:
         raise ConversionError(f"--method must be gptq or rtn, got {options.method!r}")
     if options.planes not in (1, 2):
         raise ConversionError(f"--planes must be 1 or 2, got {options.planes}")
+    if options.down_planes is not None and options.down_planes not in (1, 2, 3):
+        raise ConversionError(f"--down-planes must be 1, 2 or 3, got {options.down_planes}")
     if options.group < 0 or options.group % 4:
         raise ConversionError(f"--group must be a positive multiple of 4 or 'row', got {options.group}")
     if options.rotate < 0 or options.rotate & (options.rotate - 1) or options.rotate == 1:

@@ -5,10 +5,11 @@ numpy dtype of the bytes on disk. numpy has no bfloat16, so bf16 tensors are sto
 uint16 bit patterns. Ternary weights are packed 4 to a byte (see `pack_ternary`); ternary and int8
 weights have a float32 companion dataset `<name>.weight_scale` (per row, or `[1]` per tensor).
 
-Grouped ternary weights (`ternary-g1`, `ternary-g2`) hold one or two planes of ternary codes per row,
+Grouped ternary weights (`ternary-g1`, `ternary-g2`, `ternary-g3`) hold one to three planes of ternary codes per row,
 W = sum_p scale_p * T_p, with a float16 scale per plane and per group of columns, and optionally
 multiply an input rotated by a block Hadamard matrix (`hadamard`, attribute `rotation`). Their base-3
-forms (`ternary5-g1`, `ternary5-g2`, format 1.2) pack 5 codes per byte instead of 4 (`pack_base3`).
+forms (`ternary5-g1`, `ternary5-g2`, format 1.2; `ternary5-g3`, 1.3) pack 5 codes per byte instead of 4
+(`pack_base3`). Three planes (format 1.3) are for the linears a student gives one plane more than the rest.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ ENCODINGS: dict[str, np.dtype] = {
     "ternary": np.dtype("u1"),
     "ternary-g1": np.dtype("u1"),
     "ternary-g2": np.dtype("u1"),
+    "ternary-g3": np.dtype("u1"),
     "ternary5-g1": np.dtype("u1"),
     "ternary5-g2": np.dtype("u1"),
+    "ternary5-g3": np.dtype("u1"),
     "int4-g32": np.dtype("u1"),  # embedding tables only (tables.py)
     "int4-g64": np.dtype("u1"),
     "i64": np.dtype("<i8"),
@@ -36,8 +39,8 @@ ENCODINGS: dict[str, np.dtype] = {
 DOCUMENT_ENCODINGS = ("bytes", "zlib")  # a document's text as is, or compressed (format 1.2)
 
 # 2-bit ternary codes: value + 1, so -1 -> 0b00, 0 -> 0b01, +1 -> 0b10. 0b11 is invalid.
-BASE3_TERNARY = {"ternary5-g1": 1, "ternary5-g2": 2}  # grouped ternary packed 5 codes per byte
-GROUPED_TERNARY = {"ternary-g1": 1, "ternary-g2": 2, **BASE3_TERNARY}  # encoding -> planes of codes per row
+BASE3_TERNARY = {"ternary5-g1": 1, "ternary5-g2": 2, "ternary5-g3": 3}  # grouped ternary packed 5 codes per byte
+GROUPED_TERNARY = {"ternary-g1": 1, "ternary-g2": 2, "ternary-g3": 3, **BASE3_TERNARY}  # encoding -> planes of codes per row
 
 # Base-3 codes: a byte holds 5 codes as the base-3 number sum_k (t_k + 1) 3^k (3^5 = 243 <= 256). A row is
 # cut into blocks of 64 codes, each packed into 13 bytes (65 slots, the last one a zero), so that every

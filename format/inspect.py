@@ -83,11 +83,15 @@ _PACKINGS = {"2bit": "2-bit packing (4 codes per byte)", "base3": "base-3 packin
 
 
 def _quantization(s: dict) -> str:
-    """How the ternary weights were made, e.g. "gptq, 2 planes, group 64, rotate 64, base-3 packing (5 codes
-    per byte), calibrated on teacher (8192 tokens)" or "scheme absmean-row" (the original per-row student)."""
+    """How the ternary weights were made, e.g. "gptq, 2 planes (3 in the MLP down projections), group 64,
+    rotate 64, base-3 packing (5 codes per byte), calibrated on teacher (8192 tokens)" or "scheme
+    absmean-row" (the original per-row student)."""
     if s.get("scheme") or s.get("method") is None:
         return f"scheme {s.get('scheme')}"
-    text = f"{s.get('method')}, {s.get('planes')} planes, group {s.get('group')}, rotate {s.get('rotate') or 'none'}"
+    text = f"{s.get('method')}, {s.get('planes')} planes"
+    if s.get("down_planes") not in (None, s.get("planes")):  # recorded since format 1.3
+        text += f" ({s['down_planes']} in the MLP down projections)"
+    text += f", group {s.get('group')}, rotate {s.get('rotate') or 'none'}"
     if s.get("packing"):  # recorded since format 1.2
         text += f", {_PACKINGS.get(s['packing'], s['packing'])}"
     calibration = s.get("calibration")

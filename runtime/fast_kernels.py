@@ -118,9 +118,11 @@ def _ternary(packed, x, scales, group_bytes, f16, out):
             for j in range(nbytes):
                 p0[j] = _dot4(_weights(np.int32(first[j])), x, j)
                 p1[j] = _dot4(_weights(np.int32(last[j])), x, j)
-        else:
-            for j in range(nbytes):
-                p0[j] = _dot4(_weights(np.int32(first[j])), x, j)
+        else:  # one plane, or three (the down projections' third plane): a plane at a time
+            for p in range(planes):
+                row, products = packed[r, p], partial[p]
+                for j in range(nbytes):
+                    products[j] = _dot4(_weights(np.int32(row[j])), x, j)
         total = np.float32(0)
         for p in range(planes):
             total += _scaled_groups(partial[p], scales[r, p], group_bytes, f16)
@@ -177,9 +179,11 @@ def _ternary5(packed, x, scales, group_bytes, f16, out):
             for j in range(nbytes):
                 total += (_dot5(_weights5(np.int32(first[j])), x, j) * s0[j]
                           + _dot5(_weights5(np.int32(last[j])), x, j) * s1[j])
-        else:
-            for j in range(nbytes):
-                total += _dot5(_weights5(np.int32(first[j])), x, j) * s0[j]
+        else:  # one plane, or three: a plane at a time
+            for p in range(planes):
+                row, byte_scale = packed[r, p], byte_scales[p]
+                for j in range(nbytes):
+                    total += _dot5(_weights5(np.int32(row[j])), x, j) * byte_scale[j]
         out[r] = total
 
 

@@ -52,7 +52,7 @@ class Bases:
         self.int4_tables = tensors("int4", lambda d: d.name.startswith("embed_tokens"))  # tables and their float16 scales
         self.int4 = next(d for d in self.int4_tables if d.encoding == "int4-g32")
         self.int4_scale = self.lay["int4"][f"tensors/{self.int4.name}.weight_scale"]
-        self.base3 = tensors("base3", lambda d: d.encoding == "ternary5-g2" and d.shape[-1] >= 256)[0]  # 4 groups
+        self.base3 = tensors("base3", lambda d: d.encoding == "ternary5-g3" and d.shape[-1] >= 256)[0]  # 4 groups
         self.X, self.N, self.H = (f"tensors/{d.name}" for d in (self.ternary, self.norm, self.int8))
         self.I4, self.I4S = f"tensors/{self.int4.name}", f"tensors/{self.int4_scale.name}"
 
@@ -447,12 +447,12 @@ def int4_attributes(b: Bases) -> None:
 
 
 def base3_tensors(b: Bases) -> None:
-    """A base-3 ternary tensor (format 1.2): other readings of its bytes are refused, naming it; the byte
-    values no writer writes (243-255) are defined, and read as zeros."""
+    """A base-3 ternary tensor of three planes (formats 1.2 and 1.3): other readings of its bytes are refused,
+    naming it; the byte values no writer writes (243-255) are defined, and read as zeros."""
     add, d = b.add, b.base3
     key, scale = f"tensors/{d.name}", f"tensors/{d.name}.weight_scale"
-    for value, words in [("ternary-g2", ("stored as",)), ("ternary5-g1", ("stored as",)),
-                         ("ternary5-g3", ("unknown encoding",)), ("int8", ("datatype",))]:
+    for value, words in [("ternary-g3", ("stored as",)), ("ternary5-g1", ("stored as",)), ("ternary5-g2", ("stored as",)),
+                         ("ternary5-g4", ("unknown encoding",)), ("int8", ("datatype",))]:
         add(f"base3 attr/encoding={value}", "base-3 tensors", "base3", set_attr(key, "encoding", value), {REFUSED},
             (*words, d.name))
     add("base3 attr/shape one column wider", "base-3 tensors", "base3",

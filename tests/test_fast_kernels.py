@@ -61,7 +61,8 @@ CASES = [  # encoding, out, in, group, rotation: padded rows, groups of 16 bytes
     # of whole blocks and with a short last block
     ("ternary", 37, 70, 0, 0), ("ternary-g1", 40, 256, 64, 64), ("ternary-g2", 40, 256, 64, 0),
     ("ternary-g2", 33, 96, 32, 32), ("ternary-g2", 24, 40, 4, 0), ("ternary5-g1", 40, 256, 64, 64),
-    ("ternary5-g2", 40, 256, 128, 0), ("ternary5-g2", 33, 70, 70, 0), ("int4-g32", 30, 70, 0, 0),
+    ("ternary5-g2", 40, 256, 128, 0), ("ternary5-g2", 33, 70, 70, 0), ("ternary-g3", 40, 256, 64, 64),
+    ("ternary5-g3", 40, 256, 64, 0), ("int4-g32", 30, 70, 0, 0),
     ("int4-g64", 30, 200, 0, 0), ("int8", 50, 130, 0, 0), ("bf16", 20, 100, 0, 0), ("f16", 20, 100, 0, 0),
 ]
 

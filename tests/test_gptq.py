@@ -6,9 +6,9 @@
   choices as Babai's nearest plane with a Cholesky factor of H itself: this is the check that it does.)
 - The Cholesky factorization it uses, blocked and in place, equals numpy's.
 - On correlated inputs with an outlier channel it reaches a much smaller layer-output error than
-  round-to-nearest, for one and two planes, with and without the Hadamard rotation.
+  round-to-nearest, for one, two and three planes, with and without the Hadamard rotation.
 - With H = I (no input correlation) there is nothing to compensate: it is round-to-nearest exactly.
-- The planes' values: every weight is one of the 3 (or 9) levels of its group's float16 scales.
+- The planes' values: every weight is one of the 3 (9, 27) levels of its group's float16 scales.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 
 from ferrisres.convert.calibrate import CalibratingLinear, HessianCache
 from ferrisres.convert.gptq import _cholesky_in_place, gptq_planes, output_error
-from ferrisres.convert.quantize import fit_plane_scales, nearest_codes, round_to_planes
+from ferrisres.convert.quantize import _solve_small_gram, fit_plane_scales, nearest_codes, round_to_planes
 from ferrisres.format.encodings import hadamard, rotate_blocks
 
 
@@ -51,7 +51,7 @@ def obq_reference(w: np.ndarray, h: np.ndarray, planes: int, group: int, damping
     return codes
 
 
-@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("planes", [1, 2, 3])
 def test_error_feedback_equals_the_optimal_brain_quantizer(planes):
     rng = np.random.default_rng(planes)
     n = 24  # three groups within one block of columns; the next test crosses blocks
@@ -72,7 +72,7 @@ def test_lazy_blocks_change_nothing():
     np.testing.assert_array_equal(gptq_planes(w, h, 2, group=64).codes, obq_reference(w, h, 2, group=64, damping=0.01))
 
 
-@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("planes", [1, 2, 3])
 @pytest.mark.parametrize("rotation", [0, 64])
 def test_output_error_well_below_round_to_nearest(planes, rotation):
     rng = np.random.default_rng(0)
@@ -90,7 +90,7 @@ def test_output_error_well_below_round_to_nearest(planes, rotation):
     assert gptq < 0.7 * rtn, (gptq, rtn)
 
 
-@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("planes", [1, 2, 3])
 def test_uncorrelated_inputs_leave_nothing_to_compensate(planes):
     """H = I without damping: the inverse is diagonal, so no error moves: round-to-nearest's codes
     exactly. The scales are then refit to those codes by least squares: never a larger error."""
@@ -117,7 +117,7 @@ def test_scale_refit_is_the_least_squares_optimum_for_the_codes():
             assert worse >= best * (1 - 1e-4), (index, step)
 
 
-@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("planes", [1, 2, 3])
 def test_every_weight_is_a_level_of_its_groups_scales(planes):
     w = np.random.default_rng(2).standard_normal((16, 128))
     x = correlated_inputs(128, 300, seed=2)
@@ -128,15 +128,28 @@ def test_every_weight_is_a_level_of_its_groups_scales(planes):
     np.testing.assert_array_equal(tp.dequantized(), levels.reshape(16, 128))
 
 
-def test_two_planes_fit_a_group_better_than_one():
-    """The second plane fits what the first leaves: the group's squared error drops several-fold."""
+def test_each_plane_fits_a_group_better_than_the_planes_before():
+    """A further plane fits what the planes before it leave: the group's squared error drops several-fold."""
     w = np.random.default_rng(4).standard_normal((32, 64))
     error = {}
-    for planes in (1, 2):
+    for planes in (1, 2, 3):
         scales = fit_plane_scales(w, planes).astype(np.float64)
         q = np.sum(nearest_codes(w, scales) * scales[:, :, None], axis=1)
         error[planes] = np.sum((w - q) ** 2)
-    assert error[2] < 0.25 * error[1], error
+    assert error[2] < 0.25 * error[1] and error[3] < 0.25 * error[2], error
+
+
+@pytest.mark.parametrize("planes", [2, 3])
+def test_the_scales_small_systems_are_solved_exactly_and_singular_ones_flagged(planes):
+    rng = np.random.default_rng(planes)
+    a = rng.standard_normal((50, planes, 7))
+    gram, rhs = a @ a.transpose(0, 2, 1), rng.standard_normal((50, planes))
+    gram[0] = 0  # a row whose planes are all zero
+    gram[1, -1], gram[1, :, -1] = gram[1, 0], gram[1, :, 0]  # two planes with the same codes
+    gram[1, -1, -1] = gram[1, 0, 0]
+    x, solvable = _solve_small_gram(gram, rhs)
+    assert not solvable[0] and not solvable[1] and solvable[2:].all()
+    np.testing.assert_allclose(x[2:], np.linalg.solve(gram[2:], rhs[2:, :, None])[..., 0], rtol=1e-9, atol=1e-9)
 
 
 def test_hadamard_is_orthonormal_and_symmetric():

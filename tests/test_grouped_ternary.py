@@ -1,4 +1,4 @@
-"""The grouped trit-plane encodings (`ternary-g1`, `ternary-g2`) in the artifact and the runtime: what the
+"""The grouped trit-plane encodings (`ternary-g1`, `-g2`, `-g3`) in the artifact and the runtime: what the
 reader refuses, and that every way the runtime multiplies them computes the same weight."""
 
 from __future__ import annotations
@@ -53,13 +53,15 @@ def test_reader_refuses_group_scales_whose_groups_do_not_divide_the_row(converte
         for k, v in attrs.items():
             if k != "shape":
                 t[NAME + ".weight_scale"].attrs[k] = v
-        t[NAME + ".weight_scale"].attrs["shape"] = np.asarray([64, 2, 3], dtype=np.int64)
+        t[NAME + ".weight_scale"].attrs["shape"] = np.asarray([*scales.shape[:-1], 3], dtype=np.int64)
 
     with pytest.raises(ArtifactError, match="with groups dividing 256"):
         Artifact.open(patched(converted("tiny_gemma4"), tmp_path, change))
 
 
-@pytest.mark.parametrize("encoding,options", [("ternary-g2", {}), ("ternary5-g2", {"packing": "base3"})])
+@pytest.mark.parametrize("encoding,options", [("ternary-g3", {}), ("ternary5-g3", {"packing": "base3"}),
+                                              ("ternary-g2", {"down_planes": 2}),
+                                              ("ternary5-g2", {"down_planes": 2, "packing": "base3"})])
 def test_every_multiplication_path_computes_the_dequantized_weight(converted, encoding, options):
     """Chunked numpy decode, the int8 code cache and row-split threads against the independent dequantizer."""
     model = load(converted("tiny_gemma4", **options))
@@ -69,9 +71,9 @@ def test_every_multiplication_path_computes_the_dequantized_weight(converted, en
     np.testing.assert_allclose(linear.dequantize(), expected, rtol=0, atol=1e-6)
     x = np.random.default_rng(0).standard_normal((5, 256))
     want = x @ expected.T
-    # float32 products over 2 planes x 256 inputs (base-3: 2 x 320 slots, the unused ones exact zeros): each
-    # output's rounding is at most ~512 float32 epsilons
-    # (1.2e-7 each) of sum |x| |w|; 1e-5 of it leaves room for the rotation's own rounding
+    # float32 products over up to 3 planes x 256 inputs (base-3: 3 x 320 slots, the unused ones exact zeros):
+    # rounding errors of either sign add up like a random walk, sqrt(960) x 6e-8 (float32's unit roundoff)
+    # ~ 2e-6 of sum |x| |w|; 1e-5 leaves room for the rotation's own rounding
     atol = 1e-5 * np.max(np.abs(x).sum(axis=1)) * np.abs(expected).max()
     np.testing.assert_allclose(linear(x), want, rtol=0, atol=atol)
     small_chunks = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
@@ -94,11 +96,11 @@ def test_rotation_is_computed_once_for_linears_sharing_an_input():
 def test_base3_packing_stores_the_same_codes_in_13_bytes_per_64(converted):
     two_bit, base3 = (load(converted("tiny_gemma4", method="rtn", **options)).artifact
                       for options in ({}, {"packing": "base3"}))
-    packed = {name: info for name, info in two_bit.tensors.items() if info.encoding == "ternary-g2"}
-    assert packed
+    packed = {name: info for name, info in two_bit.tensors.items() if info.encoding in ("ternary-g2", "ternary-g3")}
+    assert {info.encoding for info in packed.values()} == {"ternary-g2", "ternary-g3"}  # down projections: 3 planes
     for name, info in packed.items():
         other, n_in = base3.tensors[name], info.shape[-1]
-        assert other.encoding == "ternary5-g2" and other.shape == info.shape
+        assert other.encoding == info.encoding.replace("ternary-", "ternary5-") and other.shape == info.shape
         assert other.stored_shape[-1] == n_in // 64 * 13 + -(-(n_in % 64) // 5)  # 32 wide: 7 bytes, not 8
         np.testing.assert_array_equal(base3.tensor(name + ".weight_scale"), two_bit.tensor(name + ".weight_scale"))
         codes = base3_codes(base3.tensor(name).reshape(-1, other.stored_shape[-1]), n_in)
@@ -109,5 +111,5 @@ def test_base3_keeps_2bit_for_groups_that_are_not_whole_blocks(converted):
     """--group 32: a group would start inside a base-3 byte, so those tensors stay 2-bit; a 32-wide input is
     one group, which base-3 holds."""
     artifact = load(converted("tiny_gemma4", method="rtn", group=32, packing="base3")).artifact
-    assert artifact.tensors["layers.0.mlp.down_proj"].encoding == "ternary-g2"  # 256 wide: 8 groups of 32
+    assert artifact.tensors["layers.0.mlp.down_proj"].encoding == "ternary-g3"  # 256 wide: 8 groups of 32
     assert artifact.tensors["layers.0.self_attn.o_proj"].encoding == "ternary5-g2"  # 32 wide: 1 group

@@ -31,11 +31,13 @@ def ternary_bytes(path: Path) -> int:
 def test_inspect_shows_base3_packing_and_its_bytes(converted):
     student = converted("tiny_gemma4", method="rtn", packing="base3")
     out = run_tool(INSPECT, str(student)).stdout
-    assert "rtn, 2 planes, group 64, rotate 64, base-3 packing (5 codes per byte)" in out, out
-    with Artifact.open(student) as a:  # 13 bytes per 64 codes of a row and plane, 5 codes a byte after
-        expected = sum(2 * info.shape[0] * (info.shape[1] // 64 * 13 + -(-(info.shape[1] % 64) // 5))
-                       for info in a.tensors.values() if info.encoding == "ternary5-g2")
-    assert expected and amount(kind_line(out, "linear weights (ternary5-g2)")) == expected
+    assert ("rtn, 2 planes (3 in the MLP down projections), group 64, rotate 64, base-3 packing (5 codes per byte)"
+            in out), out
+    for planes in (2, 3):
+        with Artifact.open(student) as a:  # 13 bytes per 64 codes of a row and plane, 5 codes a byte after
+            expected = sum(planes * info.shape[0] * (info.shape[1] // 64 * 13 + -(-(info.shape[1] % 64) // 5))
+                           for info in a.tensors.values() if info.encoding == f"ternary5-g{planes}")
+        assert expected and amount(kind_line(out, f"linear weights (ternary5-g{planes})")) == expected
 
 
 def all_tensor_bytes(path: Path) -> int:
@@ -77,7 +79,8 @@ def test_text_summary(student):
     assert f"{c['num_kv_shared_layers']} KV-shared layers" in out
     assert f"head dims {sorted({c['head_dim'], c['global_head_dim']})}" in out
     # the quantization scheme
-    assert re.search(r"quant ternary, gptq, 2 planes, group 64, rotate 64, 2-bit packing \(4 codes per byte\), "
+    assert re.search(r"quant ternary, gptq, 2 planes \(3 in the MLP down projections\), group 64, rotate 64, "
+                     r"2-bit packing \(4 codes per byte\), "
                      r"calibrated on teacher \(8192 tokens\)", out), out
     assert "head tied, tables embed_tokens int8 / embed_tokens_per_layer int8" in out
     # bytes by kind

@@ -307,8 +307,10 @@ def check_turn_against_full_forward(model, spy: ForwardSpy, session, user_text: 
     ids = list(session.context)  # every token id the cache holds now: earlier turns, this prompt, this reply
     end = len(before) + len(g.prompt_ids)
     assert ids[: len(before)] == before and ids[len(before) : end] == g.prompt_ids
-    # the cache holds exactly the rendered conversation so far (not, e.g., a stale or doubled history)
-    assert model.tokenizer.decode(ids[:end], skip_special_tokens=False) == prompt
+    # the cache holds exactly the rendered conversation so far (not, e.g., a stale or doubled history). A random
+    # model's reply may be bytes that are not UTF-8: its text (with U+FFFD) has no round trip, only its ids
+    if "\ufffd" not in prompt:
+        assert model.tokenizer.decode(ids[:end], skip_special_tokens=False) == prompt
     assert 0 < len(g.prompt_ids) < len(model.encode(prompt)), "only the new tokens must be prefilled"
     calls = list(spy.calls)
     assert calls[0][0] == len(g.prompt_ids)

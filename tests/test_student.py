@@ -38,20 +38,21 @@ def test_runtime_equals_fake_quant_forward(converted, checkpoint, quant, options
     expected = reference_logits(dequantized_weights(model.artifact), model.config, ids)
     # float32 products over these reductions and depths: 7e-4 to 3e-3 here, 15-50x what any OpenBLAS
     # kernel gives; a decoding or scaling error moves the logits by > 0.1 (test_student_differs_...).
-    # A two-plane product sums twice the terms and a rotated input is rounded once more: a factor of
-    # about sqrt(2) on the products' rounding, well inside that margin.
+    # A product of two (three) planes sums twice (three times) the terms and a rotated input is rounded once
+    # more: a factor of about sqrt(3) on the products' rounding at most, well inside that margin.
     np.testing.assert_allclose(model.logits(ids), expected, rtol=0, atol=float32_bound(model, ids))
 
 
-def test_default_student_weights_are_two_rotated_trit_planes_with_group_scales(converted):
+def test_default_student_has_two_rotated_trit_planes_and_three_in_the_down_projections(converted):
     model = load(converted("tiny_gemma4", "ternary"))
     info = model.artifact.tensors["layers.0.mlp.gate_proj"]
     assert info.encoding == "ternary-g2" and info.shape == (256, 64) and info.stored_shape == (256, 2, 16)
     assert info.rotation == 64
     scale = model.artifact.tensors["layers.0.mlp.gate_proj.weight_scale"]
     assert scale.encoding == "f16" and scale.shape == (256, 2, 1)
-    down = model.artifact.tensors["layers.0.mlp.down_proj"]  # in = 256: four groups of 64
-    assert model.artifact.tensors["layers.0.mlp.down_proj.weight_scale"].shape == (64, 2, 4) and down.rotation == 64
+    down = model.artifact.tensors["layers.0.mlp.down_proj"]  # the down projections carry a third plane
+    assert down.encoding == "ternary-g3" and down.stored_shape == (64, 3, 64) and down.rotation == 64
+    assert model.artifact.tensors["layers.0.mlp.down_proj.weight_scale"].shape == (64, 3, 4)  # in 256: 4 groups
     o_proj = model.artifact.tensors["layers.0.self_attn.o_proj"]  # in = 32: one group, rotation of 32
     assert model.artifact.tensors["layers.0.self_attn.o_proj.weight_scale"].shape == (64, 2, 1) and o_proj.rotation == 32
     assert model.artifact.tensors["embed_tokens"].encoding == "int8" and "lm_head" not in model.artifact.tensors

@@ -152,7 +152,7 @@ def _rewrite(path, name, data=None, attrs=None):
      "dataset /tensors/embed_tokens is stored as [512, 31], which does not hold logical shape [512, 64]"),
     ("int4 projection", lambda p: _rewrite(p, "layers.0.self_attn.q_proj", np.zeros((32, 32), np.uint8),
                                            {"encoding": "int4-g32", "rotation": None}),
-     "tensor layers.0.self_attn.q_proj has encoding int4-g32, expected one of ternary, ternary-g1, ternary-g2, ternary5-g1, ternary5-g2, int8, bf16, f16, f32"),
+     "tensor layers.0.self_attn.q_proj has encoding int4-g32, expected one of ternary, ternary-g1, ternary-g2, ternary-g3, ternary5-g1, ternary5-g2, ternary5-g3, int8, bf16, f16, f32"),
 ])
 def test_reader_refuses_malformed_int4_tables(converted, tmp_path, case, edit, message):
     path = tmp_path / "x.tern"
