@@ -151,7 +151,7 @@ def _solve_small_gram(gram: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np
     factorization written out over the p <= 3 unknowns and vectorized over the rows (numpy's batched
     solve costs microseconds per tiny matrix: seconds per E2B layer). A row whose matrix is singular
     (a plane with no non-zero code, or two planes with the same codes) is marked unsolvable."""
-    out, p, _ = gram.shape
+    p = gram.shape[1]
     scale = np.einsum("opp->o", gram)
     lower = np.zeros_like(gram)
     solvable = scale > 0

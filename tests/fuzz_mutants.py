@@ -447,7 +447,7 @@ def int4_attributes(b: Bases) -> None:
 
 
 def base3_tensors(b: Bases) -> None:
-    """A base-3 ternary tensor of three planes (formats 1.2 and 1.3): other readings of its bytes are refused,
+    """A base-3 ternary tensor of three planes (`ternary5-g3`, format 1.3): other readings of its bytes are refused,
     naming it; the byte values no writer writes (243-255) are defined, and read as zeros."""
     add, d = b.add, b.base3
     key, scale = f"tensors/{d.name}", f"tensors/{d.name}.weight_scale"
