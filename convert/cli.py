@@ -53,7 +53,7 @@ class Args:
     tables: Optional[str] = field(
         default=None,
         metadata={"choices": TABLE_CHOICES, "help": "encoding of the token and per-layer embedding tables: int8 per "
-                  "row, int4 per group of 32 or 64 values (default for a student: "
+                  "row, int6 per group of 32 values, int4 per group of 32 or 64 (default for a student: "
                   f"{DEFAULT_TABLES} / per-layer {DEFAULT_PER_LAYER_TABLE}; a teacher keeps its --quant)"},
     )
     per_layer_table: Optional[str] = field(

@@ -2,22 +2,22 @@
 
 The token embedding and Gemma 4's per-layer embedding table are most of a ternary student's bytes
 (E2B: 262144 x 1536 and 262144 x 8960), so they are quantized row-wise (format/tables.py): int8 with a
-scale per row, or int4 with a float16 scale per group of 32 or 64 values. The defaults were chosen by
-measurement (QUALITY.md, "Embedding tables").
+scale per row, or int6 or int4 with a float16 scale per group of 32 or 64 values. The defaults were
+chosen by measurement (QUALITY.md, "Embedding tables").
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ferrisres.format.tables import INT4_GROUPS, pack_int4
+from ferrisres.format.tables import GROUPED_TABLES, pack_table_rows, padded_columns, table_bits, table_group
 
 from .errors import ConversionError
 from .quantize import int8_rows
 
-TABLE_CHOICES = ("bf16", "int8", *INT4_GROUPS)
+TABLE_CHOICES = ("bf16", "int8", *GROUPED_TABLES)  # from the largest to the smallest
 DEFAULT_TABLES = "int8"  # a ternary student's token embedding (and so its tied head): QUALITY.md
-DEFAULT_PER_LAYER_TABLE = "int8"  # Gemma 4's per-layer table: see QUALITY.md for why
+DEFAULT_PER_LAYER_TABLE = "int6-g32"  # Gemma 4's per-layer table, read by rows only: QUALITY.md says why
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -25,22 +25,23 @@ def quantize_table_rows(block: np.ndarray, encoding: str, name: str) -> tuple[np
     """The stored rows and their scales of a float32 block of table rows, in a quantized encoding."""
     if encoding == "int8":
         return int8_rows(block)
-    return int4_rows(block, encoding, name)
+    return grouped_rows(block, encoding, name)
 
 
-def int4_rows(w: np.ndarray, encoding: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int4 per group of a row: w ~ scale * q, q in [-7, 7], scale = max|group| / 7 in float16
-    (the quantization uses the float16 scale as stored, so its rounding adds no error of its own)."""
+def grouped_rows(w: np.ndarray, encoding: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 or int6 per group of a row: w ~ scale * q, q in [-m, m] (m = 7 or 31), scale =
+    max|group| / m in float16 (the quantization uses the float16 scale as stored, so its rounding adds
+    no error of its own)."""
     rows, n_in = w.shape
-    group = INT4_GROUPS[encoding]
-    padded = np.zeros((rows, -(-n_in // group) * group), dtype=np.float32)
+    group, largest = table_group(encoding), 2 ** (table_bits(encoding) - 1) - 1
+    padded = np.zeros((rows, padded_columns(encoding, n_in)), dtype=np.float32)
     padded[:, :n_in] = w
     groups = padded.reshape(rows, -1, group)
     peak = np.max(np.abs(groups), axis=2)
-    if np.any(peak / 7 > _F16_MAX):
-        raise ConversionError(f"{name}: values up to {peak.max():.3g} do not fit int4 with float16 scales; "
+    if np.any(peak / largest > _F16_MAX):
+        raise ConversionError(f"{name}: values up to {peak.max():.3g} do not fit {encoding} with float16 scales; "
                               "use --tables int8 or bf16")
-    scale = (peak / 7).astype(np.float16)
+    scale = (peak / largest).astype(np.float16)
     safe = np.where(scale > 0, scale, 1).astype(np.float32)
-    q = np.clip(np.rint(groups / safe[:, :, None]), -7, 7).astype(np.int8).reshape(rows, -1)
-    return pack_int4(q[:, :n_in], encoding), scale
+    q = np.clip(np.rint(groups / safe[:, :, None]), -largest, largest).astype(np.int8).reshape(rows, -1)
+    return pack_table_rows(q[:, :n_in], encoding), scale

@@ -32,6 +32,7 @@ ENCODINGS: dict[str, np.dtype] = {
     "ternary5-g3": np.dtype("u1"),
     "int4-g32": np.dtype("u1"),  # embedding tables only (tables.py)
     "int4-g64": np.dtype("u1"),
+    "int6-g32": np.dtype("u1"),
     "i64": np.dtype("<i8"),
     "bytes": np.dtype("u1"),
     "zlib": np.dtype("u1"),  # documents only (compression.py)

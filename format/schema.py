@@ -14,7 +14,7 @@ from pathlib import Path
 from .encodings import BASE3_BLOCK, BASE3_TERNARY, GROUPED_TERNARY, base3_fits
 from .errors import ArtifactError
 from .model_config import ModelConfig
-from .tables import INT4_GROUPS, SCALE_ENCODINGS, scale_shape
+from .tables import GROUPED_TABLES, SCALE_ENCODINGS, scale_shape
 
 # What a tensor is
 TABLE = "table"  # an embedding table: looked up by row, never multiplied whole (but as the tied head)
@@ -24,10 +24,10 @@ NORM = "norm"  # an RMSNorm's weight
 SCALAR = "scalar"  # a layer's output scale, and the AttnRes gates
 FLOAT32_ROLES = (ROUTER, NORM, SCALAR)  # what every artifact stores as float32, student or teacher
 
-TABLE_ENCODINGS = ("bf16", "f16", "f32", "int8", *INT4_GROUPS)  # int8 and int4: format 1.1, see tables.py
+TABLE_ENCODINGS = ("bf16", "f16", "f32", "int8", *GROUPED_TABLES)  # int8 and int4: format 1.1, int6: 1.4 (tables.py)
 LINEAR_ENCODINGS = ("ternary", *GROUPED_TERNARY, "int8", "bf16", "f16", "f32")
 SCALED_ENCODINGS = ("ternary", "int8")  # stored with a float32 companion `<name>.weight_scale`
-TABLE_SCALE_ENCODINGS = tuple(SCALE_ENCODINGS)  # tables stored with a scale per row (int8) or per group (int4)
+TABLE_SCALE_ENCODINGS = tuple(SCALE_ENCODINGS)  # tables stored with a scale per row (int8) or per group (int4, int6)
 # ternary and int8: per row (the tensor's shape without its last axis) or [1] for the whole tensor;
 # grouped ternary: float16 [..., out, planes, groups], each group `in / groups` consecutive columns
 SCALE_SUFFIX = ".weight_scale"
@@ -170,7 +170,7 @@ def _check_group_scale(path: Path, name: str, shape: tuple[int, ...], encoding: 
 
 
 def _check_table_scale(path: Path, name: str, encoding: str, shape: tuple[int, int], scale) -> None:
-    """A table is read by rows, its scales too: a float32 per row (int8) or a float16 per group (int4), never [1]."""
+    """A table is read by rows, its scales too: a float32 per row (int8) or a float16 per group (int4, int6), never [1]."""
     dtype, expected = SCALE_ENCODINGS[encoding], scale_shape(encoding, shape)
     if scale is None or scale.encoding != dtype or scale.shape != expected:
         raise ArtifactError(f"{path}: tensor {name}{SCALE_SUFFIX} is missing or not {_FLOAT_NAMES[dtype]} "

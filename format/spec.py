@@ -8,8 +8,8 @@ import numpy as np
 
 FORMAT_NAME = "ferrisres.tern"
 # A reader refuses a newer major version. 1.1 added grouped ternary and quantized tables; 1.2 zlib documents
-# and base-3 ternary; 1.3 three-plane ternary (SPEC.md, "History")
-FORMAT_VERSION = (1, 3)
+# and base-3 ternary; 1.3 three-plane ternary; 1.4 int6 tables (SPEC.md, "History")
+FORMAT_VERSION = (1, 4)
 ALIGNMENT = 4096  # byte offset of every dataset's data is a multiple of this
 META_GROUP = "meta"  # UTF-8 documents: configs, tokenizer, provenance
 TENSOR_GROUP = "tensors"  # model weights by artifact name

@@ -36,7 +36,7 @@ from .encodings import BASE3_TERNARY, DOCUMENT_ENCODINGS, ENCODINGS, GROUPED_TER
 from .errors import ArtifactError
 from .isolated import run_isolated
 from .spec import DIGEST_ATTR, FORMAT_NAME, FORMAT_VERSION, META_GROUP, TENSOR_GROUP
-from .tables import INT4_GROUPS, int4_stored_columns
+from .tables import GROUPED_TABLES, stored_columns
 
 WALK_SECONDS = 120.0  # the structure of Gemma 4 E2B (~2,000 datasets) is walked in well under a second
 WALK_MEMORY = 512 << 20  # bytes of address space the walk may add (HDF5's caches, the datasets' records)
@@ -68,8 +68,8 @@ def stored_shape_of(encoding: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*shape[:-1], BASE3_TERNARY[encoding], base3_columns(shape[-1]))
     if encoding in GROUPED_TERNARY:
         return (*shape[:-1], GROUPED_TERNARY[encoding], packed_columns(shape[-1]))
-    if encoding in INT4_GROUPS:
-        return (*shape[:-1], int4_stored_columns(encoding, shape[-1]))
+    if encoding in GROUPED_TABLES:
+        return (*shape[:-1], stored_columns(encoding, shape[-1]))
     return shape
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY
-from ferrisres.format.tables import INT4_GROUPS
+from ferrisres.format.tables import GROUPED_TABLES, table_bits, table_group
 
 from . import kernels
 
@@ -38,7 +38,7 @@ from . import kernels
 _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False, error_model="numpy")
 LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
 # float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
-_ONE, _EIGHT = np.float32(1), np.float32(8)  # float32 constants: numba makes float32 - 1 a float64
+_ONE, _EIGHT, _THIRTY_TWO = np.float32(1), np.float32(8), np.float32(32)  # float32 constants: numba makes float32 - 1 a float64
 _THREE, _THIRD = np.float32(3), np.float32(1 / 3)
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
@@ -241,6 +241,32 @@ def _int4(packed, xk, scales, group_bytes, f16, out):
 
 
 @njit(parallel=True, **_JIT)
+def _int6(packed, xq, scales, group, f16, out):
+    """int6 rows (an int6 table as the head), a row of W values in quarters of Q = W/4: byte j (j < Q) holds
+    the low nibbles of columns j and j + 2Q, byte Q + j those of j + Q and j + 3Q, byte 2Q + j the high
+    bits of all four (format/tables.py); value = code - 32. xq [T, 4, Q]: the quarters of the input. A
+    float16 scale per `group` columns; a quarter holds whole groups."""
+    rows, quarter = packed.shape[0], xq.shape[2]
+    groups = quarter // group  # per quarter
+    for r in prange(rows):
+        partial = np.empty((4, quarter), dtype=np.float32)
+        for t in range(xq.shape[0]):
+            x = xq[t]
+            for j in range(quarter):
+                low0, low1 = np.int32(packed[r, j]), np.int32(packed[r, quarter + j])
+                high = np.int32(packed[r, 2 * quarter + j])
+                partial[0, j] = (np.float32((low0 & 15) | ((high & 3) << 4)) - _THIRTY_TWO) * x[0, j]
+                partial[1, j] = (np.float32((low1 & 15) | ((high & 12) << 2)) - _THIRTY_TWO) * x[1, j]
+                partial[2, j] = (np.float32((low0 >> 4) | (high & 48)) - _THIRTY_TWO) * x[2, j]
+                partial[3, j] = (np.float32((low1 >> 4) | ((high >> 2) & 48)) - _THIRTY_TWO) * x[3, j]
+            total = np.float32(0)
+            for k in range(4):
+                for g in range(groups):
+                    total += f16[scales[r, k * groups + g]] * _group_sum(partial[k], g * group, group)
+            out[t, r] = total
+
+
+@njit(parallel=True, **_JIT)
 def _int8(q, x, out):
     """int8 rows (the head over an int8 table, or --cache int8 codes); the row scale is the caller's."""
     for r in prange(q.shape[0]):
@@ -312,9 +338,11 @@ class FastMatmul:
         self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
         self.scales, self.group_bytes = None, 0
         if linear.group_scale is not None:  # grouped ternary [out, planes, groups] (packed, or int8 codes of
-            scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 [out, 1, groups]
-            self.scales = scales[:, 0] if linear.encoding in INT4_GROUPS else scales
+            scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 and int6 tables [out, 1, groups]
+            self.scales = scales[:, 0] if linear.encoding in GROUPED_TABLES else scales
             self.group_bytes = linear.data.shape[-1] // scales.shape[-1]  # bytes (int8 codes: columns) per group
+            if linear.encoding in GROUPED_TABLES:  # int4: a partial sum per byte (2 columns); int6: per column
+                self.group_bytes = table_group(linear.encoding) // (2 if table_bits(linear.encoding) == 4 else 1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
@@ -340,7 +368,9 @@ class FastMatmul:
             _bf16(data, x, out)
         elif self.encoding == "f16":
             _f16(data, x, _F16, out)
-        elif self.encoding in INT4_GROUPS:
+        elif self.encoding in GROUPED_TABLES and table_bits(self.encoding) == 6:
+            _int6(data, x.reshape(len(x), 4, -1), scales, self.group_bytes, _F16, out)
+        elif self.encoding in GROUPED_TABLES:
             _int4(data, _deinterleaved(x, 2), scales, self.group_bytes, _F16, out)
         elif self.encoding == "ternary":  # numpy's sgemm takes several tokens (MAX_TOKENS): one at a time here
             for t, xt in enumerate(_deinterleaved(x, 4)):
@@ -367,9 +397,9 @@ def _deinterleaved(x: np.ndarray, per_byte: int, codes: int | None = None) -> np
 PARALLEL_BYTES = 64 << 10
 # Up to how many tokens a call beats numpy's decode-a-chunk-then-sgemm, which pays the decoding once for
 # all tokens where these kernels pay it per token (bench/kernels.py, docs/kernels.md).
-MAX_TOKENS = {"ternary": 1, **{encoding: 4 for encoding in GROUPED_TERNARY}, "int8": 8, "int4-g32": 4,
-              "int4-g64": 4, "bf16": 8, "f16": 8}
-FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *INT4_GROUPS, "int8", "bf16", "f16")  # f32 stays with BLAS
+MAX_TOKENS = {"ternary": 1, **{encoding: 4 for encoding in GROUPED_TERNARY}, "int8": 8,
+              **{encoding: 4 for encoding in GROUPED_TABLES}, "bf16": 8, "f16": 8}
+FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *GROUPED_TABLES, "int8", "bf16", "f16")  # f32 stays with BLAS
 
 
 def _use_threads(n: int) -> None:

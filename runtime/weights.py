@@ -8,7 +8,7 @@ import numpy as np
 from ferrisres.format import HEAD, Artifact
 from ferrisres.format.encodings import GROUPED_TERNARY
 from ferrisres.format.schema import SCALE_SUFFIX, SCALED_ENCODINGS, TABLE_SCALE_ENCODINGS
-from ferrisres.format.tables import INT4_GROUPS, decode_table_rows
+from ferrisres.format.tables import GROUPED_TABLES, decode_table_rows
 
 from .kernels import Linear
 
@@ -73,7 +73,7 @@ class Weights:
 
     def _linear(self, name: str) -> Linear:
         info = self._artifact.tensors[name]
-        if info.encoding in INT4_GROUPS:  # a tied head over an int4 table: one plane of group scales
+        if info.encoding in GROUPED_TABLES:  # a tied head over an int4 or int6 table: one plane of group scales
             scales = self._artifact.tensor(name + SCALE_SUFFIX)
             return Linear(self._artifact.tensor(name), info.encoding, info.shape, group_scale=scales[:, None, :])
         return self.linears_of(name)[0]

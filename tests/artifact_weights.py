@@ -22,6 +22,8 @@ def dequantized_weights(artifact: Artifact) -> dict[str, np.ndarray]:
                                          info.encoding in BASE3_TERNARY)
         elif info.encoding.startswith("int4-g"):
             out[name] = _int4_table(data, artifact.tensor(name + ".weight_scale"), int(info.encoding[6:]), info.shape)
+        elif info.encoding.startswith("int6-g"):
+            out[name] = _int6_table(data, artifact.tensor(name + ".weight_scale"), int(info.encoding[6:]), info.shape)
         elif info.encoding in ("ternary", "int8"):
             flat = data.reshape(-1, data.shape[-1])  # 3-D (experts) tensors unpack as rows too
             w = (unpack_ternary(flat, info.shape[-1]) if info.encoding == "ternary" else flat.astype(np.float32)).reshape(info.shape)
@@ -79,3 +81,19 @@ def _int4_table(packed: np.ndarray, scale: np.ndarray, group: int, shape: tuple[
     codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(np.float32) - 8
     values = codes * np.repeat(scale.astype(np.float32), group, axis=1)
     return values[:, : shape[1]]
+
+
+def _int6_table(packed: np.ndarray, scale: np.ndarray, group: int, shape: tuple[int, int]) -> np.ndarray:
+    """SPEC.md: of a padded row of W codes, byte j < W/2 holds the low bits of columns j (bits 0-3) and
+    j + W/2 (bits 4-7), byte W/2 + j the high bits of columns j + k W/4 (bits 2k..2k+1); value = (code - 32)
+    * its group's scale."""
+    width = packed.shape[1] * 4 // 3
+    half, quarter = width // 2, width // 4
+    packed = packed.astype(np.int64)
+    codes = np.empty((packed.shape[0], width), dtype=np.int64)
+    for column in range(width):
+        low = packed[:, column % half] >> (4 * (column // half)) & 15
+        high = packed[:, half + column % quarter] >> (2 * (column // quarter)) & 3
+        codes[:, column] = low + 16 * high
+    values = (codes - 32) * np.repeat(scale.astype(np.float64), group, axis=1)
+    return values[:, : shape[1]].astype(np.float32)

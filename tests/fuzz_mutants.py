@@ -25,7 +25,7 @@ from fuzz_common import INSPECT_REFUSES, INTACT, REFUSED, RUN_REFUSES, VERIFY_FA
 
 
 def build_mutants(bases: dict[str, Path]) -> list[Mutant]:
-    """Every mutant, deterministically from the base artifacts (by label: ternary, f32, bf16, int4, base3)."""
+    """Every mutant, deterministically from the base artifacts (by label: ternary, f32, bf16, grouped, base3)."""
     b = Bases(bases)
     for family in FAMILIES:
         family(b)
@@ -49,9 +49,10 @@ class Bases:
                      tensors("ternary", lambda d: len(d.shape) == 1 and "scale" not in d.name and d.nbytes >= 256))[0]
         self.int8 = tensors("ternary", lambda d: d.encoding == "int8")[0]
         self.bf16 = tensors("bf16", lambda d: d.encoding == "bf16")[0]
-        self.int4_tables = tensors("int4", lambda d: d.name.startswith("embed_tokens"))  # tables and their float16 scales
-        self.int4 = next(d for d in self.int4_tables if d.encoding == "int4-g32")
-        self.int4_scale = self.lay["int4"][f"tensors/{self.int4.name}.weight_scale"]
+        # the grouped tables (int4 and int6) and their float16 scales
+        self.grouped_tables = tensors("grouped", lambda d: d.name.startswith("embed_tokens"))
+        self.int4 = next(d for d in self.grouped_tables if d.encoding == "int4-g32")
+        self.int4_scale = self.lay["grouped"][f"tensors/{self.int4.name}.weight_scale"]
         self.base3 = tensors("base3", lambda d: d.encoding == "ternary5-g3" and d.shape[-1] >= 256)[0]  # 4 groups
         self.X, self.N, self.H = (f"tensors/{d.name}" for d in (self.ternary, self.norm, self.int8))
         self.I4, self.I4S = f"tensors/{self.int4.name}", f"tensors/{self.int4_scale.name}"
@@ -248,13 +249,13 @@ def not_artifacts(b: Bases) -> None:
 
 def truncations(b: Bases) -> None:
     """Truncation: at the start, in the superblock, in object headers, in data, near the end."""
-    add, lay, size, int4_tables = b.add, b.lay, b.size, b.int4_tables
-    for label in ("ternary", "f32", "int4"):
+    add, lay, size, grouped_tables = b.add, b.lay, b.size, b.grouped_tables
+    for label in ("ternary", "f32", "grouped"):
         n = size[label]
         cuts = {1, 7, 8, 64, 96, 200, 4095, 4096, 4097, n - 4096, n - 100, n - 1}
         cuts |= {n * k // 29 for k in range(1, 29)} if label == "ternary" else {n * k // 9 for k in range(1, 9)}
-        if label == "int4":  # the table encoding's own datasets: their headers and data
-            cuts = {d.header + 8 for d in int4_tables} | {d.offset + d.nbytes // 2 for d in int4_tables}
+        if label == "grouped":  # the table encodings' own datasets: their headers and data
+            cuts = {d.header + 8 for d in grouped_tables} | {d.offset + d.nbytes // 2 for d in grouped_tables}
         cuts |= {d.header + 8 for d in list(lay[label].values())[::40]}
         for cut in sorted(cuts):
             add(f"truncate/{label}/{cut}", "truncation", label,
@@ -305,11 +306,11 @@ def metadata_flips(b: Bases) -> None:
 
 def data_flips(b: Bases) -> None:
     """One byte changed in the data of every dataset: --verify must name exactly that dataset."""
-    add, lay, ternary, int4_tables = b.add, b.lay, b.ternary, b.int4_tables
-    for label in ("ternary", "f32", "bf16", "int4", "base3"):
+    add, lay, ternary, grouped_tables = b.add, b.lay, b.ternary, b.grouped_tables
+    for label in ("ternary", "f32", "bf16", "grouped", "base3"):
         rng = random.Random(f"data-{label}")
         for d in lay[label].values():
-            if (label == "bf16" and d.encoding != "bf16" or label == "int4" and d not in int4_tables
+            if (label == "bf16" and d.encoding != "bf16" or label == "grouped" and d not in grouped_tables
                     or label == "base3" and not d.encoding.startswith("ternary5")):
                 continue  # the rest is as in the ternary student
             at, mask = d.offset + rng.randrange(d.nbytes), rng.randrange(1, 256)
@@ -422,28 +423,32 @@ def dataset_attributes(b: Bases) -> None:
             verify=verify)
 
 
-def int4_attributes(b: Bases) -> None:
-    """The int4 table's attributes: each other reading of its bytes is refused, naming the tensor."""
-    add, int4, int4_scale, I4, I4S = b.add, b.int4, b.int4_scale, b.I4, b.I4S
-    rows, cols = int4.shape
-    for target, name, value, words in [
-        (I4, "encoding", "int4-g64", ("stored as", int4.name)),
-        (I4, "encoding", "ternary", ("stored as", int4.name)),
-        (I4, "encoding", "int8", ("datatype", int4.name)),
-        (I4, "encoding", "int4-g16", ("unknown encoding", int4.name)),
-        (I4, "shape", np.asarray([rows, cols + 1]), ("stored as", int4.name)),
-        (I4, "shape", np.asarray([rows, cols - 1]), ("shape", int4.name)),
-        (I4, "shape", np.asarray([rows - 1, cols]), ("stored as", int4.name)),
-        (I4S, "encoding", "f32", ("datatype", int4_scale.name)),
-        (I4S, "shape", np.asarray([rows * int4_scale.shape[1]]), ("stored as", int4_scale.name)),
-    ]:
-        add(f"int4 attr/{target} {name}={str(value)[:30]}", "dataset attributes", "int4", set_attr(target, name, value),
-            {REFUSED}, words)
-    add("int4 table/scale missing", "dataset attributes", "int4", h5edit(lambda f: f.__delitem__(I4S)), {REFUSED},
-        (int4_scale.name, "float16"))
-    add("int4 table/per-tensor scale", "dataset attributes", "int4",
-        h5edit(lambda f: rewrite(f, I4S, f[I4S][:1, :1].reshape(1), {"shape": np.asarray([1])})), {REFUSED},
-        (int4_scale.name, "float16"))
+def grouped_table_attributes(b: Bases) -> None:
+    """The int4 and int6 tables' attributes: each other reading of their bytes is refused, naming the tensor."""
+    add = b.add
+    for table in (d for d in b.grouped_tables if not d.name.endswith(".weight_scale")):
+        scale = b.lay["grouped"][f"tensors/{table.name}.weight_scale"]
+        T, S, kind = f"tensors/{table.name}", f"tensors/{scale.name}", table.encoding
+        other = "int6-g32" if kind.startswith("int4") else "int4-g64"  # another grouped encoding, other bytes per row
+        rows, cols = table.shape
+        for target, name, value, words in [
+            (T, "encoding", other, ("stored as", table.name)),
+            (T, "encoding", "ternary", ("stored as", table.name)),
+            (T, "encoding", "int8", ("datatype", table.name)),
+            (T, "encoding", kind[:6] + "16", ("unknown encoding", table.name)),
+            (T, "shape", np.asarray([rows, cols + 32]), ("stored as", table.name)),  # a group more
+            (T, "shape", np.asarray([rows, cols - 1]), ("shape", table.name)),  # the same groups: the model's shape
+            (T, "shape", np.asarray([rows - 1, cols]), ("stored as", table.name)),
+            (S, "encoding", "f32", ("datatype", scale.name)),
+            (S, "shape", np.asarray([rows * scale.shape[1]]), ("stored as", scale.name)),
+        ]:
+            add(f"{kind} attr/{target} {name}={str(value)[:30]}", "dataset attributes", "grouped",
+                set_attr(target, name, value), {REFUSED}, words)
+        add(f"{kind} table/scale missing", "dataset attributes", "grouped", h5edit(lambda f, S=S: f.__delitem__(S)),
+            {REFUSED}, (scale.name, "float16"))
+        add(f"{kind} table/per-tensor scale", "dataset attributes", "grouped",
+            h5edit(lambda f, S=S: rewrite(f, S, f[S][:1, :1].reshape(1), {"shape": np.asarray([1])})), {REFUSED},
+            (scale.name, "float16"))
 
 
 def base3_tensors(b: Bases) -> None:
@@ -709,10 +714,10 @@ def datatypes(b: Bases) -> None:
          lambda f: rewrite(f, f"tensors/{bf16.name}", f[f"tensors/{bf16.name}"][...].astype(">u2")), ("big-endian",)),
     ]
     dtypes += [
-        ("int4 as int8", "int4", I4, lambda f: rewrite(f, I4, f[I4][...].view("i1")), ("datatype",)),
-        ("int4 scale as f32", "int4", I4S, lambda f: rewrite(f, I4S, f[I4S][...].astype("<f4")), ("datatype",)),
-        ("int4 scale big-endian", "int4", I4S, lambda f: rewrite(f, I4S, f[I4S][...].astype(">f2")), ("big-endian",)),
-        ("int4 scale as bf16 bits", "int4", I4S, lambda f: rewrite(f, I4S, f[I4S][...].view("<u2")), ("datatype",)),
+        ("int4 as int8", "grouped", I4, lambda f: rewrite(f, I4, f[I4][...].view("i1")), ("datatype",)),
+        ("int4 scale as f32", "grouped", I4S, lambda f: rewrite(f, I4S, f[I4S][...].astype("<f4")), ("datatype",)),
+        ("int4 scale big-endian", "grouped", I4S, lambda f: rewrite(f, I4S, f[I4S][...].astype(">f2")), ("big-endian",)),
+        ("int4 scale as bf16 bits", "grouped", I4S, lambda f: rewrite(f, I4S, f[I4S][...].view("<u2")), ("datatype",)),
     ]
     for name, base, target, edit, words in dtypes:
         add(f"dtype/{name}", "datatype", base, h5edit(edit), {REFUSED}, (*words, target.split("/", 1)[1]),
@@ -787,5 +792,5 @@ def declared_shapes(b: Bases) -> None:
 
 
 FAMILIES = (not_artifacts, truncations, extensions, superblock_flips, metadata_flips, data_flips, attribute_text,
-            root_attributes, dataset_attributes, int4_attributes, base3_tensors, json_documents, documents, structure,
+            root_attributes, dataset_attributes, grouped_table_attributes, base3_tensors, json_documents, documents, structure,
             storage_layouts, datatypes, dataspaces, layout_patches, declared_shapes)

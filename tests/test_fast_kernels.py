@@ -15,7 +15,7 @@ from artifact_weights import float32_bound
 from conftest import PER_ROW, reference, run_tool
 
 from ferrisres.format.encodings import BASE3_TERNARY, pack_base3, pack_ternary
-from ferrisres.format.tables import pack_int4
+from ferrisres.format.tables import pack_table_rows, table_groups
 from ferrisres.runtime import load, set_threads
 from ferrisres.runtime import model as model_module
 from ferrisres.runtime.kernels import Linear, rotated_input
@@ -42,12 +42,12 @@ def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: 
         per_column = np.repeat(scales.astype(np.float32), group, axis=2)
         linear = Linear(packed, encoding, (out, n_in), group_scale=scales, rotation=rotation)
         return linear, (np.abs(codes) * per_column).sum(axis=1)
-    if encoding.startswith("int4"):
-        size = int(encoding[-2:])
-        q = rng.integers(-8, 8, (out, n_in))
-        scales = (rng.random((out, -(-n_in // size))) + 0.1).astype(np.float16)
+    if encoding.startswith(("int4", "int6")):
+        size, largest = int(encoding[-2:]), 8 if encoding.startswith("int4") else 32
+        q = rng.integers(-largest, largest, (out, n_in))
+        scales = (rng.random((out, table_groups(encoding, n_in))) + 0.1).astype(np.float16)  # of the padded row
         magnitude = np.abs(q) * np.repeat(scales.astype(np.float32), size, axis=1)[:, :n_in]
-        return Linear(pack_int4(q, encoding), encoding, (out, n_in), group_scale=scales[:, None, :]), magnitude
+        return Linear(pack_table_rows(q, encoding), encoding, (out, n_in), group_scale=scales[:, None, :]), magnitude
     if encoding == "int8":
         q = rng.integers(-127, 128, (out, n_in), dtype=np.int8)
         scale = rng.random(out, dtype=np.float32)
@@ -63,7 +63,7 @@ CASES = [  # encoding, out, in, group, rotation: padded rows, groups of 16 bytes
     ("ternary-g2", 33, 96, 32, 32), ("ternary-g2", 24, 40, 4, 0), ("ternary5-g1", 40, 256, 64, 64),
     ("ternary5-g2", 40, 256, 128, 0), ("ternary5-g2", 33, 70, 70, 0), ("ternary-g3", 40, 256, 64, 64),
     ("ternary5-g3", 40, 256, 64, 0), ("int4-g32", 30, 70, 0, 0),
-    ("int4-g64", 30, 200, 0, 0), ("int8", 50, 130, 0, 0), ("bf16", 20, 100, 0, 0), ("f16", 20, 100, 0, 0),
+    ("int4-g64", 30, 200, 0, 0), ("int6-g32", 30, 70, 0, 0), ("int6-g32", 30, 256, 0, 0), ("int8", 50, 130, 0, 0), ("bf16", 20, 100, 0, 0), ("f16", 20, 100, 0, 0),
 ]
 
 
@@ -101,11 +101,12 @@ def test_rows_split_over_threads_give_identical_products():
         set_threads(1)
 
 
-ARTIFACTS = {  # every encoding an artifact's Linears can hold, the tied int8 / int4 heads, MoE experts
+ARTIFACTS = {  # every encoding an artifact's Linears can hold, the tied int8 / int6 / int4 heads, MoE experts
     "default student": ("tiny_gemma4", "ternary", {}),
     "base-3 student": ("tiny_gemma4", "ternary", {"packing": "base3"}),
     "per-row": ("tiny_gemma4", "ternary", PER_ROW),
     "int4 tables": ("tiny_gemma4", "ternary", {"tables": "int4-g32", "method": "rtn"}),
+    "int6 tables": ("tiny_gemma4", "ternary", {"tables": "int6-g32", "method": "rtn"}),
     "bf16 teacher": ("tiny_gemma4_bf16", "bf16", {}),
     "f16 teacher": ("tiny_gemma4", "f16", {}),
     "26B MoE block": ("tiny_gemma4_26b", "ternary", {"method": "rtn"}),

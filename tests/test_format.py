@@ -21,7 +21,7 @@ from ferrisres.format import (
 from ferrisres.format.compression import compress, decompress
 from ferrisres.format.encodings import base3_lut, pack_base3, unpack_base3
 from ferrisres.format.spec import digest
-from ferrisres.format.tables import pack_int4
+from ferrisres.format.tables import pack_table_rows
 
 ALIGNMENT = 4096  # SPEC: every dataset's data starts on a multiple of this
 
@@ -164,13 +164,15 @@ def written(tmp_path):
     norm = rng.standard_normal(9).astype(np.float32)
     rows = rng.standard_normal((10, 4)).astype(np.float32)
     int4 = rng.integers(-8, 8, size=(2, 33))
+    int6 = rng.integers(-32, 32, size=(2, 33))
     docs = {"notes.txt": "héllo ✓ — ünïcode\n", "config.json": {"b": [1, 2.5, None], "a": "ü"}}
     tensors = {
         "w.f32": ("f32", f32, f32.shape, f32),
         "w.bf16": ("bf16", bf16, bf16.shape, bf16),
         "w.int8": ("int8", int8, int8.shape, int8),
         "w.ternary": ("ternary", pack_ternary(codes), (5, 7), pack_ternary(codes)),
-        "w.int4": ("int4-g32", pack_int4(int4, "int4-g32"), (2, 33), pack_int4(int4, "int4-g32")),
+        "w.int4": ("int4-g32", pack_table_rows(int4, "int4-g32"), (2, 33), pack_table_rows(int4, "int4-g32")),
+        "w.int6": ("int6-g32", pack_table_rows(int6, "int6-g32"), (2, 33), pack_table_rows(int6, "int6-g32")),
         "norm": ("f32", norm, norm.shape, norm),
     }
     path = tmp_path / "out" / "model.tern"
@@ -203,6 +205,7 @@ def test_round_trip(written):
         np.testing.assert_array_equal(unpack_ternary(a.tensor("w.ternary"), 7), codes)
         assert a.tensors["w.ternary"].stored_shape == (5, 2)
         assert a.tensors["w.int4"].stored_shape == (2, 32)  # 33 values: two whole groups of 32, two per byte
+        assert a.tensors["w.int6"].stored_shape == (2, 96)  # padded to 128 values, four per three bytes
         assert set(a.documents) == set(docs)
         assert a.document("notes.txt") == docs["notes.txt"]
         assert json.loads(a.document("config.json")) == docs["config.json"]
@@ -217,7 +220,7 @@ def test_every_dataset_is_aligned_and_inside_the_file(written):
     size = path.stat().st_size
     with Artifact.open(path, check_model=False) as a:
         infos = [*a.tensors.values(), *a.documents.values()]
-        assert len(infos) == 9
+        assert len(infos) == 10
         spans = []
         for info in infos:
             assert info.offset % ALIGNMENT == 0, f"{info.name} at offset {info.offset}"

@@ -133,7 +133,7 @@ def test_fuzz(converted, tmp_path):
         "ternary": converted("tiny_gemma4"),
         "f32": converted("tiny_gemma4", "f32"),
         "bf16": converted("tiny_gemma4_bf16", tables="bf16"),
-        "int4": converted("tiny_gemma4", tables="int4-g32", per_layer_table="int4-g64"),
+        "grouped": converted("tiny_gemma4", tables="int4-g32", per_layer_table="int6-g32"),
         "base3": converted("tiny_gemma4", method="rtn", packing="base3"),
     }
     work = tmp_path / "mutants"

@@ -82,7 +82,7 @@ def test_text_summary(student):
     assert re.search(r"quant ternary, gptq, 2 planes \(3 in the MLP down projections\), group 64, rotate 64, "
                      r"2-bit packing \(4 codes per byte\), "
                      r"calibrated on teacher \(8192 tokens\)", out), out
-    assert "head tied, tables embed_tokens int8 / embed_tokens_per_layer int8" in out
+    assert "head tied, tables embed_tokens int8 / embed_tokens_per_layer int6-g32" in out
     # bytes by kind
     assert "bytes by kind:" in out
     assert amount(kind_line(out, "linear weights (ternary-g2)")) == ternary_bytes(student)
@@ -139,7 +139,7 @@ def test_json(student):
     assert m["kv_shared_layers"] == c["num_kv_shared_layers"]
     assert report["student"]["quant"] == "ternary"
     assert report["student"]["method"] == "gptq" and report["student"]["planes"] == 2
-    assert report["student"]["tables"] == {"embed_tokens": "int8", "embed_tokens_per_layer": "int8"}
+    assert report["student"]["tables"] == {"embed_tokens": "int8", "embed_tokens_per_layer": "int6-g32"}
     assert report["format_version"] == "%d.%d" % FORMAT_VERSION
     assert report["file_bytes"] == student.stat().st_size
     assert report["chat_template"] is None
