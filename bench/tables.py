@@ -48,12 +48,12 @@ def quality(model: Path, work: Path, ids_of, option: str) -> dict[str, dict]:
     for encoding in TABLE_CHOICES:
         path = work / f"teacher-{encoding}.tern"
         convert(model, path, Options(quant="f32", **{option: encoding}), progress=False, overwrite=True)
-        model = load(path)
-        r = compare(teacher, model, ids)
+        encoded = load(path)
+        r = compare(teacher, encoded, ids)
         results[encoding] = {k: r[k] for k in ("tokens", "teacher_perplexity", "student_perplexity", "kl_teacher_student",
                                                "top1_agreement")}
         results[encoding]["perplexity_rise"] = r["student_perplexity"] / r["teacher_perplexity"] - 1
-        results[encoding]["head_ms"] = head_milliseconds(model)
+        results[encoding]["head_ms"] = head_milliseconds(encoded)
         path.unlink()
     return results
 
