@@ -436,7 +436,7 @@ def grouped_table_attributes(b: Bases) -> None:
             (T, "encoding", "ternary", ("stored as", table.name)),
             (T, "encoding", "int8", ("datatype", table.name)),
             (T, "encoding", kind[:6] + "16", ("unknown encoding", table.name)),
-            (T, "shape", np.asarray([rows, cols + 32]), ("stored as", table.name)),  # a group more
+            (T, "shape", np.asarray([rows, cols + 128]), ("stored as", table.name)),  # stored rows longer (int6: blocks of 128)
             (T, "shape", np.asarray([rows, cols - 1]), ("shape", table.name)),  # the same groups: the model's shape
             (T, "shape", np.asarray([rows - 1, cols]), ("stored as", table.name)),
             (S, "encoding", "f32", ("datatype", scale.name)),

@@ -1,8 +1,8 @@
 """Damaged and hostile `.tern` files never crash, hang or mislead the tools.
 
 Hundreds of mutants of small valid artifacts (the tiny Gemma 4 converted as a ternary student with
-its default int8 tables, as one with int4 tables, as an f32 teacher, and from its bf16 checkpoint with
-bf16 tables) go through both tools as a user runs them:
+its default tables (int8, the per-layer one int6), as one with int4 and int6 tables, as an f32
+teacher, and from its bf16 checkpoint with bf16 tables) go through both tools as a user runs them:
 
     ferrisres-run MUTANT -p Hi -n 2 --raw
     ferrisres-inspect MUTANT --verify
