@@ -340,9 +340,10 @@ class FastMatmul:
         if linear.group_scale is not None:  # grouped ternary [out, planes, groups] (packed, or int8 codes of
             scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 and int6 tables [out, 1, groups]
             self.scales = scales[:, 0] if linear.encoding in GROUPED_TABLES else scales
-            self.group_bytes = linear.data.shape[-1] // scales.shape[-1]  # bytes (int8 codes: columns) per group
-            if linear.encoding in GROUPED_TABLES:  # int4: a partial sum per byte (2 columns); int6: per column
+            if linear.encoding in GROUPED_TABLES:  # partial sums per group: int4 one per byte (2 columns), int6 per column
                 self.group_bytes = table_group(linear.encoding) // (2 if table_bits(linear.encoding) == 4 else 1)
+            else:  # bytes (int8 codes: columns) per group
+                self.group_bytes = linear.data.shape[-1] // scales.shape[-1]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)

@@ -165,7 +165,6 @@ class Linear:
             grouped = out.reshape(len(rows), self.planes, scales.shape[-1], -1)
             np.multiply(grouped, scales[..., None], out=grouped)
 
-
     def _decode_table(self, rows: np.ndarray, out: np.ndarray) -> None:
         """int4 or int6 values as float32 (without their scales): int4 through a lookup table, int6 by
         shifts and masks into int8 values first (format/tables.py)."""
