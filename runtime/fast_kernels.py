@@ -41,6 +41,13 @@ LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vec
 _ONE, _EIGHT, _THIRTY_TWO = np.float32(1), np.float32(8), np.float32(32)  # float32 constants: numba makes float32 - 1 a float64
 _THREE, _THIRD = np.float32(3), np.float32(1 / 3)
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+# Group sizes the kernels know at compile time. A row is then one long vectorized sum, each product
+# multiplied by its group's scale (looked up by index from the row's scales, in L1): a sum per group is too
+# short for LLVM's vector loop and a group size only known at run time defeats it too (2-3x slower, measured
+# on the E2B shapes). DEFAULT_GROUP_BYTES: the converter's default group, 64 codes at 4 per byte; other
+# groups take the partial-sum loops.
+DEFAULT_GROUP_BYTES = 16
+_INT6_GROUP = table_group("int6-g32")  # the only int6 encoding
 
 
 @njit(inline="always", **_JIT)
@@ -63,9 +70,9 @@ def _weights(b):
     code 0b11 is first turned into 0b01 (weight 0), as numpy's table reads it. Subtracting the inputs'
     sum once per group instead of 1 per code (as TQ2_0 does in integers) measured < 10% faster here,
     and in float32 it would leave rounding residue where the weights are zero."""
-    b ^= (b & (b >> 1) & 0x55) << 1
-    return (np.float32(b & 3) - _ONE, np.float32((b >> 2) & 3) - _ONE, np.float32((b >> 4) & 3) - _ONE,
-            np.float32(b >> 6) - _ONE)
+    b = np.int32(b ^ ((b & (b >> 1) & 0x55) << 1))
+    return (np.float32(np.int32(b & 3)) - _ONE, np.float32(np.int32((b >> 2) & 3)) - _ONE,
+            np.float32(np.int32((b >> 4) & 3)) - _ONE, np.float32(np.int32(b >> 6)) - _ONE)
 
 
 @njit(inline="always", **_JIT)
@@ -96,6 +103,13 @@ def _dot5(w, x, j):
 
 
 @njit(inline="always", **_JIT)
+def _row_scales(scales, f16, out):
+    """out[g]: the float32 value of a row's float16 scale g."""
+    for g in range(len(scales)):
+        out[g] = f16[scales[g]]
+
+
+@njit(inline="always", **_JIT)
 def _scaled_groups(partial, scales, group_bytes, f16):
     """sum over groups g of scale[g] * (partial's sum over group g): the scales multiply partial sums."""
     total = np.float32(0)
@@ -112,20 +126,19 @@ def _ternary(packed, x, scales, group_bytes, f16, out):
     float16 bit patterns (read through `f16`); each group is `group_bytes` consecutive bytes."""
     rows, planes, nbytes = packed.shape
     for r in prange(rows):
-        partial = np.empty((planes, nbytes), dtype=np.float32)  # per-byte products of a row: stays in L1
-        first, last, p0, p1 = packed[r, 0], packed[r, planes - 1], partial[0], partial[planes - 1]
-        if planes == 2:  # both planes against each input once; a loop over planes here defeats vectorizing
-            for j in range(nbytes):
-                p0[j] = _dot4(_weights(np.int32(first[j])), x, j)
-                p1[j] = _dot4(_weights(np.int32(last[j])), x, j)
-        else:  # one plane, or three (the down projections' third plane): a plane at a time
-            for p in range(planes):
-                row, products = packed[r, p], partial[p]
-                for j in range(nbytes):
-                    products[j] = _dot4(_weights(np.int32(row[j])), x, j)
+        row_scales = np.empty(scales.shape[2], dtype=np.float32)
+        partial = np.empty(nbytes, dtype=np.float32)
         total = np.float32(0)
         for p in range(planes):
-            total += _scaled_groups(partial[p], scales[r, p], group_bytes, f16)
+            row = packed[r, p]
+            if group_bytes == DEFAULT_GROUP_BYTES:
+                _row_scales(scales[r, p], f16, row_scales)
+                for j in range(nbytes):
+                    total += row_scales[j // DEFAULT_GROUP_BYTES] * _dot4(_weights(np.int32(row[j])), x, j)
+            else:
+                for j in range(nbytes):
+                    partial[j] = _dot4(_weights(np.int32(row[j])), x, j)
+                total += _scaled_groups(partial, scales[r, p], group_bytes, f16)
         out[r] = total
 
 
@@ -139,17 +152,26 @@ def _ternary_tokens(packed, xk, scales, group_bytes, f16, out):
     for r in prange(rows):
         w = np.empty((4, nbytes), dtype=np.float32)  # w[k, j]: weight of code k of byte j
         w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+        row_scales = np.empty(scales.shape[2], dtype=np.float32)
         partial = np.empty(nbytes, dtype=np.float32)
         totals = np.zeros(tokens, dtype=np.float32)
         for p in range(planes):
             row = packed[r, p]
             for j in range(nbytes):
                 w0[j], w1[j], w2[j], w3[j] = _weights(np.int32(row[j]))
+            _row_scales(scales[r, p], f16, row_scales)
             for t in range(tokens):
                 x0, x1, x2, x3 = xk[t, 0], xk[t, 1], xk[t, 2], xk[t, 3]
-                for j in range(nbytes):
-                    partial[j] = w0[j] * x0[j] + w1[j] * x1[j] + w2[j] * x2[j] + w3[j] * x3[j]
-                totals[t] += _scaled_groups(partial, scales[r, p], group_bytes, f16)
+                if group_bytes == DEFAULT_GROUP_BYTES:
+                    s = np.float32(0)
+                    for j in range(nbytes):
+                        s += row_scales[j // DEFAULT_GROUP_BYTES] * (w0[j] * x0[j] + w1[j] * x1[j] + w2[j] * x2[j]
+                                                                     + w3[j] * x3[j])
+                    totals[t] += s
+                else:
+                    for j in range(nbytes):
+                        partial[j] = w0[j] * x0[j] + w1[j] * x1[j] + w2[j] * x2[j] + w3[j] * x3[j]
+                    totals[t] += _scaled_groups(partial, scales[r, p], group_bytes, f16)
         for t in range(tokens):
             out[t, r] = totals[t]
 
@@ -233,36 +255,50 @@ def _int4(packed, xk, scales, group_bytes, f16, out):
             x = xk[t]
             for j in range(nbytes):
                 b = np.int32(packed[r, j])
-                partial[j] = (np.float32(b & 15) - _EIGHT) * x[0, j] + (np.float32(b >> 4) - _EIGHT) * x[1, j]
+                partial[j] = ((np.float32(np.int32(b & 15)) - _EIGHT) * x[0, j]
+                              + (np.float32(np.int32(b >> 4)) - _EIGHT) * x[1, j])
             total = np.float32(0)
             for g in range(groups):
                 total += f16[scales[r, g]] * _group_sum(partial, g * group_bytes, group_bytes)
             out[t, r] = total
 
 
+@njit(inline="always", **_JIT)
+def _int6_values(a, b, h):
+    """The int6 values (code - 32, float32) of columns j, j + Q, j + 2Q, j + 3Q from the low-nibble bytes
+    a (j, j + 2Q) and b (j + Q, j + 3Q) and the high-bit byte h. Each step is cast back to int32:
+    numba widens integer arithmetic to int64, which halves the vector lanes (measured 1.6x slower)."""
+    i = np.int32
+    c0 = i(i(a & i(15)) | i(i(h & i(3)) << i(4)))
+    c1 = i(i(b & i(15)) | i(i(h & i(12)) << i(2)))
+    c2 = i(i(a >> i(4)) | i(h & i(48)))
+    c3 = i(i(b >> i(4)) | i(i(h >> i(2)) & i(48)))
+    return (np.float32(c0) - _THIRTY_TWO, np.float32(c1) - _THIRTY_TWO, np.float32(c2) - _THIRTY_TWO,
+            np.float32(c3) - _THIRTY_TWO)
+
+
 @njit(parallel=True, **_JIT)
-def _int6(packed, xq, scales, group, f16, out):
-    """int6 rows (an int6 table as the head), a row of W values in quarters of Q = W/4: byte j (j < Q) holds
-    the low nibbles of columns j and j + 2Q, byte Q + j those of j + Q and j + 3Q, byte 2Q + j the high
-    bits of all four (format/tables.py); value = code - 32. xq [T, 4, Q]: the quarters of the input. A
-    float16 scale per `group` columns; a quarter holds whole groups."""
+def _int6(packed, xq, scales, f16, out):
+    """int6-g32 rows (an int6 table as the head), a row of W values in quarters of Q = W/4: byte j (j < Q)
+    holds the low nibbles of columns j and j + 2Q, byte Q + j those of j + Q and j + 3Q, byte 2Q + j the
+    high bits of all four (format/tables.py); value = code - 32. xq [T, 4, Q]: the quarters of the input.
+    A float16 scale per 32 columns (a compile-time constant, see DEFAULT_GROUP_BYTES); a quarter holds
+    whole groups."""
     rows, quarter = packed.shape[0], xq.shape[2]
-    groups = quarter // group  # per quarter
+    groups = quarter // _INT6_GROUP  # per quarter
     for r in prange(rows):
-        partial = np.empty((4, quarter), dtype=np.float32)
+        row_scales = np.empty(scales.shape[1], dtype=np.float32)
+        _row_scales(scales[r], f16, row_scales)
+        s0, s1, s2, s3 = (row_scales[:groups], row_scales[groups:2 * groups], row_scales[2 * groups:3 * groups],
+                          row_scales[3 * groups:])
+        low0, low1, high = packed[r, :quarter], packed[r, quarter:2 * quarter], packed[r, 2 * quarter:]
         for t in range(xq.shape[0]):
-            x = xq[t]
-            for j in range(quarter):
-                low0, low1 = np.int32(packed[r, j]), np.int32(packed[r, quarter + j])
-                high = np.int32(packed[r, 2 * quarter + j])
-                partial[0, j] = (np.float32((low0 & 15) | ((high & 3) << 4)) - _THIRTY_TWO) * x[0, j]
-                partial[1, j] = (np.float32((low1 & 15) | ((high & 12) << 2)) - _THIRTY_TWO) * x[1, j]
-                partial[2, j] = (np.float32((low0 >> 4) | (high & 48)) - _THIRTY_TWO) * x[2, j]
-                partial[3, j] = (np.float32((low1 >> 4) | ((high >> 2) & 48)) - _THIRTY_TWO) * x[3, j]
+            x0, x1, x2, x3 = xq[t, 0], xq[t, 1], xq[t, 2], xq[t, 3]
             total = np.float32(0)
-            for k in range(4):
-                for g in range(groups):
-                    total += f16[scales[r, k * groups + g]] * _group_sum(partial[k], g * group, group)
+            for j in range(quarter):
+                w0, w1, w2, w3 = _int6_values(np.int32(low0[j]), np.int32(low1[j]), np.int32(high[j]))
+                g = j // _INT6_GROUP
+                total += w0 * x0[j] * s0[g] + w1 * x1[j] * s1[g] + w2 * x2[j] * s2[g] + w3 * x3[j] * s3[g]
             out[t, r] = total
 
 
@@ -340,8 +376,8 @@ class FastMatmul:
         if linear.group_scale is not None:  # grouped ternary [out, planes, groups] (packed, or int8 codes of
             scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 and int6 tables [out, 1, groups]
             self.scales = scales[:, 0] if linear.encoding in GROUPED_TABLES else scales
-            if linear.encoding in GROUPED_TABLES:  # partial sums per group: int4 one per byte (2 columns), int6 per column
-                self.group_bytes = table_group(linear.encoding) // (2 if table_bits(linear.encoding) == 4 else 1)
+            if linear.encoding in GROUPED_TABLES:  # int4: one partial sum per byte (2 columns); int6: group fixed
+                self.group_bytes = table_group(linear.encoding) // 2
             else:  # bytes (int8 codes: columns) per group
                 self.group_bytes = linear.data.shape[-1] // scales.shape[-1]
 
@@ -370,7 +406,7 @@ class FastMatmul:
         elif self.encoding == "f16":
             _f16(data, x, _F16, out)
         elif self.encoding in GROUPED_TABLES and table_bits(self.encoding) == 6:
-            _int6(data, x.reshape(len(x), 4, -1), scales, self.group_bytes, _F16, out)
+            _int6(data, x.reshape(len(x), 4, -1), scales, _F16, out)
         elif self.encoding in GROUPED_TABLES:
             _int4(data, _deinterleaved(x, 2), scales, self.group_bytes, _F16, out)
         elif self.encoding == "ternary":  # numpy's sgemm takes several tokens (MAX_TOKENS): one at a time here
