@@ -37,9 +37,9 @@ from . import kernels
 # No other fast-math flag: NaN and infinities propagate as in numpy. cache=True: compiled once per machine.
 _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False, error_model="numpy")
 LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
-# float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
 _ONE, _EIGHT, _THIRTY_TWO = np.float32(1), np.float32(8), np.float32(32)  # float32 constants: numba makes float32 - 1 a float64
 _THREE, _THIRD = np.float32(3), np.float32(1 / 3)
+# float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 # Group sizes the kernels know at compile time. A row is then one long vectorized sum, each product
 # multiplied by its group's scale (looked up by index from the row's scales, in L1): a sum per group is too
