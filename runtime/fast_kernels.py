@@ -433,9 +433,11 @@ def _deinterleaved(x: np.ndarray, per_byte: int, codes: int | None = None) -> np
 # decoded 30x slower on two threads of a loaded machine).
 PARALLEL_BYTES = 64 << 10
 # Up to how many tokens a call beats numpy's decode-a-chunk-then-sgemm, which pays the decoding once for
-# all tokens where these kernels pay it per token (bench/kernels.py, docs/kernels.md).
-MAX_TOKENS = {"ternary": 1, **{encoding: 4 for encoding in GROUPED_TERNARY}, "int8": 8,
-              **{encoding: 4 for encoding in GROUPED_TABLES}, "bf16": 8, "f16": 8}
+# all tokens where these kernels pay it per token (bench/kernels.py, docs/kernels.md): at commit 398fa4a,
+# 2-bit grouped ternary 1.6x faster at 8 tokens and even at 16, base-3 1.3x at 4 and slower at 8, per-row
+# ternary 2.1x at 4.
+MAX_TOKENS = {"ternary": 4, **{encoding: 8 for encoding in GROUPED_TERNARY}, **{encoding: 4 for encoding in BASE3_TERNARY},
+              "int8": 8, **{encoding: 4 for encoding in GROUPED_TABLES}, "bf16": 8, "f16": 8}
 FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *GROUPED_TABLES, "int8", "bf16", "f16")  # f32 stays with BLAS
 
 
