@@ -44,9 +44,10 @@ _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 # Group sizes the kernels know at compile time. A row is then one long vectorized sum, each product
 # multiplied by its group's scale (looked up by index from the row's scales, in L1): a sum per group is too
 # short for LLVM's vector loop and a group size only known at run time defeats it too (2-3x slower, measured
-# on the E2B shapes). DEFAULT_GROUP_BYTES: the converter's default group, 64 codes at 4 per byte; other
-# groups take the partial-sum loops.
-DEFAULT_GROUP_BYTES = 16
+# on the E2B shapes). DEFAULT_GROUP: the converter's default group of codes (DEFAULT_GROUP_BYTES packed 4 per
+# byte); other groups take the partial-sum loops.
+DEFAULT_GROUP = 64
+DEFAULT_GROUP_BYTES = DEFAULT_GROUP // 4
 _INT6_GROUP = table_group("int6-g32")  # the only int6 encoding
 
 
@@ -319,14 +320,21 @@ def _int8_groups(q, x, scales, group, f16, out):
     [rows, planes, groups] of `group` columns each."""
     rows, planes, width = q.shape
     for r in prange(rows):
+        row_scales = np.empty(scales.shape[2], dtype=np.float32)
         partial = np.empty(width, dtype=np.float32)
         for t in range(x.shape[0]):
+            xt = x[t]
             total = np.float32(0)
             for p in range(planes):
-                for j in range(width):
-                    partial[j] = np.float32(q[r, p, j]) * x[t, j]
-                for g in range(scales.shape[2]):
-                    total += f16[scales[r, p, g]] * _group_sum(partial, g * group, group)
+                row = q[r, p]
+                if group == DEFAULT_GROUP:
+                    _row_scales(scales[r, p], f16, row_scales)
+                    for j in range(width):
+                        total += row_scales[j // DEFAULT_GROUP] * np.float32(np.int32(row[j])) * xt[j]
+                else:
+                    for j in range(width):
+                        partial[j] = np.float32(np.int32(row[j])) * xt[j]
+                    total += _scaled_groups(partial, scales[r, p], group, f16)
             out[t, r] = total
 
 

@@ -74,15 +74,21 @@ def test_each_encoding_equals_the_numpy_product(encoding, out, n_in, group, rota
 
     rng = np.random.default_rng(n_in)
     linear, magnitude = weights(encoding, out, n_in, rng, group, rotation)
-    fast = Linear(linear.data, encoding, (out, n_in), linear.scale, linear.group_scale, linear.rotation)
-    attach([fast])
-    fast.fast.max_tokens = 8  # the fused kernel for every token count below
-    for tokens in (1, 2, 5):
-        x = rng.standard_normal((tokens, n_in))
-        xr = np.abs(rotated_input(x, rotation) if rotation else x)
-        # Both sum the same float32 products in other orders, each within the probabilistic float32 bound
-        # 4 sqrt(n) 2^-24 sum|w x| of the exact sum (3.8e-6 at n = 256): together within 1e-5 sum|w x|.
-        np.testing.assert_array_less(np.abs(fast(x) - linear(x)), 1e-5 * (xr @ magnitude.T) + 1e-30)
+    pairs = [(linear, Linear(linear.data, encoding, (out, n_in), linear.scale, linear.group_scale, linear.rotation))]
+    if encoding.startswith("ternary-g"):  # and the same codes kept resident as int8 (`--cache int8`)
+        numpy_int8, fast_int8 = (Linear(linear.data, encoding, (out, n_in), linear.scale, linear.group_scale,
+                                        linear.rotation) for _ in range(2))
+        numpy_int8.keep_int8(), fast_int8.keep_int8()
+        pairs.append((numpy_int8, fast_int8))
+    for reference_linear, fast in pairs:
+        attach([fast])
+        fast.fast.max_tokens = 8  # the fused kernel for every token count below
+        for tokens in (1, 2, 5):
+            x = rng.standard_normal((tokens, n_in))
+            xr = np.abs(rotated_input(x, rotation) if rotation else x)
+            # Both sum the same float32 products in other orders, each within the probabilistic float32 bound
+            # 4 sqrt(n) 2^-24 sum|w x| of the exact sum (3.8e-6 at n = 256): together within 1e-5 sum|w x|.
+            np.testing.assert_array_less(np.abs(fast(x) - reference_linear(x)), 1e-5 * (xr @ magnitude.T) + 1e-30)
 
 
 @needs_numba
