@@ -14,7 +14,7 @@ from conftest import run_tool
 from ferrisres.format import Artifact, ArtifactError, unpack_ternary
 from ferrisres.format.encodings import rotate_blocks
 from ferrisres.runtime import load
-from ferrisres.runtime.kernels import Linear, rotated_input
+from ferrisres.runtime.kernels import GROUPED_MATVEC_TOKENS, Linear, rotated_input
 
 NAME = "layers.0.mlp.down_proj"  # [64, 256]: four groups of 64, rotation 64
 
@@ -69,19 +69,21 @@ def test_every_multiplication_path_computes_the_dequantized_weight(converted, en
     linear = model.weights.layers[0]["mlp.down_proj"]
     assert linear.encoding == encoding and linear.rotation == 64
     np.testing.assert_allclose(linear.dequantize(), expected, rtol=0, atol=1e-6)
-    x = np.random.default_rng(0).standard_normal((5, 256))
-    want = x @ expected.T
-    # float32 products over up to 3 planes x 256 inputs (base-3: 3 x 320 slots, the unused ones exact zeros):
-    # rounding errors of either sign add up like a random walk, sqrt(960) x 6e-8 (float32's unit roundoff)
-    # ~ 2e-6 of sum |x| |w|; 1e-5 leaves room for the rotation's own rounding
-    atol = 1e-5 * np.max(np.abs(x).sum(axis=1)) * np.abs(expected).max()
-    np.testing.assert_allclose(linear(x), want, rtol=0, atol=atol)
-    small_chunks = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
-    small_chunks.rows_per_chunk = 7  # chunks that do not divide the rows (BLAS may sum in another order)
-    np.testing.assert_allclose(small_chunks(x), linear(x), rtol=0, atol=atol)
-    codes = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
-    codes.keep_int8()
-    np.testing.assert_array_equal(codes(x), linear(x))
+    # a few tokens (group scales on the partial sums) and a prompt past GROUPED_MATVEC_TOKENS (on the weights)
+    for tokens in (5, GROUPED_MATVEC_TOKENS + 1):
+        x = np.random.default_rng(tokens).standard_normal((tokens, 256))
+        want = x @ expected.T
+        # float32 products over up to 3 planes x 256 inputs (base-3: 3 x 320 slots, the unused ones exact zeros):
+        # rounding errors of either sign add up like a random walk, sqrt(960) x 6e-8 (float32's unit roundoff)
+        # ~ 2e-6 of sum |x| |w|; 1e-5 leaves room for the rotation's own rounding
+        atol = 1e-5 * np.max(np.abs(x).sum(axis=1)) * np.abs(expected).max()
+        np.testing.assert_allclose(linear(x), want, rtol=0, atol=atol)
+        small_chunks = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
+        small_chunks.rows_per_chunk = 7  # chunks that do not divide the rows (BLAS may sum in another order)
+        np.testing.assert_allclose(small_chunks(x), linear(x), rtol=0, atol=atol)
+        codes = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
+        codes.keep_int8()
+        np.testing.assert_array_equal(codes(x), linear(x))
 
 
 def test_rotation_is_computed_once_for_linears_sharing_an_input():
