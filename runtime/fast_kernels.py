@@ -128,7 +128,6 @@ def _ternary(packed, x, scales, group_bytes, f16, out):
     rows, planes, nbytes = packed.shape
     for r in prange(rows):
         row_scales = np.empty(scales.shape[2], dtype=np.float32)
-        partial = np.empty(nbytes, dtype=np.float32)
         total = np.float32(0)
         for p in range(planes):
             row = packed[r, p]
@@ -137,6 +136,7 @@ def _ternary(packed, x, scales, group_bytes, f16, out):
                 for j in range(nbytes):
                     total += row_scales[j // DEFAULT_GROUP_BYTES] * _dot4(_weights(np.int32(row[j])), x, j)
             else:
+                partial = np.empty(nbytes, dtype=np.float32)
                 for j in range(nbytes):
                     partial[j] = _dot4(_weights(np.int32(row[j])), x, j)
                 total += _scaled_groups(partial, scales[r, p], group_bytes, f16)
