@@ -3,9 +3,9 @@
     python bench/kernels.py [--repeats 15] [--tokens 1,2,4,8,16] [--out bench/kernels.json]
 
 Random weights in each stored encoding (the default student's two-plane grouped ternary, packed 2 bits
-per code and base-3, 5 codes per byte; the per-row ternary, the int8 head); each timing is the median of
-`--repeats` calls, numpy and fast alternated so that a change in the machine's load falls on both. Needs
-the fast extra (numba).
+per code and base-3, 5 codes per byte; the per-row ternary; the tied head over an int8 and an int6-g32
+table); each timing is the median of `--repeats` calls, numpy and fast alternated so that a change in the
+machine's load falls on both. Needs the fast extra (numba).
 """
 
 from __future__ import annotations
@@ -20,21 +20,28 @@ from pathlib import Path
 import numpy as np
 
 from ferrisres.format.encodings import BASE3_TERNARY, pack_base3, pack_ternary
+from ferrisres.format.tables import GROUPED_TABLES, pack_table_rows, table_groups
 from ferrisres.runtime import kernels
 from ferrisres.runtime.fast_kernels import attach
 from ferrisres.runtime.kernels import Linear
+from ferrisres.runtime.weights import grouped_table_linear
 
 # (name, out, in, encoding): E2B's MLP gate/up and its double-wide down projection in both packings, the
-# per-row ternary, the tied int8 head
+# per-row ternary, the tied head over an int8 table and over an int6-g32 one (unpacked to int8 values at load)
 SHAPES = [("gate/up 6144x1536", 6144, 1536, "ternary-g2"), ("gate/up 6144x1536", 6144, 1536, "ternary5-g2"),
           ("down 1536x12288", 1536, 12288, "ternary-g2"), ("down 1536x12288", 1536, 12288, "ternary5-g2"),
-          ("gate/up 6144x1536", 6144, 1536, "ternary"), ("head 262144x1536", 262144, 1536, "int8")]
+          ("gate/up 6144x1536", 6144, 1536, "ternary"), ("head 262144x1536", 262144, 1536, "int8"),
+          ("head 262144x1536", 262144, 1536, "int6-g32")]
 
 
 def linear(out: int, n_in: int, encoding: str, rng) -> Linear:
     if encoding == "int8":
         return Linear(rng.integers(-127, 128, (out, n_in), dtype=np.int8), encoding, (out, n_in),
                       scale=rng.random(out, dtype=np.float32))
+    if encoding in GROUPED_TABLES:
+        q = rng.integers(-32, 32, (out, n_in), dtype=np.int8)
+        scales = rng.random((out, table_groups(encoding, n_in))).astype(np.float16)
+        return grouped_table_linear(pack_table_rows(q, encoding), encoding, (out, n_in), scales)
     codes = rng.integers(-1, 2, (out, n_in), dtype=np.int8)
     packed = (pack_base3 if encoding in BASE3_TERNARY else pack_ternary)(codes)
     if encoding == "ternary":
@@ -69,7 +76,7 @@ def main() -> None:
         products = []
         for _, out, n_in, encoding in (s for s in SHAPES if s[0] == name):
             fast = linear(out, n_in, encoding, rng)
-            plain = Linear(fast.data, encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
+            plain = Linear(fast.data, fast.encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
             attach([fast])
             fast.fast.max_tokens = 1 << 30  # the fused kernel for every token count measured
             products.append((encoding, out, n_in, plain, fast))

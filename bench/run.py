@@ -390,6 +390,7 @@ def per_token_bytes(path: Path, context: int) -> dict:
     """Bytes one decode step reads: every weight tensor a step touches (one row of the embedding tables),
     the int8/tied head, MoE experts in proportion top_k/experts, and the K/V cache at `context`."""
     from ferrisres.format import Artifact
+    from ferrisres.format.tables import GROUPED_TABLES, table_bits
 
     with Artifact.open(path) as a:
         c = a.config
@@ -399,7 +400,9 @@ def per_token_bytes(path: Path, context: int) -> dict:
             table = name.removesuffix(".weight_scale")  # a quantized table's scales are read as the table is
             if table in ("embed_tokens", "embed_tokens_per_layer"):
                 if table == "embed_tokens" and "lm_head" not in a.tensors:
-                    kind = "head (tied embedding)"  # the whole table is the output projection
+                    kind = "head (tied embedding)"  # the whole table is the output projection,
+                    if info.encoding in GROUPED_TABLES:  # read as the int8 values it is unpacked to at load
+                        n = n * 8 // table_bits(info.encoding)
                 else:
                     n = n // info.shape[0]  # one row
                     kind = "embedding rows"

@@ -26,7 +26,7 @@ from .build import QUANTS, Options, convert
 from .student import PACKINGS
 from .errors import ConversionError, require_extra
 from .quantize import DEFAULT_SCHEME, SCHEMES
-from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
+from .tables import DEFAULT_TABLES, TABLE_CHOICES
 
 PROG = "ferrisres-convert"
 
@@ -54,7 +54,7 @@ class Args:
         default=None,
         metadata={"choices": TABLE_CHOICES, "help": "encoding of the token and per-layer embedding tables: int8 per "
                   "row, int6 per group of 32 values, int4 per group of 32 or 64 (default for a student: "
-                  f"{DEFAULT_TABLES} / per-layer {DEFAULT_PER_LAYER_TABLE}; a teacher keeps its --quant)"},
+                  f"{DEFAULT_TABLES}; a teacher keeps its --quant)"},
     )
     per_layer_table: Optional[str] = field(
         default=None, metadata={"choices": TABLE_CHOICES, "help": "encoding of the per-layer embedding table alone"},

@@ -23,7 +23,7 @@ from .errors import ConversionError
 from .lora import LoraAdapter
 from .names import expert_of, hf_name
 from .quantize import DEFAULT_SCHEME
-from .tables import DEFAULT_PER_LAYER_TABLE, DEFAULT_TABLES, TABLE_CHOICES
+from .tables import DEFAULT_TABLES, TABLE_CHOICES
 
 PACKINGS = ("2bit", "base3")  # grouped ternary: 4 codes per byte (ternary-gN), 5 (ternary5-gN, format 1.2)
 SEQUENCE_TOKENS = 128  # tokens per calibration sequence (BOS included)
@@ -84,12 +84,10 @@ class Options:
     def table_encodings(self) -> dict[str, str]:
         """The encoding of each embedding table, by artifact name."""
         if self.tables is not None:
-            default, per_layer = self.tables, self.tables
-        elif self.quant == "ternary":
-            default, per_layer = DEFAULT_TABLES, DEFAULT_PER_LAYER_TABLE
+            tables = self.tables
         else:  # a teacher keeps its tables as the rest of its weights unless asked
-            default, per_layer = self.quant, self.quant
-        return {"embed_tokens": default, "embed_tokens_per_layer": self.per_layer_table or per_layer}
+            tables = DEFAULT_TABLES if self.quant == "ternary" else self.quant
+        return {"embed_tokens": tables, "embed_tokens_per_layer": self.per_layer_table or tables}
 
     def head_copy(self) -> bool:
         """A ternary student with a bf16 token embedding gets an int8 copy of the tied head (the fastest

@@ -16,8 +16,7 @@ from .errors import ConversionError
 from .quantize import int8_rows
 
 TABLE_CHOICES = ("bf16", "int8", *GROUPED_TABLES)  # from the largest to the smallest
-DEFAULT_TABLES = "int8"  # a ternary student's token embedding (and so its tied head): QUALITY.md
-DEFAULT_PER_LAYER_TABLE = "int6-g32"  # Gemma 4's per-layer table, read by rows only: QUALITY.md says why
+DEFAULT_TABLES = "int6-g32"  # both tables of a ternary student (the token one is also its tied head): QUALITY.md
 _F16_MAX = float(np.finfo(np.float16).max)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY
-from ferrisres.format.tables import GROUPED_TABLES, table_bits, table_group
+from ferrisres.format.tables import table_group
 
 from . import kernels
 
@@ -37,7 +37,7 @@ from . import kernels
 # No other fast-math flag: NaN and infinities propagate as in numpy. cache=True: compiled once per machine.
 _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False, error_model="numpy")
 LANES = 16  # partial sums of a group are added LANES at a time: one AVX-512 vector (two AVX2 ones) of float32
-_ONE, _EIGHT, _THIRTY_TWO = np.float32(1), np.float32(8), np.float32(32)  # float32 constants: numba makes float32 - 1 a float64
+_ONE = np.float32(1)  # a float32 constant: numba makes float32 - 1 a float64
 _THREE, _THIRD = np.float32(3), np.float32(1 / 3)
 # float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -45,10 +45,10 @@ _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 # multiplied by its group's scale (looked up by index from the row's scales, in L1): a sum per group is too
 # short for LLVM's vector loop and a group size only known at run time defeats it too (2-3x slower, measured
 # on the E2B shapes). DEFAULT_GROUP: the converter's default group of codes (DEFAULT_GROUP_BYTES packed 4 per
-# byte); other groups take the partial-sum loops.
+# byte); TABLE_GROUP: an int4-g32 or int6-g32 table's, as the tied head; other groups take the partial-sum loops.
 DEFAULT_GROUP = 64
 DEFAULT_GROUP_BYTES = DEFAULT_GROUP // 4
-_INT6_GROUP = table_group("int6-g32")  # the only int6 encoding
+TABLE_GROUP = table_group("int6-g32")  # the default table's group (int4-g32's too)
 
 
 @njit(inline="always", **_JIT)
@@ -245,65 +245,6 @@ def _ternary_rows(packed, x, out):
 
 
 @njit(parallel=True, **_JIT)
-def _int4(packed, xk, scales, group_bytes, f16, out):
-    """int4 rows (an int4 table as the head): codes q + 8, column 2j in the low nibble of byte j, 2j + 1 in
-    the high one; xk [T, 2, bytes]; a float16 scale per group of `group_bytes` bytes."""
-    rows, nbytes = packed.shape
-    groups = nbytes // group_bytes
-    for r in prange(rows):
-        partial = np.empty(nbytes, dtype=np.float32)
-        for t in range(xk.shape[0]):
-            x = xk[t]
-            for j in range(nbytes):
-                b = np.int32(packed[r, j])
-                partial[j] = ((np.float32(np.int32(b & 15)) - _EIGHT) * x[0, j]
-                              + (np.float32(np.int32(b >> 4)) - _EIGHT) * x[1, j])
-            total = np.float32(0)
-            for g in range(groups):
-                total += f16[scales[r, g]] * _group_sum(partial, g * group_bytes, group_bytes)
-            out[t, r] = total
-
-
-@njit(inline="always", **_JIT)
-def _int6_values(a, b, h):
-    """The int6 values (code - 32, float32) of columns j, j + Q, j + 2Q, j + 3Q from the low-nibble bytes
-    a (j, j + 2Q) and b (j + Q, j + 3Q) and the high-bit byte h. Each step is cast back to int32:
-    numba widens integer arithmetic to int64, which halves the vector lanes (measured 1.6x slower)."""
-    i = np.int32
-    c0 = i(i(a & i(15)) | i(i(h & i(3)) << i(4)))
-    c1 = i(i(b & i(15)) | i(i(h & i(12)) << i(2)))
-    c2 = i(i(a >> i(4)) | i(h & i(48)))
-    c3 = i(i(b >> i(4)) | i(i(h >> i(2)) & i(48)))
-    return (np.float32(c0) - _THIRTY_TWO, np.float32(c1) - _THIRTY_TWO, np.float32(c2) - _THIRTY_TWO,
-            np.float32(c3) - _THIRTY_TWO)
-
-
-@njit(parallel=True, **_JIT)
-def _int6(packed, xq, scales, f16, out):
-    """int6-g32 rows (an int6 table as the head), a row of W values in quarters of Q = W/4: byte j (j < Q)
-    holds the low nibbles of columns j and j + 2Q, byte Q + j those of j + Q and j + 3Q, byte 2Q + j the
-    high bits of all four (format/tables.py); value = code - 32. xq [T, 4, Q]: the quarters of the input.
-    A float16 scale per 32 columns (a compile-time constant, see DEFAULT_GROUP_BYTES); a quarter holds
-    whole groups."""
-    rows, quarter = packed.shape[0], xq.shape[2]
-    groups = quarter // _INT6_GROUP  # per quarter
-    for r in prange(rows):
-        row_scales = np.empty(scales.shape[1], dtype=np.float32)
-        _row_scales(scales[r], f16, row_scales)
-        s0, s1, s2, s3 = (row_scales[:groups], row_scales[groups:2 * groups], row_scales[2 * groups:3 * groups],
-                          row_scales[3 * groups:])
-        low0, low1, high = packed[r, :quarter], packed[r, quarter:2 * quarter], packed[r, 2 * quarter:]
-        for t in range(xq.shape[0]):
-            x0, x1, x2, x3 = xq[t, 0], xq[t, 1], xq[t, 2], xq[t, 3]
-            total = np.float32(0)
-            for j in range(quarter):
-                w0, w1, w2, w3 = _int6_values(np.int32(low0[j]), np.int32(low1[j]), np.int32(high[j]))
-                g = j // _INT6_GROUP
-                total += w0 * x0[j] * s0[g] + w1 * x1[j] * s1[g] + w2 * x2[j] * s2[g] + w3 * x3[j] * s3[g]
-            out[t, r] = total
-
-
-@njit(parallel=True, **_JIT)
 def _int8(q, x, out):
     """int8 rows (the head over an int8 table, or --cache int8 codes); the row scale is the caller's."""
     for r in prange(q.shape[0]):
@@ -314,10 +255,21 @@ def _int8(q, x, out):
             out[t, r] = s
 
 
+@njit(inline="always", **_JIT)
+def _grouped_codes_dot(row, x, row_scales, group):
+    """sum over j of row_scales[j // group] * row[j] * x[j]: int8 codes with a scale per `group` columns.
+    Inlined where `group` is a literal, which LLVM needs to vectorize the row as one sum."""
+    s = np.float32(0)
+    for j in range(len(row)):
+        s += row_scales[j // group] * np.float32(np.int32(row[j])) * x[j]
+    return s
+
+
 @njit(parallel=True, **_JIT)
 def _int8_groups(q, x, scales, group, f16, out):
-    """Grouped ternary kept as int8 codes (`--cache int8`): q [rows, planes, width], float16 scales
-    [rows, planes, groups] of `group` columns each."""
+    """int8 codes with float16 group scales: grouped ternary kept unpacked (`--cache int8`), or an int4 or
+    int6 table unpacked as the tied head. q [rows, planes, width], scales [rows, planes, groups] of
+    `group` columns each."""
     rows, planes, width = q.shape
     for r in prange(rows):
         row_scales = np.empty(scales.shape[2], dtype=np.float32)
@@ -329,8 +281,10 @@ def _int8_groups(q, x, scales, group, f16, out):
                 row = q[r, p]
                 if group == DEFAULT_GROUP:
                     _row_scales(scales[r, p], f16, row_scales)
-                    for j in range(width):
-                        total += row_scales[j // DEFAULT_GROUP] * np.float32(np.int32(row[j])) * xt[j]
+                    total += _grouped_codes_dot(row, xt, row_scales, DEFAULT_GROUP)
+                elif group == TABLE_GROUP:
+                    _row_scales(scales[r, p], f16, row_scales)
+                    total += _grouped_codes_dot(row, xt, row_scales, TABLE_GROUP)
                 else:
                     for j in range(width):
                         partial[j] = np.float32(np.int32(row[j])) * xt[j]
@@ -381,13 +335,9 @@ class FastMatmul:
         self.max_tokens = MAX_TOKENS[linear.encoding]
         self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
         self.scales, self.group_bytes = None, 0
-        if linear.group_scale is not None:  # grouped ternary [out, planes, groups] (packed, or int8 codes of
-            scales = linear.group_scale.view(np.uint16)  # --cache int8); int4 and int6 tables [out, 1, groups]
-            self.scales = scales[:, 0] if linear.encoding in GROUPED_TABLES else scales
-            if linear.encoding in GROUPED_TABLES:  # int4: one partial sum per byte (2 columns); int6: group fixed
-                self.group_bytes = table_group(linear.encoding) // 2
-            else:  # bytes (int8 codes: columns) per group
-                self.group_bytes = linear.data.shape[-1] // scales.shape[-1]
+        if linear.group_scale is not None:  # [out, planes, groups]: grouped ternary, or int8 codes with group scales
+            self.scales = linear.group_scale.view(np.uint16)
+            self.group_bytes = linear.data.shape[-1] // self.scales.shape[-1]  # bytes (int8 codes: columns) per group
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
@@ -413,10 +363,6 @@ class FastMatmul:
             _bf16(data, x, out)
         elif self.encoding == "f16":
             _f16(data, x, _F16, out)
-        elif self.encoding in GROUPED_TABLES and table_bits(self.encoding) == 6:
-            _int6(data, x.reshape(len(x), 4, -1), scales, _F16, out)
-        elif self.encoding in GROUPED_TABLES:
-            _int4(data, _deinterleaved(x, 2), scales, self.group_bytes, _F16, out)
         elif self.encoding == "ternary":  # numpy's sgemm takes several tokens (MAX_TOKENS): one at a time here
             for t, xt in enumerate(_deinterleaved(x, 4)):
                 _ternary_rows(data, xt, out[t])
@@ -445,8 +391,8 @@ PARALLEL_BYTES = 64 << 10
 # 2-bit grouped ternary 1.6x faster at 8 tokens and even at 16, base-3 1.3x at 4 and slower at 8, per-row
 # ternary 2.1x at 4.
 MAX_TOKENS = {"ternary": 4, **{encoding: 8 for encoding in GROUPED_TERNARY}, **{encoding: 4 for encoding in BASE3_TERNARY},
-              "int8": 8, **{encoding: 4 for encoding in GROUPED_TABLES}, "bf16": 8, "f16": 8}
-FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, *GROUPED_TABLES, "int8", "bf16", "f16")  # f32 stays with BLAS
+              "int8": 8, "bf16": 8, "f16": 8}
+FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, "int8", "bf16", "f16")  # f32 stays with BLAS
 
 
 def _use_threads(n: int) -> None:

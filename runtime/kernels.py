@@ -17,7 +17,6 @@ from threadpoolctl import ThreadpoolController
 
 from ferrisres.format import ternary_lut
 from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY, base3_lut, base3_slots, rotate_blocks
-from ferrisres.format.tables import GROUPED_TABLES, int6_codes, nibble_lut, table_bits
 
 CHUNK_BYTES = 2 << 20  # float32 bytes of decoded rows per chunk: 1-4 MiB measured best
 # Up to this many tokens, group scales multiply partial sums (Linear._rows_matmul). Measured on E2B's
@@ -28,7 +27,6 @@ _LUT16 = ternary_lut().view(np.complex128).reshape(256)  # 16-byte items: one pa
 BASE3_SLOTS = 8  # decoded float32 per base-3 byte: its 5 codes, then 3 zeros
 _BASE3_LUT = np.pad(base3_lut(), ((0, 0), (0, BASE3_SLOTS - 5)))  # [256, 8]
 _BASE3_LUT32 = _BASE3_LUT.view("V32").reshape(256)  # 32-byte items: one base-3 byte -> 8 float32
-_INT4_LUT8 = nibble_lut().view(np.uint64).reshape(256)  # 8-byte items: one packed int4 byte -> 2 float32
 _local = threading.local()  # each thread's decode buffers, one per row width
 _pool: ThreadPoolExecutor | None = None  # workers that split a matrix's rows; None = one thread
 _threads = 1
@@ -61,7 +59,8 @@ class Linear:
     Grouped ternary (`ternary-g1`/`-g2`): `data` [out, planes, in/4] packed codes and `group_scale`
     [out, planes, groups] float16, W = sum over planes of the group's scale times the codes; with
     `rotation` b > 0 the weight multiplies the input rotated by a block Hadamard matrix of order b.
-    An int4 or int6 table (the tied head over it) is one plane with `group_scale` [out, 1, groups].
+    int8 codes with group scales are one such matrix kept unpacked (`keep_int8`), or an int4 or int6
+    table read as the tied head (`data` [out, 1, padded width], `group_scale` [out, 1, groups]).
     """
 
     def __init__(self, data: np.ndarray, encoding: str, shape: tuple[int, int], scale: np.ndarray | None = None,
@@ -79,10 +78,8 @@ class Linear:
             self.positions = base3_positions(self.in_features)
         elif encoding == "ternary" or encoding in GROUPED_TERNARY:
             self.width = data.shape[-1] * 4  # decoded row width (of one plane): padded to whole bytes
-        elif encoding in GROUPED_TABLES:
-            self.width = data.shape[-1] * 8 // table_bits(encoding)  # padded to whole groups
         else:
-            self.width = self.in_features
+            self.width = data.shape[-1]  # the input's width; more when int8 codes are padded to whole groups
         self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width * self.planes))
         self.fast = None  # fast_kernels.FastMatmul when attached: the product of a few tokens at a time
 
@@ -170,11 +167,9 @@ class Linear:
             np.take(_BASE3_LUT32, rows.reshape(len(rows), -1), out=out.view("V32"), mode="clip")
         elif self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
             np.take(_LUT16, rows.reshape(len(rows), -1), out=out.view(np.complex128), mode="clip")
-        elif self.encoding in GROUPED_TABLES:
-            self._decode_table(rows, out)
         elif self.encoding == "bf16":
             np.left_shift(rows, 16, out=out.view(np.uint32), dtype=np.uint32)
-        else:  # f16, int8 (codes of --cache int8), f32
+        else:  # f16, f32, int8 (a table's, or codes kept by keep_int8 or unpacked from an int4/int6 table)
             np.copyto(out, rows.reshape(len(rows), -1), casting="safe")
         if scaled and self.group_scale is not None:
             # float16 -> float32 once per chunk (a few KB): broadcast from float16 numpy would convert each
@@ -182,17 +177,6 @@ class Linear:
             scales = self.group_scale[r0:r1].astype(np.float32)  # [rows, planes, groups]
             grouped = out.reshape(len(rows), self.planes, scales.shape[-1], -1)
             np.multiply(grouped, scales[..., None], out=grouped)
-
-    def _decode_table(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """int4 or int6 values as float32 (without their scales): int4 through a lookup table, int6 by
-        shifts and masks into int8 values first (format/tables.py)."""
-        if table_bits(self.encoding) == 4:
-            np.take(_INT4_LUT8, rows, out=out.view(np.uint64), mode="clip")
-            return
-        chunked = len(rows) <= self.rows_per_chunk  # else dequantize(): the whole matrix, once
-        values = _buffer(self.width, self.rows_per_chunk, np.int8)[: len(rows)] if chunked else np.empty(out.shape, np.int8)
-        int6_codes(rows, values)
-        np.copyto(out, values, casting="safe")
 
 
 def base3_positions(n_in: int) -> np.ndarray:
@@ -222,12 +206,12 @@ def rotated_input(x: np.ndarray, block: int) -> np.ndarray:
     return rotated
 
 
-def _buffer(width: int, rows: int, dtype=np.float32) -> np.ndarray:
-    """This thread's reusable buffer for `rows` decoded rows of `width`, one per width and dtype."""
+def _buffer(width: int, rows: int) -> np.ndarray:
+    """This thread's reusable float32 buffer for `rows` decoded rows of `width`, one per width."""
     buffers = _local.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((width, dtype))
+    buffer = buffers.get(width)
     if buffer is None or buffer.shape[0] < rows:
-        buffer = buffers[width, dtype] = np.empty((rows, width), dtype=dtype)
+        buffer = buffers[width] = np.empty((rows, width), dtype=np.float32)
     return buffer
 
 

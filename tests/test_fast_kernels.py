@@ -20,6 +20,7 @@ from ferrisres.runtime import load, set_threads
 from ferrisres.runtime import model as model_module
 from ferrisres.runtime.kernels import Linear, rotated_input
 from ferrisres.runtime.kv_cache import KVCache
+from ferrisres.runtime.weights import grouped_table_linear
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                  reason="numba is not installed (pip install 'ferrisres[fast]'): fast kernels untested")
@@ -47,7 +48,7 @@ def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: 
         q = rng.integers(-largest, largest, (out, n_in))
         scales = (rng.random((out, table_groups(encoding, n_in))) + 0.1).astype(np.float16)  # of the padded row
         magnitude = np.abs(q) * np.repeat(scales.astype(np.float32), size, axis=1)[:, :n_in]
-        return Linear(pack_table_rows(q, encoding), encoding, (out, n_in), group_scale=scales[:, None, :]), magnitude
+        return grouped_table_linear(pack_table_rows(q, encoding), encoding, (out, n_in), scales), magnitude
     if encoding == "int8":
         q = rng.integers(-127, 128, (out, n_in), dtype=np.int8)
         scale = rng.random(out, dtype=np.float32)
@@ -74,7 +75,7 @@ def test_each_encoding_equals_the_numpy_product(encoding, out, n_in, group, rota
 
     rng = np.random.default_rng(n_in)
     linear, magnitude = weights(encoding, out, n_in, rng, group, rotation)
-    pairs = [(linear, Linear(linear.data, encoding, (out, n_in), linear.scale, linear.group_scale, linear.rotation))]
+    pairs = [(linear, Linear(linear.data, linear.encoding, (out, n_in), linear.scale, linear.group_scale, linear.rotation))]
     if encoding.startswith("ternary-g"):  # and the same codes kept resident as int8 (`--cache int8`)
         numpy_int8, fast_int8 = (Linear(linear.data, encoding, (out, n_in), linear.scale, linear.group_scale,
                                         linear.rotation) for _ in range(2))

@@ -1,8 +1,8 @@
 """Damaged and hostile `.tern` files never crash, hang or mislead the tools.
 
 Hundreds of mutants of small valid artifacts (the tiny Gemma 4 converted as a ternary student with
-its default tables (int8, the per-layer one int6), as one with int4 and int6 tables, as an f32
-teacher, and from its bf16 checkpoint with bf16 tables) go through both tools as a user runs them:
+int8 tables, as one with its default int6 token table and an int4 per-layer table, as an f32 teacher,
+and from its bf16 checkpoint with bf16 tables) go through both tools as a user runs them:
 
     ferrisres-run MUTANT -p Hi -n 2 --raw
     ferrisres-inspect MUTANT --verify
@@ -130,10 +130,10 @@ def judge(m: Mutant, r: dict) -> tuple[str, list[str]]:
 
 def test_fuzz(converted, tmp_path):
     bases = {
-        "ternary": converted("tiny_gemma4"),
+        "ternary": converted("tiny_gemma4", tables="int8"),
         "f32": converted("tiny_gemma4", "f32"),
         "bf16": converted("tiny_gemma4_bf16", tables="bf16"),
-        "grouped": converted("tiny_gemma4", tables="int4-g32", per_layer_table="int6-g32"),
+        "grouped": converted("tiny_gemma4", per_layer_table="int4-g32"),  # the default int6 token table (and head)
         "base3": converted("tiny_gemma4", method="rtn", packing="base3"),
     }
     work = tmp_path / "mutants"

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import FIXTURES, PER_ROW, run_tool
 from ferrisres.format import FORMAT_VERSION, Artifact
+from ferrisres.format.tables import stored_columns
 
 INSPECT = "ferrisres-inspect"
 FLIPPED = "layers.3.mlp.up_proj"  # a ternary weight
@@ -82,12 +83,12 @@ def test_text_summary(student):
     assert re.search(r"quant ternary, gptq, 2 planes \(3 in the MLP down projections\), group 64, rotate 64, "
                      r"2-bit packing \(4 codes per byte\), "
                      r"calibrated on teacher \(8192 tokens\)", out), out
-    assert "head tied, tables embed_tokens int8 / embed_tokens_per_layer int6-g32" in out
+    assert "head tied, tables embed_tokens int6-g32 / embed_tokens_per_layer int6-g32" in out
     # bytes by kind
     assert "bytes by kind:" in out
     assert amount(kind_line(out, "linear weights (ternary-g2)")) == ternary_bytes(student)
-    assert "output head copy" not in out  # the head is the int8 token embedding
-    assert amount(kind_line(out, "token embedding (int8)")) == c["vocab_size"] * c["hidden_size"]
+    assert "output head copy" not in out  # the head is the token embedding
+    assert amount(kind_line(out, "token embedding (int6-g32)")) == c["vocab_size"] * stored_columns("int6-g32", c["hidden_size"])
     with Artifact.open(student) as a:
         n_tensors = len(a.tensors)
     assert f"{n_tensors} tensors" in out
@@ -139,14 +140,14 @@ def test_json(student):
     assert m["kv_shared_layers"] == c["num_kv_shared_layers"]
     assert report["student"]["quant"] == "ternary"
     assert report["student"]["method"] == "gptq" and report["student"]["planes"] == 2
-    assert report["student"]["tables"] == {"embed_tokens": "int8", "embed_tokens_per_layer": "int6-g32"}
+    assert report["student"]["tables"] == {"embed_tokens": "int6-g32", "embed_tokens_per_layer": "int6-g32"}
     assert report["format_version"] == "%d.%d" % FORMAT_VERSION
     assert report["file_bytes"] == student.stat().st_size
     assert report["chat_template"] is None
 
     by_kind = report["bytes_by_kind"]
     assert by_kind["linear weights (ternary-g2)"] == ternary_bytes(student)
-    assert by_kind["token embedding (int8)"] == c["vocab_size"] * c["hidden_size"]
+    assert by_kind["token embedding (int6-g32)"] == c["vocab_size"] * stored_columns("int6-g32", c["hidden_size"])
     assert sum(by_kind.values()) == all_tensor_bytes(student)
     with Artifact.open(student) as a:
         assert report["tensors"] == len(a.tensors)

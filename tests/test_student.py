@@ -55,7 +55,7 @@ def test_default_student_has_two_rotated_trit_planes_and_three_in_the_down_proje
     assert model.artifact.tensors["layers.0.mlp.down_proj.weight_scale"].shape == (64, 3, 4)  # in 256: 4 groups
     o_proj = model.artifact.tensors["layers.0.self_attn.o_proj"]  # in = 32: one group, rotation of 32
     assert model.artifact.tensors["layers.0.self_attn.o_proj.weight_scale"].shape == (64, 2, 1) and o_proj.rotation == 32
-    assert model.artifact.tensors["embed_tokens"].encoding == "int8" and "lm_head" not in model.artifact.tensors
+    assert model.artifact.tensors["embed_tokens"].encoding == "int6-g32" and "lm_head" not in model.artifact.tensors
 
 
 def test_per_row_student_weights_are_ternary_with_row_scales(converted):
@@ -65,7 +65,7 @@ def test_per_row_student_weights_are_ternary_with_row_scales(converted):
     assert model.artifact.tensors["layers.0.mlp.gate_proj.weight_scale"].shape == (256,)
     codes = model.artifact.tensor("layers.0.mlp.gate_proj")
     assert not np.any((codes[..., None] >> np.array([0, 2, 4, 6], np.uint8)) & 3 == 3)  # no invalid code
-    assert model.artifact.tensors["embed_tokens"].encoding == "int8" and "lm_head" not in model.artifact.tensors
+    assert model.artifact.tensors["embed_tokens"].encoding == "int6-g32" and "lm_head" not in model.artifact.tensors
     assert model.artifact.tensors["layers.0.input_layernorm"].encoding == "f32"
 
 
