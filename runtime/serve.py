@@ -25,7 +25,7 @@ from .scheduler import Scheduler
 PROG = "ferrisres-serve"
 SERVE_EXTRA = "pip install 'ferrisres[serve]'"
 SPARE_CONNECTIONS = 16  # open connections beyond max batch + queue: health checks, bodies being read
-SHUTDOWN_SECONDS = 10  # on SIGTERM or Ctrl-C, replies still streaming get this long before they are cut
+SHUTDOWN_MARGIN = 5  # after the grace: for the replies just ended to send their last events
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Args:
     api_key: Optional[str] = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: the FERRISRES_API_KEY variable, else none)"})
     threads: int = field(default=1, metadata={"help": "threads that split each matrix's rows (default 1)"})
     kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy, fast (pip install 'ferrisres[fast]'), auto (default)"})
+    grace: float = field(default=10.0, metadata={"help": "on SIGTERM or Ctrl-C, seconds the replies still generating get to finish; then each ends with finish_reason length (default 10)"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +54,7 @@ def _serve(args: Args) -> int:
     try:
         import uvicorn
 
-        from .server import Limits, create_app
+        from .server import Limits, Shutdown, create_app
     except ImportError as e:
         raise ValueError(f"ferrisres-serve needs uvicorn and starlette ({e}): {SERVE_EXTRA}") from None
     set_threads(min(args.threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
@@ -63,14 +64,22 @@ def _serve(args: Args) -> int:
                                          model.config.max_position_embeddings), args.timeout)
     listener = _listen(args.host, args.port)
     scheduler = Scheduler(model, args.max_batch, args.max_queue).start()
-    app = create_app(model, scheduler, limits, args.api_key or os.environ.get("FERRISRES_API_KEY") or None)
+    shutdown = Shutdown()
+    app = create_app(model, scheduler, limits, args.api_key or os.environ.get("FERRISRES_API_KEY") or None, shutdown)
     host, port = listener.getsockname()[:2]
     print(f"{PROG}: serving {model.artifact.path.name} on http://{host}:{port} (kernel {model.kernel}, "
           f"max batch {args.max_batch})", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
+                            timeout_graceful_shutdown=args.grace + SHUTDOWN_MARGIN,
                             limit_concurrency=args.max_batch + args.max_queue + SPARE_CONNECTIONS)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM or Ctrl-C: stop accepting, let the replies end
+            shutdown.begin(args.grace)
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.Server(config).run(sockets=[listener])
+        Server(config).run(sockets=[listener])
     finally:
         scheduler.stop()
     return 0
@@ -89,6 +98,8 @@ def _check(args: Args) -> None:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if not 0 < args.timeout < float("inf"):
         raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if not 0 <= args.grace < float("inf"):
+        raise ValueError(f"--grace must be a number of seconds >= 0, got {args.grace}")
 
 
 def _listen(host: str, port: int) -> socket.socket:

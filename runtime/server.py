@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .scheduler import Finished, QueueFull, Scheduler
 
 MAX_BODY_BYTES = 4 << 20  # a request body: far more text than a 131,072-token context holds (~0.5 MB)
 BODY_SECONDS = 30.0  # to send a request body: a client that trickles it holds a connection for nothing
+WAKE_SECONDS = 1.0  # a reply waiting for its next token looks at its deadline (which a shutdown brings forward) this often
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,20 @@ class Limits:
     timeout: float
 
 
-def create_app(model: Model, scheduler: Scheduler, limits: Limits, api_key: str | None = None):
-    """The Starlette application serving `model` through `scheduler`."""
+class Shutdown:
+    """The deadline a shutdown gives every reply still generating (none until it begins): at the deadline
+    each ends as a timeout does, with finish_reason "length" (and [DONE] when streamed), not cut off."""
+
+    def __init__(self):
+        self.deadline = math.inf
+
+    def begin(self, grace: float) -> None:
+        """Called from a signal handler: one float assignment, nothing the event loop could be in the middle of."""
+        self.deadline = min(self.deadline, time.monotonic() + grace)
+
+
+def create_app(model: Model, scheduler: Scheduler, limits: Limits, api_key: str | None, shutdown: Shutdown):
+    """The Starlette application serving `model` through `scheduler`; `shutdown` ends its replies when told."""
     model_id = model.artifact.path.stem
     created = int(model.artifact.path.stat().st_mtime)
 
@@ -64,7 +78,7 @@ def create_app(model: Model, scheduler: Scheduler, limits: Limits, api_key: str 
                     raise _bad_key()
                 parsed = parse_request(await _json_body(request), chat)
                 generation = await _generation(model, parsed, limits)
-                reply = Reply(scheduler, generation, limits.timeout)
+                reply = Reply(scheduler, generation, limits.timeout, shutdown)
             except ApiError as e:
                 return refused(e)
             rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
@@ -146,7 +160,7 @@ async def _generation(model: Model, request: CompletionRequest, limits: Limits) 
 class Reply:
     """The events of one submitted generation, received in the server's event loop."""
 
-    def __init__(self, scheduler: Scheduler, generation: Generation, timeout: float):
+    def __init__(self, scheduler: Scheduler, generation: Generation, timeout: float, shutdown: Shutdown):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -156,7 +170,7 @@ class Reply:
             except RuntimeError:  # the loop has closed: the server is stopping
                 pass
 
-        self.scheduler, self.generation = scheduler, generation
+        self.scheduler, self.generation, self.shutdown = scheduler, generation, shutdown
         self.deadline = time.monotonic() + timeout
         try:
             self.sequence = scheduler.submit(generation, listener)
@@ -167,9 +181,12 @@ class Reply:
     async def events(self):
         """Each Step, then Finished (or the error the generation failed with, raised)."""
         while True:
+            left = min(self.deadline, self.shutdown.deadline) - time.monotonic()
             try:
-                event = await asyncio.wait_for(self.queue.get(), max(0.0, self.deadline - time.monotonic()))
+                event = await asyncio.wait_for(self.queue.get(), max(0.0, min(left, WAKE_SECONDS)))
             except asyncio.TimeoutError:
+                if left > WAKE_SECONDS:
+                    continue
                 self.cancel()
                 g = self.generation
                 yield Finished("timeout", len(g.prompt_ids), len(g.tokens))

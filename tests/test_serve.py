@@ -7,6 +7,7 @@ import gc
 import http.client
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -375,6 +376,36 @@ def test_a_request_past_the_timeout_ends_with_finish_reason_length(artifact):
         wait_until_idle(s)
     finally:
         s.stop()
+
+
+def test_a_shutdown_ends_a_stream_still_generating_with_its_finish_reason_and_done(artifact):
+    """SIGTERM while a reply of 2048 tokens streams: after --grace it ends as a timeout does (finish_reason
+    length, usage, [DONE]) rather than being cut, and the server exits."""
+    s = Server(artifact, "--grace", "0.5")
+    try:
+        body = json.dumps({"prompt": "Hello", "max_tokens": 2048, "temperature": 0, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        sock = socket.create_connection((s.host, s.port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while b"data: " not in received:  # generating
+            received += sock.recv(4096)
+        s.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        while chunk := sock.recv(65536):
+            received += chunk
+        ended = time.monotonic() - signalled
+        sock.close()
+        events = re.findall(r"data: (.*?)\n\n", received.decode())  # one SSE event per HTTP chunk
+        assert events[-1] == "[DONE]", events[-3:]
+        finish, counts = json.loads(events[-3]), json.loads(events[-2])
+        assert finish["choices"][0]["finish_reason"] == "length"
+        assert 0 < counts["usage"]["completion_tokens"] < 2048 and ended < 10
+        s.proc.wait(timeout=30)
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
 
 
 def test_a_hostile_chat_template_is_refused_in_its_sandbox(tmp_path):
