@@ -23,6 +23,11 @@ CHUNK_BYTES = 2 << 20  # float32 bytes of decoded rows per chunk: 1-4 MiB measur
 # shapes: faster at every count up to 64 (gate/up 35 against 40 ms at 64 tokens, the three-plane 12288-wide
 # down 140 against 276), slower for gate/up from about 100 (a prompt's sgemm over the scaled chunk wins).
 GROUPED_MATVEC_TOKENS = 64
+# More tokens than that (a prompt) go through sgemm, in chunks of at least this many rows: each sgemm call
+# packs the whole input again, so chunks of a few rows of a wide matrix leave it mostly packing. Measured
+# at 256 tokens on E2B's 1536 x 12288 three-plane down projection: 349 ms in chunks of 14 rows (2 MiB),
+# 183 ms in chunks of 112, 176 ms in 224; the 6144 x 1536 gate/up (170-row chunks) changes by < 10%.
+PROMPT_CHUNK_ROWS = 128
 _LUT16 = ternary_lut().view(np.complex128).reshape(256)  # 16-byte items: one packed byte -> 4 float32
 BASE3_SLOTS = 8  # decoded float32 per base-3 byte: its 5 codes, then 3 zeros
 _BASE3_LUT = np.pad(base3_lut(), ((0, 0), (0, BASE3_SLOTS - 5)))  # [256, 8]
@@ -122,39 +127,46 @@ class Linear:
 
     def _chunked_matmul(self, x: np.ndarray) -> np.ndarray:
         x = decoded_input(x, self.width, self.positions)
-        if self.planes > 1:  # [plane 1 | plane 2] @ [x | x]: one product for both planes, no sum pass
-            x = np.tile(x, self.planes)
         yt = np.empty((self.out_features, x.shape[0]), dtype=np.float32)  # transposed: a chunk's rows are contiguous
-        chunks = range(0, self.out_features, self.rows_per_chunk)
+        rows = self.rows_per_chunk if len(x) <= GROUPED_MATVEC_TOKENS else max(self.rows_per_chunk, PROMPT_CHUNK_ROWS)
+        chunks = range(0, self.out_features, rows)
         if _pool is None or len(chunks) < 2:
-            self._rows_matmul(x, yt, chunks)
+            self._rows_matmul(x, yt, chunks, rows)
         else:
             parts = [chunks[k::_threads] for k in range(_threads)]  # interleaved, so the parts are equal
-            for future in [_pool.submit(self._rows_matmul, x, yt, part) for part in parts if len(part)]:
+            for future in [_pool.submit(self._rows_matmul, x, yt, part, rows) for part in parts if len(part)]:
                 future.result()
         return yt.T if x.shape[0] == 1 else np.ascontiguousarray(yt.T)
 
-    def _rows_matmul(self, x: np.ndarray, yt: np.ndarray, chunks) -> None:
-        """yt[rows] = W[rows] @ x.T for each chunk of rows starting at the offsets in `chunks`.
+    def _rows_matmul(self, x: np.ndarray, yt: np.ndarray, chunks, rows: int) -> None:
+        """yt[rows] = W[rows] @ x.T for each chunk of `rows` rows starting at the offsets in `chunks`.
 
         With group scales and a few tokens, each group's partial products come from one batched matmul
         over the unscaled codes and the scales multiply those (a [rows, groups] array), not every weight:
         1.3-1.4x faster for one token on E2B's shapes than scaling the chunk, whose broadcast multiply
-        costs as much as the unpacking. For a prompt the single sgemm over the scaled chunk is faster."""
-        buffer = _buffer(self.planes * self.width, self.rows_per_chunk)
+        costs as much as the unpacking. For a prompt the single sgemm over the scaled chunk is faster,
+        its planes first summed into one matrix: a pass over the chunk that saves the sgemm a product per
+        extra plane."""
+        buffer = _buffer(self.planes * self.width, rows)
         grouped = self.group_scale is not None and x.shape[0] <= GROUPED_MATVEC_TOKENS
-        if grouped:  # x [T, planes * width] -> [planes * groups, group, T]: the inputs of each group
+        if grouped:  # [x | x] [T, planes * width] -> [planes * groups, group, T]: the inputs of each group
             groups = self.planes * self.group_scale.shape[-1]
-            xg = np.ascontiguousarray(x.T).reshape(groups, -1, x.shape[0])
+            xg = np.ascontiguousarray(np.tile(x, self.planes).T).reshape(groups, -1, x.shape[0])
         for r0 in chunks:
-            r1 = min(r0 + self.rows_per_chunk, self.out_features)
+            r1 = min(r0 + rows, self.out_features)
             w = buffer[: r1 - r0]
             self._decode(r0, r1, w, scaled=not grouped)
             if grouped:
                 partial = np.matmul(w.reshape(r1 - r0, groups, -1).transpose(1, 0, 2), xg)  # [groups, rows, T]
                 scales = self.group_scale[r0:r1].reshape(r1 - r0, groups).T.astype(np.float32)
                 np.einsum("grt,gr->rt", partial, scales, out=yt[r0:r1])
-            elif x.shape[0] == 1:
+                continue
+            if self.planes > 1:  # plane 1 += the others, in place: a [rows, width] view with the chunk's row stride
+                planes = w.reshape(r1 - r0, self.planes, self.width)
+                w = planes[:, 0]
+                for p in range(1, self.planes):
+                    np.add(w, planes[:, p], out=w)
+            if x.shape[0] == 1:
                 np.dot(w, x[0], out=yt[r0:r1, 0])
             else:
                 np.dot(w, x.T, out=yt[r0:r1])

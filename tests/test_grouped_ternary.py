@@ -14,6 +14,7 @@ from conftest import run_tool
 from ferrisres.format import Artifact, ArtifactError, unpack_ternary
 from ferrisres.format.encodings import rotate_blocks
 from ferrisres.runtime import load
+from ferrisres.runtime import kernels
 from ferrisres.runtime.kernels import GROUPED_MATVEC_TOKENS, Linear, rotated_input
 
 NAME = "layers.0.mlp.down_proj"  # [64, 256]: four groups of 64, rotation 64
@@ -62,7 +63,7 @@ def test_reader_refuses_group_scales_whose_groups_do_not_divide_the_row(converte
 @pytest.mark.parametrize("encoding,options", [("ternary-g3", {}), ("ternary5-g3", {"packing": "base3"}),
                                               ("ternary-g2", {"down_planes": 2}),
                                               ("ternary5-g2", {"down_planes": 2, "packing": "base3"})])
-def test_every_multiplication_path_computes_the_dequantized_weight(converted, encoding, options):
+def test_every_multiplication_path_computes_the_dequantized_weight(converted, encoding, options, monkeypatch):
     """Chunked numpy decode, the int8 code cache and row-split threads against the independent dequantizer."""
     model = load(converted("tiny_gemma4", **options))
     expected = dequantized_weights(model.artifact)[NAME]
@@ -80,7 +81,9 @@ def test_every_multiplication_path_computes_the_dequantized_weight(converted, en
         np.testing.assert_allclose(linear(x), want, rtol=0, atol=atol)
         small_chunks = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
         small_chunks.rows_per_chunk = 7  # chunks that do not divide the rows (BLAS may sum in another order)
-        np.testing.assert_allclose(small_chunks(x), linear(x), rtol=0, atol=atol)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "PROMPT_CHUNK_ROWS", 7)  # a prompt's chunks too
+            np.testing.assert_allclose(small_chunks(x), linear(x), rtol=0, atol=atol)
         codes = Linear(linear.data, linear.encoding, (64, 256), None, linear.group_scale, linear.rotation)
         codes.keep_int8()
         np.testing.assert_array_equal(codes(x), linear(x))
