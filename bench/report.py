@@ -162,8 +162,8 @@ def report(r: dict) -> str:
     gguf_size = (f"{gguf_bytes / GB:.2f} GB, measured by `make bench PEERS=1`" if gguf_bytes else
                  f"{LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB: not measured in this run, a fallback figure from an earlier measurement")
     lines += ["", "### Embedding tables", "",
-              "The dense student with each table encoding (`--tables`, `--per-layer-table`; the default is int6-g32 "
-              f"for both, the head tied to the token embedding), and the one-plane (1.58-bit) student, beside "
+              "The dense student of this run (the default tables of its commit, above) and the same student with "
+              "other table encodings (`--tables`, `--per-layer-table`), and the one-plane (1.58-bit) student, beside "
               f"llama.cpp's TQ2_0 GGUF ({gguf_size}):", "",
               "| student | artifact | decode tok/s @64 | peak RSS while decoding |", "|---|---|---|---|"]
     for name in ("dense-bf16-tables", "dense-int8-tables", "dense", "dense-int4-per-layer", "one-plane-int8-tables",
