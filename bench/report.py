@@ -3,7 +3,7 @@ bandwidth bound, and the detail, table-encoding, bytes-per-token and scaling tab
 
 from __future__ import annotations
 
-from plan import GB, LLAMA_CPP_TQ2_0_BYTES, TARGETS
+from plan import GB, LLAMA_CPP_TQ2_0_BYTES, TABLE_VARIANTS, TARGETS
 
 
 def _fmt(v, unit=""):
@@ -158,25 +158,7 @@ def report(r: dict) -> str:
     lines += _serving(serve)
     lines += peers_section(r.get("peers"))
 
-    gguf_bytes = _g(r, "peers", "gguf", "bytes")
-    gguf_size = (f"{gguf_bytes / GB:.2f} GB, measured by `make bench PEERS=1`" if gguf_bytes else
-                 f"{LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB: not measured in this run, a fallback figure from an earlier measurement")
-    lines += ["", "### Embedding tables", "",
-              "The dense student of this run (the default tables of its commit, above) and the same student with "
-              "other table encodings (`--tables`, `--per-layer-table`), and the one-plane (1.58-bit) student, beside "
-              f"llama.cpp's TQ2_0 GGUF ({gguf_size}):", "",
-              "| student | artifact | decode tok/s @64 | peak RSS while decoding |", "|---|---|---|---|"]
-    for name in ("dense-bf16-tables", "dense-int8-tables", "dense", "dense-int4-per-layer", "one-plane-int8-tables",
-                 "one-plane-int4-per-layer"):
-        cv, dv = _g(r, "convert", name), _g(dec, name, "64")
-        if name not in r.get("convert", {}):  # results of a run from before the variant was added
-            lines.append(f"| {name} | not measured in this run | | |")
-            continue
-        if cv is None or dv is None or "error" in dv:
-            lines.append(f"| {name} | failed (see results.json) | | |")
-            continue
-        lines.append(f"| {name} | {cv['size_bytes'] / GB:.2f} GB | {_fmt(dv['tok_s'], 'tok/s')} "
-                     f"| {dv['decode_peak_rss_bytes'] / GB:.2f} GB |")
+    lines += tables_section(r)
 
     lines += ["", "### Bytes read per decoded token", "",
               "| artifact | layers | head | embedding rows | other | KV cache @64 | total @64 | bound @64 (1 thread / default threads) |",
@@ -313,6 +295,41 @@ def peers_section(p: dict | None) -> list[str]:
                   + "."]
     for f in p.get("failures", []):
         lines.append(f"- **failed**: {f['kind']} {f['label']}: `{f['error'].strip().splitlines()[-1][:200]}`")
+    return lines
+
+
+def tables_section(r: dict) -> list[str]:
+    """The dense student beside its table-encoding variants (plan.TABLE_VARIANTS): from `--only tables`
+    when it has run (its own machine and code), else from the full run."""
+    gguf_bytes = _g(r, "peers", "gguf", "bytes")
+    gguf_size = (f"{gguf_bytes / GB:.2f} GB, measured by `make bench PEERS=1`" if gguf_bytes else
+                 f"{LLAMA_CPP_TQ2_0_BYTES / GB:.2f} GB: not measured in this run, a fallback figure from an earlier measurement")
+    t = r.get("tables")
+    if t:
+        m = t["machine"]
+        intro = (f"`python bench/run.py --only tables` (measured {m['date']}, code {t['code']['commit'][:12]}, "
+                 f"load average at start {_la(m['loadavg'])}, at end {_la(m.get('loadavg_end'))}): the dense student "
+                 f"{t['dense']}, and the same checkpoint converted with other table encodings (`--tables`, "
+                 "`--per-layer-table`) and as one-plane (1.58-bit) students, decoded in numpy after a 64-token "
+                 "context, the repeats alternated between the students")
+        convert, decode = t["convert"], t["decode"]
+    else:
+        intro = ("The dense student of this run (the default tables of its commit, above) and the same student with "
+                 "other table encodings (`--tables`, `--per-layer-table`), and the one-plane (1.58-bit) student")
+        convert, decode = r.get("convert", {}), r.get("decode", {})
+    lines = ["", "### Embedding tables", "", f"{intro}, beside llama.cpp's TQ2_0 GGUF ({gguf_size}):", "",
+             "| student | options | artifact | decode tok/s @64 | peak RSS while decoding |", "|---|---|---|---|---|"]
+    for name in ("dense-bf16-tables", "dense-int8-tables", "dense", "dense-int4-per-layer", *(
+            n for n in TABLE_VARIANTS if n.startswith("one-plane"))):
+        options = " ".join(TABLE_VARIANTS.get(name, ["--method", "rtn"] if t else ["(the default options)"]))
+        cv, dv = _g(convert, name), _g(decode, name, "64")
+        if name not in convert:  # results of a run from before the variant was added
+            lines.append(f"| {name} | `{options}` | not measured in this run | | |")
+        elif cv is None or dv is None:
+            lines.append(f"| {name} | `{options}` | failed (see results.json) | | |")
+        else:
+            lines.append(f"| {name} | `{options}` | {cv['size_bytes'] / GB:.2f} GB | {_fmt(dv['tok_s'], 'tok/s')} "
+                         f"| {dv['decode_peak_rss_bytes'] / GB:.2f} GB |")
     return lines
 
 

@@ -3,6 +3,7 @@
 
     python bench/run.py [--quick] [--keep] [--reuse] [--skip-profile] [--peers] [--out bench]
     python bench/run.py --only peers [--quick]           # the llama.cpp comparison alone, into results.json
+    python bench/run.py --only tables [--quick]          # the table-encoding variants alone, into results.json
     python bench/run.py --report-only bench/results.json      # rewrite BENCHMARKS.md from the data
 
 1. Makes (or reuses) the synthetic Gemma 4 E2B checkpoints of bench/make_synthetic_e2b.py in bench/.cache/.
@@ -20,7 +21,8 @@
    GGUF and runs its llama-bench beside ferrisres's decode and prefill workers, at 1 and 2 threads, each
    pinned to as many cores (bench/peers.py). `--only peers` does just that, with a dense student rounded
    to nearest (`--method rtn`: the default's encodings, so its speed, in minutes), and merges the result
-   into the existing results.json.
+   into the existing results.json. `--only tables` converts and decodes the table-encoding variants
+   (plan.TABLE_VARIANTS) beside that dense student, in one run, and merges them the same way.
 5. Writes bench/results.json and BENCHMARKS.md (targets beside measurements, bandwidth bound, ratio,
    scaling tables), and in the full run a profile of decode steps (bench/profile_decode.py).
 
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts kept (--keep) from an earlier run of the same product code, with their conversion measurements")
     ap.add_argument("--out", type=Path, default=HERE, help="folder for results.json of a full run (BENCHMARKS.md goes to the repo root)")
     ap.add_argument("--peers", action="store_true", help="also measure llama.cpp's TQ2_0 beside ferrisres (bench/peers.py; builds it once)")
-    ap.add_argument("--only", choices=["peers"], help="only the llama.cpp comparison, merged into the existing results.json")
+    ap.add_argument("--only", choices=["peers", "tables"],
+                    help="only the llama.cpp comparison, or only the table-encoding variants, merged into the existing results.json")
     ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON", help="rewrite the markdown report from a results.json")
     args = ap.parse_args(argv)
 
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
     results["failures"] = attempt.failures
     if args.only == "peers":
         return peers_only(results, plan, attempt, args.out, args.quick, started)
+    if args.only == "tables":
+        return tables_only(results, plan, attempt, args.out, args.quick, started, args.keep)
 
     sources = {s: synth.build(s) for s in dict.fromkeys([plan["scale"], *plan["scaling_scales"]])}
     results["checkpoints"] = {s: json.loads((p / "SYNTHETIC.json").read_text()) for s, p in sources.items()}
@@ -140,16 +145,9 @@ def peers_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: boo
     """`--only peers`: the llama.cpp comparison on a dense student rounded to nearest (kept in
     bench/.cache/artifacts for the next run: the same encodings as the calibrated default, so the same
     speed), written into the existing results.json as results["peers"] with this run's machine and code."""
-    json_path = CACHE / "quick" / "results.json" if quick else out / "results.json"
-    if not json_path.exists():
-        raise SystemExit(f"--only peers: no {json_path} to add the comparison to (run the bench once first)")
+    json_path = _results_to_extend(out, quick, "peers")
     source = synth.build(plan["scale"])
-    artifact = ARTIFACTS / f"{plan['scale']}-dense-rtn.tern"
-    if not artifact.exists():
-        r = attempt("convert", {"source": str(source), "out": str(artifact), "extra": ["--method", "rtn"]},
-                    label=f"{plan['scale']} dense rtn")
-        if "error" in r or r.get("rc") != 0:
-            raise SystemExit(f"--only peers: the dense rtn conversion failed (see {LOGS})")
+    artifact = dense_rtn_artifact(source, plan, attempt)
     measured = peers.measure(source, artifact, QUICK_PEERS if quick else PEERS, attempt)
     run["machine"]["loadavg_end"] = os.getloadavg()
     measured.update(ferrisres_artifact="a dense student converted with --method rtn (same encodings and speed as the default)",
@@ -159,6 +157,59 @@ def peers_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: boo
     results["peers"] = measured
     write_results(results, out, quick)
     return 0
+
+
+def tables_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: bool, started: float, keep: bool) -> int:
+    """`--only tables`: the dense student rounded to nearest (as `--only peers`) and its table-encoding
+    variants, converted and decoded in one run (sizes; decode tok/s and peak RSS after a 64-token context,
+    the repeats alternated between the students so that a drift of the machine falls on all of them),
+    written into the existing results.json as results["tables"] with this run's machine and code. The
+    variants are deleted at the end unless `keep`."""
+    json_path = _results_to_extend(out, quick, "tables")
+    source = synth.build(plan["scale"])
+    arts, convert = {"dense": dense_rtn_artifact(source, plan, attempt)}, {}
+    for name, extra in TABLE_VARIANTS.items():
+        arts[name] = ARTIFACTS / f"{plan['scale']}-{name}.tern"
+        r = attempt("convert", {"source": str(source), "out": str(arts[name]), "extra": extra}, label=f"{plan['scale']} {name}")
+        convert[name] = _summ_convert([r])
+    arts = {name: p for name, p in arts.items() if p.exists() and "error" not in convert.get(name, {})}
+    convert["dense"] = {"size_bytes": arts["dense"].stat().st_size}
+    runs = {name: [] for name in arts}
+    for r in range(plan["decode_repeats"][64]):
+        for name, p in arts.items():
+            runs[name].append(attempt("decode", {"path": str(p), "context": 64, "new": plan["decode_new"], "seed": r},
+                                      label=f"{name} ctx 64 #{r}"))
+    run["machine"]["loadavg_end"] = os.getloadavg()
+    measured = {"convert": convert, "decode": {name: {"64": _summ_decode(rs)} for name, rs in runs.items()},
+                "dense": "converted with --method rtn (the default's encodings, so its size and speed)",
+                "machine": run["machine"], "code": run["code"], "failures": attempt.failures,
+                "total_seconds": time.perf_counter() - started}
+    if not keep:
+        for name, p in arts.items():
+            if name != "dense":
+                p.unlink()
+    results = json.loads(json_path.read_text())
+    results["tables"] = measured
+    write_results(results, out, quick)
+    return 0
+
+
+def _results_to_extend(out: Path, quick: bool, part: str) -> Path:
+    json_path = CACHE / "quick" / "results.json" if quick else out / "results.json"
+    if not json_path.exists():
+        raise SystemExit(f"--only {part}: no {json_path} to add to (run the bench once first)")
+    return json_path
+
+
+def dense_rtn_artifact(source: Path, plan: dict, attempt: "Attempts") -> Path:
+    """The dense student rounded to nearest, converted once and kept in bench/.cache/artifacts."""
+    artifact = ARTIFACTS / f"{plan['scale']}-dense-rtn.tern"
+    if not artifact.exists():
+        r = attempt("convert", {"source": str(source), "out": str(artifact), "extra": ["--method", "rtn"]},
+                    label=f"{plan['scale']} dense rtn")
+        if "error" in r or r.get("rc") != 0:
+            raise SystemExit(f"the dense rtn conversion failed (see {LOGS})")
+    return artifact
 
 
 class Attempts:
