@@ -24,7 +24,7 @@ from .scheduler import Scheduler
 
 PROG = "ferrisres-serve"
 SERVE_EXTRA = "pip install 'ferrisres[serve]'"
-SPARE_CONNECTIONS = 16  # open connections beyond max batch + queue: health checks, bodies being read
+SPARE_REQUESTS = 16  # open requests beyond max batch + queue: health checks, bodies being read
 SHUTDOWN_MARGIN = 5  # after the grace: for the replies just ended to send their last events
 
 
@@ -61,7 +61,8 @@ def _serve(args: Args) -> int:
     model = load(args.model, kernel=args.kernel)
     model.tokenizer  # parsed now, not in the first request
     limits = Limits(args.max_tokens, min(args.max_context or model.config.max_position_embeddings,
-                                         model.config.max_position_embeddings), args.timeout)
+                                         model.config.max_position_embeddings), args.timeout,
+                    args.max_batch + args.max_queue + SPARE_REQUESTS)
     listener = _listen(args.host, args.port)
     scheduler = Scheduler(model, args.max_batch, args.max_queue).start()
     shutdown = Shutdown()
@@ -70,8 +71,7 @@ def _serve(args: Args) -> int:
     print(f"{PROG}: serving {model.artifact.path.name} on http://{host}:{port} (kernel {model.kernel}, "
           f"max batch {args.max_batch})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
-                            timeout_graceful_shutdown=args.grace + SHUTDOWN_MARGIN,
-                            limit_concurrency=args.max_batch + args.max_queue + SPARE_CONNECTIONS)
+                            timeout_graceful_shutdown=args.grace + SHUTDOWN_MARGIN)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # SIGTERM or Ctrl-C: stop accepting, let the replies end

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
@@ -36,6 +37,7 @@ class Limits:
     max_tokens: int
     max_context: int
     timeout: float
+    max_requests: int  # HTTP requests in the application at once (generating, waiting, or sending a body)
 
 
 class Shutdown:
@@ -95,7 +97,30 @@ def create_app(model: Model, scheduler: Scheduler, limits: Limits, api_key: str 
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/chat/completions", endpoint(chat=True), methods=["POST"]),
               Route("/v1/completions", endpoint(chat=False), methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+                     middleware=[Middleware(RequestLimit, limit=limits.max_requests)])
+
+
+class RequestLimit:
+    """ASGI middleware: at most `limit` HTTP requests in the application at once; one more is answered at
+    once with the API's JSON 503. (uvicorn's own limit, limit_concurrency, answers in plain text, which
+    OpenAI clients cannot read, and counts idle keep-alive connections as requests.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.active = app, limit, 0  # one event loop: no lock needed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            busy = ApiError(503, f"the server is busy ({self.limit} requests open): try again later",
+                            code="too_many_requests", kind="server_error")
+            return await JSONResponse(busy.body(), status_code=503)(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 def _bad_key() -> ApiError:  # a new one each time: a raised exception keeps its traceback, which would grow

@@ -246,6 +246,36 @@ def test_a_full_server_answers_503_and_serves_again_when_free(one_slot):
     assert one_slot.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
 
 
+def test_requests_past_the_open_request_limit_get_the_json_503_and_are_served_again_when_closed(one_slot):
+    """one_slot holds max batch 1 + queue 0 + SPARE_REQUESTS requests open at once: that many clients still
+    sending their bodies fill it, and one more gets the API's JSON 503 (not the web server's plain text)."""
+    from ferrisres.runtime.serve import SPARE_REQUESTS
+
+    held = []
+    try:
+        for _ in range(1 + SPARE_REQUESTS):
+            sock = socket.create_connection((one_slot.host, one_slot.port), timeout=30)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")  # the rest of the body never comes
+            held.append(sock)
+        deadline = time.monotonic() + 30
+        while (reply := one_slot.request("GET", "/health", key=None))[0] == 200:  # until every one is in
+            assert time.monotonic() < deadline, "the held requests never filled the server"
+            time.sleep(0.01)
+        status, body = reply
+        assert status == 503 and body["error"]["code"] == "too_many_requests" and body["error"]["message"]
+        status, body = one_slot.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert status == 503 and body["error"]["code"] == "too_many_requests"
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while (status := one_slot.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0]) == 503:
+        assert time.monotonic() < deadline, "the closed requests still count"
+        time.sleep(0.05)
+    assert status == 200
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 def test_a_client_that_disconnects_frees_its_slot(one_slot, stream):
     """The request asks for 2048 tokens; its client leaves after the first (or at once, not streaming):
