@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     results["checkpoints"] = {s: json.loads((p / "SYNTHETIC.json").read_text()) for s, p in sources.items()}
     results["tokenizer"] = synth.check_tokenizer((sources[plan["scale"]] / "tokenizer.json").read_text(encoding="utf-8"))
     results["bandwidth"] = measure_bandwidth()
-    arts = measure_conversions(results, plan, sources, attempt, snapshot.name if args.reuse else None)
+    arts, written = measure_conversions(results, plan, sources, attempt, snapshot.name if args.reuse else None)
     results["bytes_per_token"] = {name: {str(ctx): per_token_bytes(p, ctx) for ctx in plan["decode_contexts"]}
                                   for name, p in arts.items()}
     results["load"] = measure_load(plan, arts, attempt)
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     results["artifact_sizes"] = {name: p.stat().st_size for name, p in arts.items()}
     results["total_seconds"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = os.getloadavg()
-    if not args.keep:
-        for p in ARTIFACTS.glob("*.tern"):
-            p.unlink()
+    if not args.keep:  # this run's artifacts only: the dense rtn one of --only peers / tables stays for their next run
+        for p in written:
+            p.unlink(missing_ok=True)
     write_results(results, args.out, args.quick)
     return 0
 
@@ -236,8 +236,9 @@ def measure_bandwidth() -> dict:
 
 def measure_conversions(results: dict, plan: dict, sources: dict, attempt: Attempts, reuse: str | None) -> dict:
     """Converts the main checkpoint into every variant and the other scales dense (results["convert"],
-    results["scaling_convert"]); the artifacts of the main scale that converted, by variant. `reuse`: the
-    code digest whose kept artifacts and measurements may be taken instead."""
+    results["scaling_convert"]); the artifacts of the main scale that converted, by variant, and the paths of
+    all the run's artifacts. `reuse`: the code digest whose kept artifacts and measurements may be taken
+    instead."""
     main_scale = plan["scale"]
     # The dense student is converted with the default (calibrated) options: its time and memory are the
     # conversion targets. The others are rounded to nearest (--method rtn): the same encodings, so the
@@ -247,9 +248,10 @@ def measure_conversions(results: dict, plan: dict, sources: dict, attempt: Attem
     jobs = [(name, main_scale, extra, plan["convert_repeats"]) for name, extra in variants.items()]
     jobs += [("dense", s, ["--method", "rtn"], plan["scaling_convert_repeats"]) for s in plan["scaling_scales"]
              if s != main_scale]
-    arts, conv, scaling_convert = {}, {}, {}
+    arts, conv, scaling_convert, written = {}, {}, {}, []
     for name, scale, extra, repeats in jobs:
         out = ARTIFACTS / f"{scale}-{name}.tern"
+        written.append(out)
         wargs = {"source": str(sources[scale]), "out": str(out), "extra": extra}
         earlier = _earlier_conversion(wargs, reuse) if reuse else None
         if earlier is not None:
@@ -268,7 +270,7 @@ def measure_conversions(results: dict, plan: dict, sources: dict, attempt: Attem
     arts = {name: p for name, p in arts.items() if p.exists() and "error" not in conv[name]}
     if "dense" not in arts:
         raise SystemExit("the dense conversion failed: nothing to measure (see bench/.cache/logs)")
-    return arts
+    return arts, written
 
 
 def measure_load(plan: dict, arts: dict, attempt: Attempts) -> dict:
