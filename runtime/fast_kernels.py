@@ -13,20 +13,25 @@ bitnet.cpp's I2_S dot products do (docs/kernels.md). What fits numba of their tr
   multiplied by each. More tokens than `MAX_TOKENS` go to numpy, whose sgemm then wins.
 
 Sums are float32 like BLAS's, in another order (fastmath `reassoc` lets LLVM vectorize them): the
-difference from the numpy path is float32 rounding, which the tests bound. Activations stay float32:
-llama.cpp's int8 activations with integer sums would move results by the activations' quantization
-error, far beyond that bound, and numba cannot reach the instructions (vpmaddubsw, vpdpbusd) that make
-them pay; T-MAC's table lookups need a byte shuffle from a register (vpshufb), which numba cannot
-express either (an array lookup becomes a slow gather).
+difference from the numpy path is float32 rounding, which the tests bound. `kernel="int8"` goes further,
+as llama.cpp does: the inputs of the ternary products are rounded to int8 per group of 64 and multiplied
+in integers by vpdpbusd (or vpmaddubsw), which numba reaches through LLVM intrinsics (below). That moves
+results by the inputs' rounding, far beyond float32's, so it is a choice, not the default. T-MAC's table
+lookups need a byte shuffle from a register (vpshufb) inside numba's loops, which it cannot express (an
+array lookup becomes a slow gather).
 """
 
 from __future__ import annotations
 
 import time
 
+import llvmlite.binding
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY
 from ferrisres.format.tables import table_group
@@ -323,11 +328,177 @@ def _f16(u, x, f16, out):
             out[t, r] = s
 
 
+# int8 activations (`kernel="int8"`), for the default encoding (2-bit grouped ternary, groups of 64): each
+# group of 64 inputs is rounded to int8 with its own scale (absmax / 127), and a byte's four codes (weight + 1,
+# 0..2) multiply them in integers, 64 bytes at a time, by the one x86 instruction that multiplies unsigned
+# by signed bytes and sums each four products into an int32 lane (vpdpbusd; without AVX512-VNNI, vpmaddubsw
+# then vpmaddwd): what llama.cpp's TQ2_0 and bitnet.cpp's I2_S do. The codes' +1 is taken off per lane by
+# subtracting the inputs' own sums, and each lane (4 bytes, inside one group) is scaled by its group's
+# weight scale times its input scale. Numba reaches these instructions through LLVM intrinsics.
+INT8_ISAS = ("avx512vnni", "avx512bw", "avx2")  # best first; the int8 kernel needs one of them
+# A kernel learns which one to emit from the type of an argument (a literal would be simpler, but numba's
+# parallel loops cannot carry one): an empty array whose record dtype has one field, named after it.
+ISA_ARGUMENTS = {isa: np.empty(0, dtype=[(isa, np.uint8)]) for isa in INT8_ISAS}
+INT8_CHUNK = 64  # packed bytes a vector step reads: 16 int32 lanes of 4 bytes, 4 groups of 16 bytes
+# A row's bytes are asked for this far ahead: one core's stream of loads, with the work between them, left
+# DRAM idle (9.2 GB/s over a 150 MB matrix against sgemv's 23.5; 12.4 with it, measured at 512-4096)
+PREFETCH_BYTES = 2048
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def int8_isas() -> list[str]:
+    """The int8 dot-product instruction sets of INT8_ISAS this CPU has, best first (all need AVX2, and
+    F16C for the group scales); none: `kernel="int8"` is refused."""
+    features = llvmlite.binding.get_host_cpu_features()
+    if not (features.get("avx2") and features.get("f16c")):
+        return []
+    return [isa for isa in INT8_ISAS if features.get(isa) and (isa != "avx512vnni" or features.get("avx512bw"))]
+
+
+def _vector(builder, pointer, offset, vector_type):
+    """The `vector_type` at element `offset` of `pointer` (unaligned)."""
+    return builder.load(builder.bitcast(builder.gep(pointer, [offset]), vector_type.as_pointer()), align=1)
+
+
+def _splat(vector_type, value):
+    return ir.Constant(vector_type, [value] * vector_type.count)
+
+
+def _call(builder, name, result, *args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _dot_lanes(builder, isa, acc, codes, x):
+    """acc <16 x i32> + the sum of each 4 adjacent products of codes <64 x u8> and x <64 x i8>."""
+    v16i, v32s, v64 = ir.VectorType(_I32, 16), ir.VectorType(_I16, 32), ir.VectorType(_I8, 64)
+    if isa == "avx512vnni":
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", v16i, acc, builder.bitcast(codes, v16i), builder.bitcast(x, v16i))
+    ones = _splat(v32s, 1)  # pair sums (at most 2 * 2 * 127: no saturation) -> sums of 4 in int32
+    if isa == "avx512bw":
+        pairs = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", v32s, codes, x)
+        return builder.add(acc, _call(builder, "llvm.x86.avx512.pmaddw.d.512", v16i, pairs, ones))
+    halves = []
+    for h in range(2):  # avx2: two 32-byte halves
+        pick = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16),
+                      builder.shuffle_vector(codes, codes, pick), builder.shuffle_vector(x, x, pick))
+        halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, _splat(ir.VectorType(_I16, 16), 1)))
+    return builder.add(acc, builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 16), list(range(16)))))
+
+
+@intrinsic
+def _int8_chunks(typingctx, row, xq, xsum, xscale, scales, isa):
+    """float32: sum over the first nbytes // INT8_CHUNK chunks of a plane's packed `row` of each group's
+    weight scale x input scale x (codes . xq - the inputs' sum). xq [4, nbytes] int8, the input of code k of
+    byte j at [k, j]; xsum, xscale [nbytes / 4]: per 4-byte lane, its inputs' sum and their group's scale;
+    scales [groups] the row's float16 group scales (bit patterns, widened by F16C); `isa` an ISA_ARGUMENTS array."""
+    isa_name = next(iter(isa.dtype.fields))
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5])]
+        prow, pxq, pxsum, pxscale, pscales = [a.data for a in arrays]
+        nbytes = builder.extract_value(arrays[1].shape, 1)
+        index = nbytes.type
+        v64, v16i, v16f = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+        total = cgutils.alloca_once_value(builder, ir.Constant(v16f, None))
+        with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(index, INT8_CHUNK))) as loop:
+            at = builder.mul(loop.index, ir.Constant(index, INT8_CHUNK))
+            ahead = builder.gep(prow, [builder.add(at, ir.Constant(index, PREFETCH_BYTES))])  # (past the end: no fault)
+            _call(builder, "llvm.prefetch.p0", ir.VoidType(), ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1))
+            b = _vector(builder, prow, at, v64)
+            # an invalid code 0b11 reads as 0b01 (weight 0), as numpy's table reads it
+            b = builder.xor(b, builder.shl(builder.and_(builder.and_(b, builder.lshr(b, _splat(v64, 1))), _splat(v64, 0x55)), _splat(v64, 1)))
+            sums = []  # one per code, independent: a chain of 4 multiply-adds would wait on each one's latency
+            for k in range(4):
+                codes = builder.and_(builder.lshr(b, _splat(v64, 2 * k)), _splat(v64, 3))
+                x = _vector(builder, pxq, builder.add(builder.mul(nbytes, ir.Constant(index, k)), at), v64)
+                sums.append(_dot_lanes(builder, isa_name, ir.Constant(v16i, None), codes, x))
+            acc = builder.add(builder.add(sums[0], sums[1]), builder.add(sums[2], sums[3]))
+            lane = builder.mul(loop.index, ir.Constant(index, 16))
+            exact = builder.sitofp(builder.sub(acc, _vector(builder, pxsum, lane, v16i)), v16f)
+            group_scales = builder.fpext(_vector(builder, pscales, builder.mul(loop.index, ir.Constant(index, 4)),
+                                                 ir.VectorType(ir.HalfType(), 4)), ir.VectorType(_F32, 4))
+            lane_scales = builder.shuffle_vector(group_scales, group_scales, ir.Constant(v16i, [lane // 4 for lane in range(16)]))
+            scaled = builder.fmul(exact, builder.fmul(lane_scales, _vector(builder, pxscale, lane, v16f)))
+            builder.store(builder.fadd(builder.load(total), scaled), total)
+        lanes = builder.load(total)
+        result = ir.Constant(_F32, 0)
+        for lane in range(16):
+            result = builder.fadd(result, builder.extract_element(lanes, ir.Constant(_I32, lane)))
+        return result
+
+    return types.float32(row, xq, xsum, xscale, scales, isa), codegen
+
+
+@njit(inline="always", **_JIT)
+def _int8_tail(row, xq, xsum, xscale, scales, f16, start):
+    """`_int8_chunks` for the groups of `row` from byte `start` (a multiple of DEFAULT_GROUP_BYTES) on,
+    which fill no whole chunk, in scalar integers."""
+    total = np.float32(0)
+    for g in range(start // DEFAULT_GROUP_BYTES, len(row) // DEFAULT_GROUP_BYTES):
+        s = np.int32(0)
+        for j in range(g * DEFAULT_GROUP_BYTES, (g + 1) * DEFAULT_GROUP_BYTES):
+            b = np.int32(row[j])
+            b = b ^ ((b & (b >> 1) & 0x55) << 1)
+            for k in range(4):
+                s = np.int32(s + ((b >> (2 * k)) & 3) * np.int32(xq[k, j]))
+        lanes = 4 * g
+        s = np.int32(s - xsum[lanes] - xsum[lanes + 1] - xsum[lanes + 2] - xsum[lanes + 3])
+        total += f16[scales[g]] * xscale[lanes] * np.float32(s)
+    return total
+
+
+@njit(parallel=True, **_JIT)
+def _ternary_int8(packed, xq, xsum, xscale, scales, f16, isa, out):
+    """T tokens through 2-bit grouped ternary (groups of DEFAULT_GROUP) with int8 inputs: out [T, rows].
+    xq [T, 4, nbytes], xsum and xscale [T, nbytes / 4] from `_quantized_input`. A plane of a row is read
+    from memory once and from L1 for the other tokens. `isa`: an ISA_ARGUMENTS array."""
+    rows, planes, nbytes = packed.shape
+    tokens = xq.shape[0]
+    tail = nbytes - nbytes % INT8_CHUNK
+    for r in prange(rows):
+        totals = np.zeros(tokens, dtype=np.float32)
+        for p in range(planes):
+            row, row_scales = packed[r, p], scales[r, p]
+            for t in range(tokens):
+                totals[t] += _int8_chunks(row, xq[t], xsum[t], xscale[t], row_scales, isa)
+                if tail < nbytes:
+                    totals[t] += _int8_tail(row, xq[t], xsum[t], xscale[t], row_scales, f16, tail)
+        for t in range(tokens):
+            out[t, r] = totals[t]
+
+
+@njit(**_JIT)
+def _quantized_input(x, xq, xsum, xscale):
+    """x [T, 4 * nbytes] float32 -> each group of DEFAULT_GROUP inputs as int8, rint(x / s) with s = absmax
+    / 127, deinterleaved into xq [T, 4, nbytes] (x[4j + k] -> [k, j]); per 4-byte lane its inputs' sum
+    (xsum) and its group's s (xscale). A group holding NaN or infinity gets s NaN: its products are NaN, as
+    in float32."""
+    tokens, width = x.shape
+    for t in range(tokens):
+        for g in range(width // DEFAULT_GROUP):
+            start = g * DEFAULT_GROUP
+            amax, finite = np.float32(0), True
+            for i in range(start, start + DEFAULT_GROUP):
+                amax = max(amax, abs(x[t, i]))
+                finite &= abs(x[t, i]) < np.inf  # false for NaN too, which max() would skip
+            s = amax / np.float32(127) if amax > 0 else np.float32(1)
+            finite &= s < np.inf
+            for lane in range(4 * g, 4 * g + 4):
+                xsum[t, lane] = 0
+                xscale[t, lane] = s if finite else np.float32(np.nan)
+            for i in range(start, start + DEFAULT_GROUP):
+                q = np.int32(np.rint(min(max(x[t, i] / s, np.float32(-127)), np.float32(127)))) if finite else 0
+                xq[t, i % 4, i // 4] = q
+                xsum[t, i // 16] += q
+
+
 class FastMatmul:
     """The fused product of one `kernels.Linear`: call with x [T, in] float32 (already rotated), get
     [T, out] float32 without the per-row scale, as `Linear._chunked_matmul` returns it."""
 
-    def __init__(self, linear: kernels.Linear):
+    def __init__(self, linear: kernels.Linear, int8_isa: str | None = None):
         if linear.encoding not in FAST_ENCODINGS:
             raise ValueError(f"no fast kernel for encoding {linear.encoding!r}")
         self.encoding, self.in_features = linear.encoding, linear.in_features
@@ -338,6 +509,9 @@ class FastMatmul:
         if linear.group_scale is not None:  # [out, planes, groups]: grouped ternary, or int8 codes with group scales
             self.scales = linear.group_scale.view(np.uint16)
             self.group_bytes = linear.data.shape[-1] // self.scales.shape[-1]  # bytes (int8 codes: columns) per group
+        # int8 inputs: 2-bit grouped ternary in groups of DEFAULT_GROUP (other encodings keep float32 inputs)
+        int8_encoding = linear.encoding in GROUPED_TERNARY and linear.encoding not in BASE3_TERNARY
+        self.int8_isa = int8_isa if int8_encoding and self.group_bytes == DEFAULT_GROUP_BYTES else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
@@ -355,7 +529,13 @@ class FastMatmul:
         # rows padded to whole bytes (or groups), and base-3 bytes' unused slots, hold zero weights there
         x = kernels.decoded_input(np.ascontiguousarray(x, dtype=np.float32), self.width, self.positions)
         out = np.empty((len(x), len(data)), dtype=np.float32)
-        if self.encoding == "int8" and scales is not None:
+        if self.int8_isa is not None:
+            xq = np.empty((len(x), 4, x.shape[1] // 4), dtype=np.int8)
+            xsum = np.empty((len(x), x.shape[1] // 16), dtype=np.int32)
+            xscale = np.empty((len(x), x.shape[1] // 16), dtype=np.float32)
+            _quantized_input(x, xq, xsum, xscale)
+            _ternary_int8(data, xq, xsum, xscale, scales, _F16, ISA_ARGUMENTS[self.int8_isa], out)
+        elif self.encoding == "int8" and scales is not None:
             _int8_groups(data, x, scales, self.group_bytes, _F16, out)
         elif self.encoding == "int8":
             _int8(data, x, out)
@@ -400,12 +580,18 @@ def _use_threads(n: int) -> None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-def attach(linears) -> float:
-    """Give every Linear with a fast kernel its `FastMatmul`, and compile (or load from numba's cache)
-    each kernel for the arrays it will see, on one row; returns the seconds this took."""
+def attach(linears, int8: bool = False) -> float:
+    """Give every Linear with a fast kernel its `FastMatmul` (with `int8`, int8 inputs where the encoding
+    allows: a ValueError if this CPU cannot), and compile (or load from numba's cache) each kernel for the
+    arrays it will see, on one row; returns the seconds this took."""
     start = time.perf_counter()
+    isa = None
+    if int8:
+        if not int8_isas():
+            raise ValueError("the int8 kernel needs an x86-64 CPU with AVX2 and F16C: use --kernel fast")
+        isa = int8_isas()[0]
     for linear in linears:
         if linear.encoding in FAST_ENCODINGS:
-            linear.fast = FastMatmul(linear)
+            linear.fast = FastMatmul(linear, isa)
             linear.fast.warm_up()
     return time.perf_counter() - start

@@ -35,7 +35,7 @@ class Model:
         self.tokenizer_config = artifact.json("tokenizer_config.json") or {}
         self.weights = Weights(artifact)
         self.decoder = Gemma4(artifact.config, self.weights)
-        self.kernel = "numpy"  # which products run: "numpy", or "fast" (fused kernels attached by `load`)
+        self.kernel = "numpy"  # which products run: "numpy", "fast" or "int8" (fused kernels attached by `load`)
         self.compile_seconds = 0.0  # spent compiling (or loading from numba's cache) the fast kernels
 
     @cached_property
@@ -151,7 +151,7 @@ class Model:
         return ids
 
 
-KERNELS = ("numpy", "fast", "auto")
+KERNELS = ("numpy", "fast", "int8", "auto")
 FAST_EXTRA = "pip install 'ferrisres[fast]'"
 # auto takes the fast kernels for models with at least this many bytes of matrices: below, importing numba
 # and loading its compiled kernels (~1 s, ~170 MB resident) costs more than they save (the tiny test models)
@@ -165,13 +165,15 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
     E2B), which makes each decoded token faster, for users with memory to spare.
     `kernel="fast"` runs the products of a few tokens at a time (decoding) through fused compiled kernels
     (the `fast` extra: numba); "auto" does so when numba is installed and the model is not tiny
-    (AUTO_FAST_BYTES); "numpy", the default here, is the reference path.
+    (AUTO_FAST_BYTES); "numpy", the default here, is the reference path. `kernel="int8"` is "fast" with
+    the inputs of the ternary products rounded to int8 per group of 64 (as llama.cpp does): several times
+    faster, and no longer equal to the reference (fast_kernels.py; x86-64 with AVX2).
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
     if cache not in (None, "int8"):
         raise ValueError(f"unknown cache {cache!r} (known: int8)")
-    attach = _fast_kernels(required=True) if kernel == "fast" else None  # refused before any work
+    attach = _fast_kernels(required=True) if kernel in ("fast", "int8") else None  # refused before any work
     model = Model(Artifact.open(path))
     weights = model.weights
     linears = [*weights.linears(), weights.head]
@@ -181,8 +183,8 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
         for linear in weights.linears():
             linear.keep_int8()
     if attach is not None:
-        model.compile_seconds = attach(linears)
-        model.kernel = "fast"
+        model.compile_seconds = attach(linears, int8=kernel == "int8")
+        model.kernel = "int8" if kernel == "int8" else "fast"
     return model
 
 

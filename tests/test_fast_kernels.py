@@ -154,7 +154,7 @@ def test_resident_int8_codes_run_through_the_fast_kernel(converted, packing):
     assert [s.token for s in model.generate(prompt, max_tokens=16, temperature=0)] == expected
 
 
-@pytest.mark.parametrize("kernel", ["numpy", pytest.param("fast", marks=needs_numba)])
+@pytest.mark.parametrize("kernel", ["numpy", pytest.param("fast", marks=needs_numba), pytest.param("int8", marks=needs_numba)])
 def test_batched_generation_gives_each_prompt_its_own_tokens(converted, kernel):
     model = load(converted("tiny_gemma4", "ternary"), kernel=kernel)
     rng = np.random.default_rng(1)
@@ -171,6 +171,101 @@ def test_batched_generation_gives_each_prompt_its_own_tokens(converted, kernel):
     assert {"max_tokens", "context_full"} <= set(reasons)
 
 
+def available_int8_isas() -> list[str]:
+    """The int8 kernel's instruction sets this CPU has (fast_kernels.INT8_ISAS), each tested."""
+    if importlib.util.find_spec("numba") is None:
+        return []
+    from ferrisres.runtime.fast_kernels import int8_isas
+    return int8_isas()
+
+
+def rounded_inputs(x: np.ndarray, width: int) -> np.ndarray:
+    """x [T, n] as the int8 kernel takes it (fast_kernels._quantized_input), in float64: padded with zeros to
+    `width`, each group of 64 rounded to rint(x / s) * s with s = absmax / 127 in float32."""
+    x = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, width - x.shape[1])))
+    groups = x.reshape(len(x), -1, 64)
+    s = np.abs(groups).max(axis=-1, keepdims=True) / np.float32(127)
+    s[s == 0] = 1
+    return (np.rint(np.clip(groups / s, -127, 127)) * s.astype(np.float64)).reshape(len(x), width)
+
+
+INT8_CASES = [  # encoding, out, in, rotation: whole 64-byte chunks, chunks and a tail of 2 groups, a tail alone
+    ("ternary-g1", 40, 512, 64), ("ternary-g2", 33, 640, 0), ("ternary-g3", 24, 64, 64)]
+
+
+@needs_numba
+@pytest.mark.parametrize("isa", available_int8_isas())
+@pytest.mark.parametrize("encoding,out,n_in,rotation", INT8_CASES, ids=[f"{c[0]}-{c[2]}" for c in INT8_CASES])
+def test_int8_inputs_give_the_product_of_the_inputs_rounded_per_group_of_64(isa, encoding, out, n_in, rotation):
+    from ferrisres.runtime.fast_kernels import attach
+
+    rng = np.random.default_rng(n_in)
+    linear, magnitude = weights(encoding, out, n_in, rng, 64, rotation)
+    plain = Linear(linear.data, encoding, (out, n_in), group_scale=linear.group_scale)  # takes the rotated input
+    attach([linear], int8=True)
+    linear.fast.int8_isa, linear.fast.max_tokens = isa, 8
+    for tokens in (1, 2, 5):
+        x = rng.standard_normal((tokens, n_in)) * 10.0 ** rng.integers(-3, 4, (tokens, 1))
+        x[0, :64] = 0  # a group of zeros
+        xq = rounded_inputs(rotated_input(x, rotation) if rotation else x, linear.width)[:, :n_in]
+        # Integer sums are exact; the products of their scales and their sum over lanes round in float32, as
+        # the reference's float32 sgemm of the same rounded inputs does: each within 4 sqrt(n) 2^-24 sum|w x|.
+        np.testing.assert_array_less(np.abs(linear(x) - plain(xq)), 1e-5 * (np.abs(xq) @ magnitude.T) + 1e-30)
+    x = x.copy()  # (a new array: the rotation of the last input is kept by identity)
+    x[0, 5] = np.nan  # a non-finite input spoils its products, as in float32
+    y = linear(x)
+    assert np.isnan(y[0]).all() and np.isfinite(y[1:]).all()
+
+
+@needs_numba
+def test_every_int8_product_of_a_generation_is_the_product_of_its_rounded_inputs(converted):
+    """The int8 kernel on the default student: every 2-bit ternary product in groups of 64 columns takes it, and each
+    call while generating gives the product of its own inputs rounded (so the wiring, rotations and padding
+    are right); other encodings keep float32 inputs."""
+    model = load(converted("tiny_gemma4", "ternary"), kernel="int8")
+    assert model.kernel == "int8"
+    linears = [linear for linear in model.weights.linears() if linear.fast is not None]
+    int8 = [linear for linear in linears if linear.fast.int8_isa is not None]
+    in_groups_of_64 = [linear for linear in linears if linear.encoding in ("ternary-g1", "ternary-g2", "ternary-g3")
+                       and linear.width // linear.group_scale.shape[-1] == 64]  # (narrower inputs have narrower groups)
+    assert len(int8) > 10 and in_groups_of_64 == int8
+    assert model.weights.head.fast.int8_isa is None
+    for linear in int8:
+        linear.fast = Recording(linear.fast)
+    tokens = [s.token for s in model.generate(reference("tiny_gemma4")["ids"].tolist(), max_tokens=6, temperature=0)]
+    assert len(tokens) == 6
+    for linear in int8:
+        shape = (linear.out_features, linear.in_features)
+        plain = Linear(linear.data, linear.encoding, shape, group_scale=linear.group_scale)
+        magnitude = sum(np.abs(Linear(linear.data[:, p:p + 1], "ternary-g1", shape, group_scale=linear.group_scale[:, p:p + 1])
+                               .dequantize()) for p in range(linear.planes))  # |W| summed over planes, as the products are
+        assert linear.fast.calls  # the decode steps ran through it
+        for x, y in linear.fast.calls:
+            xq = rounded_inputs(x, linear.width)[:, : linear.in_features]
+            np.testing.assert_array_less(np.abs(y - plain(xq)), 1e-5 * (np.abs(xq) @ magnitude.T) + 1e-30)
+
+
+class Recording:
+    """A Linear's fused product that records each call's input (already rotated) and output."""
+
+    def __init__(self, fast):
+        self.fast, self.max_tokens, self.calls = fast, fast.max_tokens, []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.fast(x)
+        self.calls.append((x.copy(), y.copy()))
+        return y
+
+
+@needs_numba
+def test_the_int8_kernel_is_refused_in_one_line_on_a_cpu_without_avx2(converted, monkeypatch):
+    from ferrisres.runtime import fast_kernels
+
+    monkeypatch.setattr(fast_kernels, "int8_isas", lambda: [])
+    with pytest.raises(ValueError, match=r"needs an x86-64 CPU with AVX2 and F16C: use --kernel fast$"):
+        load(converted("tiny_gemma4", "ternary"), kernel="int8")
+
+
 @needs_numba
 def test_run_says_which_kernel_ran(converted):
     path = str(converted("tiny_gemma4", "ternary"))
@@ -182,6 +277,8 @@ def test_run_says_which_kernel_ran(converted):
         assert f"| kernel {'numpy' if kernel == 'auto' else kernel} |" in summary
         texts[kernel] = result.stdout
     assert texts["fast"] == texts["numpy"] == texts["auto"]
+    result = run_tool("ferrisres-run", path, "-p", "Hello", "--raw", "--greedy", "-n", "8", "--kernel", "int8")
+    assert result.returncode == 0 and "| kernel int8 |" in result.stderr.strip().splitlines()[-1], result.stderr
 
 
 @needs_numba
