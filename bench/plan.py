@@ -47,8 +47,8 @@ LLAMA_CPP_TQ2_0_BYTES = 2.79 * GB
 # `make bench PEERS=1` (bench/peers.py): llama.cpp's llama-bench beside ferrisres's decode and prefill
 # workers, at each thread count pinned to as many cores; llama-bench's decode test is tg`new` at depth
 # `context`, as ferrisres decodes `new` tokens after a `context`-token prompt; prefill is pp`prompt`.
-PEERS = dict(threads=[1, 2], context=64, new=64, prompt=256, repetitions=3, kernels=["numpy", "fast"])
-QUICK_PEERS = dict(threads=[1, 2], context=16, new=16, prompt=64, repetitions=2, kernels=["numpy", "fast"])
+PEERS = dict(threads=[1, 2], context=64, new=64, prompt=256, repetitions=3, kernels=["numpy", "fast", "int8"])
+QUICK_PEERS = dict(threads=[1, 2], context=16, new=16, prompt=64, repetitions=2, kernels=["numpy", "fast", "int8"])
 
 # A paragraph repeated: a prompt a copying model continues by copying (n-gram drafts then hit).
 COPY_PARAGRAPH = (

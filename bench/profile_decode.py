@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where a decode step's time goes: `python bench/profile_decode.py ARTIFACT [--context 64] [--steps 4]`.
+"""Where a decode step's time goes: `python bench/profile_decode.py ARTIFACT [--context 64] [--steps 4] [--kernel K]`.
 
 Two views of the same steady-state decode steps (after a prefill of `context` random token ids and one
 warm-up step), through `Model.generate` as a user runs it:
@@ -111,10 +111,10 @@ def _instrument(model, totals: dict) -> list:
     return undo
 
 
-def profile(path: str, context: int = 64, steps: int = 4, top: int = 25) -> dict:
+def profile(path: str, context: int = 64, steps: int = 4, top: int = 25, kernel: str = "numpy") -> dict:
     from ferrisres.runtime import load
 
-    model = load(path)
+    model = load(path, kernel=kernel)
     model.tokenizer
     rng = np.random.default_rng([0, context])
     ids = [2] + rng.integers(494, model.config.vocab_size, context - 1).tolist()
@@ -193,9 +193,10 @@ def main(argv=None) -> int:
     ap.add_argument("artifact")
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--kernel", default="numpy", help="numpy (default), fast or int8")
     ap.add_argument("--json", action="store_true", help="print the whole result as JSON")
     args = ap.parse_args(argv)
-    result = profile(args.artifact, args.context, args.steps)
+    result = profile(args.artifact, args.context, args.steps, kernel=args.kernel)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

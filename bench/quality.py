@@ -44,6 +44,13 @@ STUDENTS = {  # name -> ferrisres-convert flags
 }
 
 
+# Students also measured as `--kernel int8` decodes them: each ternary product of a decoded token takes its
+# inputs rounded to int8 per group of 64 (runtime/fast_kernels.py). Fed 8 tokens a forward, as many as that
+# kernel takes (a longer prompt goes through numpy with float32 inputs).
+INT8_KERNEL_STUDENTS = ("gptq, 2 planes, 3 in the down projections (default)",)
+INT8_FORWARD_TOKENS = 8
+
+
 def converted(source: Path, out: Path, flags: list[str]) -> dict:
     """Run ferrisres-convert; its wall time and peak resident memory. It runs as the child of a small,
     freshly started launcher: forked from this process, it would count this process's resident pages
@@ -82,22 +89,28 @@ def progress(text: str) -> None:
     print(f"quality: {text}", file=sys.stderr, flush=True)
 
 
-def measure(source: Path, ids_of, work: Path) -> dict[str, dict]:
+def measure(source: Path, ids_of, work: Path, students: list[str]) -> dict[str, dict]:
     progress(f"{source.stem}: converting the f32 teacher")
     teacher_path = work / f"{source.stem}-f32.tern"
     converted(source, teacher_path, ["--quant", "f32"])
     teacher = load(teacher_path)
     ids = ids_of(teacher)
     results = {}
-    for name, flags in STUDENTS.items():
+    for name in students:
+        flags = STUDENTS[name]
         progress(f"{source.stem}: converting the student: {name}")
         path = work / f"{source.stem}-student.tern"
         cost = converted(source, path, [*flags, "--force"])
-        r = compare(teacher, load(path), ids, progress=lambda text, n=name: progress(f"{source.stem}: {n}: {text}"))
-        results[name] = {"flags": " ".join(flags), "bits_per_weight": bits_per_weight(path), **cost,
-                         **{k: r[k] for k in ("teacher_perplexity", "student_perplexity", "kl_teacher_student",
-                                              "top1_agreement", "weight_relative_error")},
-                         "last_layer_cosine": r["layer_cosine"][-1]}
+        runs = {name: compare(teacher, load(path), ids, progress=lambda text, n=name: progress(f"{source.stem}: {n}: {text}"))}
+        if name in INT8_KERNEL_STUDENTS:
+            runs[f"{name}, --kernel int8"] = compare(
+                teacher, load(path, kernel="int8"), ids, student_forward_tokens=INT8_FORWARD_TOKENS,
+                progress=lambda text, n=name: progress(f"{source.stem}: {n}, --kernel int8: {text}"))
+        for row, r in runs.items():
+            results[row] = {"flags": " ".join(flags), "bits_per_weight": bits_per_weight(path), **cost,
+                            **{k: r[k] for k in ("teacher_perplexity", "student_perplexity", "kl_teacher_student",
+                                                 "top1_agreement", "weight_relative_error")},
+                            "last_layer_cosine": r["layer_cosine"][-1]}
         path.unlink()
     return results
 
@@ -114,15 +127,20 @@ def tiny_ids(teacher) -> list[int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--update", action="store_true", help="write the committed bench/quality.json and QUALITY.md")
-    update = parser.parse_args().update
+    parser.add_argument("--student", action="append", choices=list(STUDENTS),
+                        help="measure only this student (repeatable; not with --update, which writes the whole table)")
+    args = parser.parse_args()
+    update, students = args.update, args.student or list(STUDENTS)
+    if update and args.student:
+        parser.error("--update writes the whole table: measure every student (no --student)")
     json_path, report_path = (ROOT / "bench/quality.json", ROOT / "QUALITY.md") if update else \
         (ROOT / "out/quality/quality.json", ROOT / "out/quality/QUALITY.md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     table = {}
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache" if GGUF.exists() else None) as work:
         if GGUF.is_file():
-            table["Gemma 3 270M (real weights, report_text.txt)"] = measure(GGUF, report_ids, Path(work))
-        table["tiny_gemma4 (random weights, 256 random tokens)"] = measure(TINY, tiny_ids, Path(work))
+            table["Gemma 3 270M (real weights, report_text.txt)"] = measure(GGUF, report_ids, Path(work), students)
+        table["tiny_gemma4 (random weights, 256 random tokens)"] = measure(TINY, tiny_ids, Path(work), students)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     json_path.write_text(json.dumps({"commit": commit, "machine": machine, "results": table}, indent=2) + "\n")

@@ -233,6 +233,7 @@ def peers_section(p: dict | None) -> list[str]:
     if not p:
         return []
     plan = p["plan"]
+    kernels = plan.get("kernels", ["numpy", "fast"])
     lines = ["", "## Peers: llama.cpp TQ2_0", ""]
     if "error" in p:
         return lines + [f"llama.cpp could not be built or could not convert the checkpoint: `{p['error'].strip().splitlines()[-1][:200]}`"]
@@ -259,20 +260,21 @@ def peers_section(p: dict | None) -> list[str]:
         f"after a {plan['context']}-token context (llama-bench tg{plan['new']} at depth {plan['context']}; ferrisres's "
         f"decode worker); prefill: a {plan['prompt']}-token prompt (pp{plan['prompt']}). Medians of {plan['repetitions']} "
         "repetitions (llama-bench's per-repetition rates; ferrisres's runs, each its own process). "
-        "ferrisres `--kernel fast` is measured on decoding only: prefill takes the numpy path with it too.",
+        "The fused kernels (`--kernel fast`, `--kernel int8`: its ternary products take int8 inputs) are measured on "
+        "decoding only: prefill takes the numpy path with them too.",
         "",
-        "| measurement | threads (cores) | llama.cpp TQ2_0 | ferrisres numpy | ferrisres `--kernel fast` | numpy / llama.cpp | fast / llama.cpp |",
-        "|---|---|---|---|---|---|---|",
+        "| measurement | threads (cores) | llama.cpp TQ2_0 | " + " | ".join(f"ferrisres `--kernel {k}`" for k in kernels)
+        + " | " + " | ".join(f"{k} / llama.cpp" for k in kernels) + " |",
+        "|---|---|---|" + "---|" * 2 * len(kernels),
     ]
     for what, test, key in ((f"decode tok/s ({plan['new']} after {plan['context']})", f"tg{plan['new']}@d{plan['context']}", "decode_tok_s"),
                             (f"prefill tok/s ({plan['prompt']} tokens)", f"pp{plan['prompt']}", "prefill_tok_s")):
         for n, row in p["by_threads"].items():
             peer = _g(row, "llama_cpp", test, "tok_s")
-            ours = _g(row, "ferrisres_numpy", key)
-            fast = _g(row, "ferrisres_fast", key)
-            lines.append(f"| {what} | {n} ({row['cpus']}) | {_fmt(peer)}{_spread(_g(row, 'llama_cpp', test, 'samples_ts'))} "
-                         f"| {_fmt(ours)}{_spread(_runs(row, 'ferrisres_numpy', key))} | {_fmt(fast)}{_spread(_runs(row, 'ferrisres_fast', key))} "
-                         f"| {_ratio(ours, peer)} | {_ratio(fast, peer)} |")
+            ours = {k: _g(row, f"ferrisres_{k}", key) for k in kernels}
+            lines.append(f"| {what} | {n} ({row['cpus']}) | {_fmt(peer)}{_spread(_g(row, 'llama_cpp', test, 'samples_ts'))} | "
+                         + " | ".join(f"{_fmt(ours[k])}{_spread(_runs(row, f'ferrisres_{k}', key))}" for k in kernels)
+                         + " | " + " | ".join(_ratio(ours[k], peer) for k in kernels) + " |")
     lines += ["", "Rates in parentheses: the lowest and highest of the repetitions. Where they are far apart, the "
               "other jobs on the machine took the cores from one side for part of a run (two threads on two shared cores "
               "wait for each other at every step)."]

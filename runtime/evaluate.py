@@ -36,15 +36,17 @@ def dequantized(model: Model, name: str) -> np.ndarray:
     return np.stack([linear.dequantize() for linear in model.weights.linears_of(name)]).reshape(info.shape)
 
 
-def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128, progress=None) -> dict:
+def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128, progress=None,
+            student_forward_tokens: int = 256) -> dict:
     """Quality numbers of `student` against `teacher` on `ids` (both artifacts of the same model).
 
     Logits are made `chunk` positions at a time from the last hidden states, so memory stays bounded
     even for a 262144-token vocabulary over thousands of positions. `progress(text)`, if given, is told
-    how far the work is after each chunk of it."""
+    how far the work is after each chunk of it. The student's forward passes take
+    `student_forward_tokens` tokens each: as few as decoding takes, to measure the kernels of decoding."""
     report = progress or (lambda text: None)
-    hidden = {role: _hidden_states(model, ids, lambda done, r=role: report(f"{r} forward {done}/{len(ids)} tokens"))
-              for role, model in (("teacher", teacher), ("student", student))}
+    hidden = {role: _hidden_states(model, ids, lambda done, r=role: report(f"{r} forward {done}/{len(ids)} tokens"), tokens)
+              for role, model, tokens in (("teacher", teacher, 256), ("student", student, student_forward_tokens))}
     targets = np.asarray([*ids[1:], -1])
     nll = {"teacher": 0.0, "student": 0.0}
     kl_sum, agree = 0.0, 0
