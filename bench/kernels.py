@@ -1,11 +1,12 @@
-"""Microbenchmark of one product `x @ W.T` per encoding at Gemma 4 E2B's shapes: numpy vs fused kernels.
+"""Microbenchmark of one product `x @ W.T` per encoding at Gemma 4 E2B's shapes: numpy vs fused kernels
+(`fast`, and `int8` where it applies: its inputs rounded to int8).
 
     python bench/kernels.py [--repeats 15] [--tokens 1,2,4,8,16] [--out bench/kernels.json]
 
 Random weights in each stored encoding (the default student's two-plane grouped ternary, packed 2 bits
 per code and base-3, 5 codes per byte; the per-row ternary; the tied head over an int8 and an int6-g32
-table); each timing is the median of `--repeats` calls, numpy and fast alternated so that a change in the
-machine's load falls on both. Needs the fast extra (numba).
+table); each timing is the median of `--repeats` calls, the kernels alternated so that a change in the
+machine's load falls on all of them. Needs the fast extra (numba).
 """
 
 from __future__ import annotations
@@ -76,29 +77,35 @@ def main() -> None:
         products = []
         for _, out, n_in, encoding in (s for s in SHAPES if s[0] == name):
             fast = linear(out, n_in, encoding, rng)
-            plain = Linear(fast.data, fast.encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
-            attach([fast])
-            fast.fast.max_tokens = 1 << 30  # the fused kernel for every token count measured
-            products.append((encoding, out, n_in, plain, fast))
+            copies = {kind: Linear(fast.data, fast.encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
+                      for kind in ("numpy", "int8")}
+            attach([fast]), attach([copies["int8"]], int8=True)
+            kinds = {"numpy": copies["numpy"], "fast": fast}
+            if copies["int8"].fast.int8_isa is not None:  # the encodings int8 inputs apply to
+                kinds["int8"] = copies["int8"]
+            for kernel in (fast, copies["int8"]):
+                kernel.fast.max_tokens = 1 << 30  # the fused kernel for every token count measured
+            products.append((encoding, out, n_in, kinds))
         for threads in map(int, args.threads.split(",")):
             kernels.set_threads(threads)
             for tokens in map(int, args.tokens.split(",")):
                 x = rng.standard_normal((tokens, products[0][2]))
-                times = {(encoding, kind): [] for encoding, *_ in products for kind in ("numpy", "fast")}
-                for encoding, _, _, plain, fast in products:
-                    plain(x), fast(x)  # warm: pages, buffers, compiled code
+                times = {(encoding, kind): [] for encoding, _, _, kinds in products for kind in kinds}
+                for encoding, _, _, kinds in products:
+                    for product in kinds.values():
+                        product(x)  # warm: pages, buffers, compiled code
                 for _ in range(args.repeats):
-                    for encoding, _, _, plain, fast in products:
-                        times[encoding, "numpy"] += timed(plain, x, 1)
-                        times[encoding, "fast"] += timed(fast, x, 1)
-                for encoding, out, n_in, _, _ in products:
+                    for encoding, _, _, kinds in products:
+                        for kind, product in kinds.items():
+                            times[encoding, kind] += timed(product, x, 1)
+                for encoding, out, n_in, kinds in products:
                     row = {"shape": name, "encoding": encoding, "threads": threads, "tokens": tokens,
-                           **{f"{k}_ms": 1e3 * float(np.median(times[encoding, k])) for k in ("numpy", "fast")}}
-                    for k in ("numpy", "fast"):
+                           **{f"{k}_ms": 1e3 * float(np.median(times[encoding, k])) for k in kinds}}
+                    for k in kinds:
                         row[f"{k}_ns_per_weight"] = row[f"{k}_ms"] * 1e6 / (out * n_in * tokens)
                     rows.append(row)
-                    print(f"{name:18} {encoding:11} threads {threads} tokens {tokens:2}: numpy {row['numpy_ms']:8.2f} ms, "
-                          f"fast {row['fast_ms']:8.2f} ms ({row['numpy_ms'] / row['fast_ms']:.1f}x)", flush=True)
+                    print(f"{name:18} {encoding:11} threads {threads} tokens {tokens:2}: "
+                          + ", ".join(f"{k} {row[f'{k}_ms']:8.2f} ms" for k in kinds), flush=True)
     machine = {"cpu": _cpu(), "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
                "load_average": os.getloadavg()}
     args.out.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows}, indent=1) + "\n")

@@ -32,14 +32,17 @@ QUICK = dict(
 )
 
 # The dense student with other table encodings than its default (int6-g32 tables, the head tied to the
-# token one), and one-plane students for the 1.58-bit sizes (issue 11's lines: int8 tables, packed 5 codes
-# a byte, and an int4 per-layer table). Same encodings as the dense student, so rounded to nearest (--method rtn): calibration
-# changes no size and no decoding speed, and would add most of an hour each.
+# token one), and one-plane (1.58-bit) students, packed 5 codes a byte, with bf16 tables, int8 tables, and an
+# int8 token table beside an int4 per-layer one: issue 11's sizes, each beside the same student's bf16 tables.
+# Same encodings as the dense student, so rounded to nearest (--method rtn): calibration changes no size and
+# no decoding speed, and would add most of an hour each.
 TABLE_VARIANTS = {"dense-bf16-tables": ["--tables", "bf16", "--method", "rtn"],
                   "dense-int8-tables": ["--tables", "int8", "--method", "rtn"],
                   "dense-int4-per-layer": ["--per-layer-table", "int4-g32", "--method", "rtn"],
-                  "one-plane-base3-int8-tables": ["--planes", "1", "--tables", "int8", "--packing", "base3", "--method", "rtn"],
-                  "one-plane-int4-per-layer": ["--planes", "1", "--per-layer-table", "int4-g32", "--method", "rtn"]}
+                  "one-plane-bf16-tables": ["--planes", "1", "--packing", "base3", "--tables", "bf16", "--method", "rtn"],
+                  "one-plane-int8-tables": ["--planes", "1", "--packing", "base3", "--tables", "int8", "--method", "rtn"],
+                  "one-plane-int4-per-layer": ["--planes", "1", "--packing", "base3", "--tables", "int8",
+                                               "--per-layer-table", "int4-g32", "--method", "rtn"]}
 # llama.cpp's TQ2_0 GGUF of the same checkpoint: a fallback for the report when `make bench PEERS=1` has
 # not measured it (results["peers"]["gguf"]["bytes"]), from an earlier measurement
 LLAMA_CPP_TQ2_0_BYTES = 2.79 * GB

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model, fewer repeats (checks the harness, < 2 min)")
     ap.add_argument("--keep", action="store_true", help="keep the converted artifacts in bench/.cache/artifacts")
     ap.add_argument("--skip-profile", action="store_true")
-    ap.add_argument("--reuse", action="store_true", help="reuse artifacts kept (--keep) from an earlier run of the same product code, with their conversion measurements")
+    ap.add_argument("--reuse", action="store_true", help="reuse artifacts kept (--keep) from an earlier run of the same product code, with their conversion measurements (with --only tables: any kept variant)")
     ap.add_argument("--out", type=Path, default=HERE, help="folder for results.json of a full run (BENCHMARKS.md goes to the repo root)")
     ap.add_argument("--peers", action="store_true", help="also measure llama.cpp's TQ2_0 beside ferrisres (bench/peers.py; builds it once)")
     ap.add_argument("--only", choices=["peers", "tables"],
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     if args.only == "peers":
         return peers_only(results, plan, attempt, args.out, args.quick, started)
     if args.only == "tables":
-        return tables_only(results, plan, attempt, args.out, args.quick, started, args.keep)
+        return tables_only(results, plan, attempt, args.out, args.quick, started, args.keep, args.reuse)
 
     sources = {s: synth.build(s) for s in dict.fromkeys([plan["scale"], *plan["scaling_scales"]])}
     results["checkpoints"] = {s: json.loads((p / "SYNTHETIC.json").read_text()) for s, p in sources.items()}
@@ -159,21 +159,27 @@ def peers_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: boo
     return 0
 
 
-def tables_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: bool, started: float, keep: bool) -> int:
+def tables_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: bool, started: float, keep: bool,
+                reuse: bool) -> int:
     """`--only tables`: the dense student rounded to nearest (as `--only peers`) and its table-encoding
     variants, converted and decoded in one run (sizes; decode tok/s and peak RSS after a 64-token context,
     the repeats alternated between the students so that a drift of the machine falls on all of them),
     written into the existing results.json as results["tables"] with this run's machine and code. The
-    variants are deleted at the end unless `keep`."""
+    variants are deleted at the end unless `keep`; with `reuse`, those kept by an earlier run are decoded
+    again, not converted (their conversion is not what this measures)."""
     json_path = _results_to_extend(out, quick, "tables")
     source = synth.build(plan["scale"])
     arts, convert = {"dense": dense_rtn_artifact(source, plan, attempt)}, {}
     for name, extra in TABLE_VARIANTS.items():
         arts[name] = ARTIFACTS / f"{plan['scale']}-{name}.tern"
+        if reuse and arts[name].exists():
+            print(f"  convert   {plan['scale']} {name}: reusing {arts[name].name}", file=sys.stderr)
+            continue
         r = attempt("convert", {"source": str(source), "out": str(arts[name]), "extra": extra}, label=f"{plan['scale']} {name}")
         convert[name] = _summ_convert([r])
     arts = {name: p for name, p in arts.items() if p.exists() and "error" not in convert.get(name, {})}
-    convert["dense"] = {"size_bytes": arts["dense"].stat().st_size}
+    for name, p in arts.items():
+        convert.setdefault(name, {})["size_bytes"] = p.stat().st_size
     runs = {name: [] for name in arts}
     for r in range(plan["decode_repeats"][64]):
         for name, p in arts.items():
