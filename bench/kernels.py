@@ -79,7 +79,8 @@ def main() -> None:
             fast = linear(out, n_in, encoding, rng)
             copies = {kind: Linear(fast.data, fast.encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
                       for kind in ("numpy", "int8")}
-            attach([fast]), attach([copies["int8"]], int8=True)
+            attach([fast])
+            attach([copies["int8"]], int8=True)
             kinds = {"numpy": copies["numpy"], "fast": fast}
             if copies["int8"].fast.int8_isa is not None:  # the encodings int8 inputs apply to
                 kinds["int8"] = copies["int8"]

@@ -19,6 +19,7 @@ from .kv_cache import KVCache
 from .model import Model, load
 
 PROG = "ferrisres-eval"
+FORWARD_TOKENS = 256  # tokens per forward pass through the KV cache: progress is told after each
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -37,16 +38,18 @@ def dequantized(model: Model, name: str) -> np.ndarray:
 
 
 def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128, progress=None,
-            student_forward_tokens: int = 256) -> dict:
+            student_forward_tokens: int | None = None) -> dict:
     """Quality numbers of `student` against `teacher` on `ids` (both artifacts of the same model).
 
     Logits are made `chunk` positions at a time from the last hidden states, so memory stays bounded
     even for a 262144-token vocabulary over thousands of positions. `progress(text)`, if given, is told
     how far the work is after each chunk of it. The student's forward passes take
-    `student_forward_tokens` tokens each: as few as decoding takes, to measure the kernels of decoding."""
+    `student_forward_tokens` tokens each (default FORWARD_TOKENS): as few as decoding takes, to measure the
+    kernels of decoding."""
     report = progress or (lambda text: None)
+    student_forward_tokens = student_forward_tokens or FORWARD_TOKENS
     hidden = {role: _hidden_states(model, ids, lambda done, r=role: report(f"{r} forward {done}/{len(ids)} tokens"), tokens)
-              for role, model, tokens in (("teacher", teacher, 256), ("student", student, student_forward_tokens))}
+              for role, model, tokens in (("teacher", teacher, FORWARD_TOKENS), ("student", student, student_forward_tokens))}
     targets = np.asarray([*ids[1:], -1])
     nll = {"teacher": 0.0, "student": 0.0}
     kl_sum, agree = 0.0, 0
@@ -72,7 +75,7 @@ def compare(teacher: Model, student: Model, ids: list[int], chunk: int = 128, pr
     }
 
 
-def _hidden_states(model: Model, ids: list[int], progress, chunk: int = 256) -> list[np.ndarray]:
+def _hidden_states(model: Model, ids: list[int], progress, chunk: int) -> list[np.ndarray]:
     """Every layer's output [tokens, hidden] over `ids`, computed `chunk` tokens at a time through the
     KV cache (exact: a causal model), so progress can be told along the way."""
     cache, parts = KVCache(model.config), []

@@ -71,12 +71,17 @@ def _group_sum(partial, start, n):
 
 
 @njit(inline="always", **_JIT)
+def _valid_codes(b):
+    """A packed byte (int32) with each invalid code 0b11 made 0b01 (weight 0), as numpy's table reads it."""
+    return np.int32(b ^ ((b & (b >> 1) & 0x55) << 1))
+
+
+@njit(inline="always", **_JIT)
 def _weights(b):
-    """The four weights of one packed byte (codes weight + 1, lowest bits first), as float32. An invalid
-    code 0b11 is first turned into 0b01 (weight 0), as numpy's table reads it. Subtracting the inputs'
-    sum once per group instead of 1 per code (as TQ2_0 does in integers) measured < 10% faster here,
-    and in float32 it would leave rounding residue where the weights are zero."""
-    b = np.int32(b ^ ((b & (b >> 1) & 0x55) << 1))
+    """The four weights of one packed byte (codes weight + 1, lowest bits first; `_valid_codes`), as
+    float32. Subtracting the inputs' sum once per group instead of 1 per code (as TQ2_0 does in integers)
+    measured < 10% faster here, and in float32 it would leave rounding residue where the weights are zero."""
+    b = _valid_codes(b)
     return (np.float32(np.int32(b & 3)) - _ONE, np.float32(np.int32((b >> 2) & 3)) - _ONE,
             np.float32(np.int32((b >> 4) & 3)) - _ONE, np.float32(np.int32(b >> 6)) - _ONE)
 
@@ -407,7 +412,7 @@ def _int8_chunks(typingctx, row, xq, xsum, xscale, scales, isa):
             ahead = builder.gep(prow, [builder.add(at, ir.Constant(index, PREFETCH_BYTES))])  # (past the end: no fault)
             _call(builder, "llvm.prefetch.p0", ir.VoidType(), ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1))
             b = _vector(builder, prow, at, v64)
-            # an invalid code 0b11 reads as 0b01 (weight 0), as numpy's table reads it
+            # `_valid_codes` on 64 bytes
             b = builder.xor(b, builder.shl(builder.and_(builder.and_(b, builder.lshr(b, _splat(v64, 1))), _splat(v64, 0x55)), _splat(v64, 1)))
             sums = []  # one per code, independent: a chain of 4 multiply-adds would wait on each one's latency
             for k in range(4):
@@ -439,8 +444,7 @@ def _int8_tail(row, xq, xsum, xscale, scales, f16, start):
     for g in range(start // DEFAULT_GROUP_BYTES, len(row) // DEFAULT_GROUP_BYTES):
         s = np.int32(0)
         for j in range(g * DEFAULT_GROUP_BYTES, (g + 1) * DEFAULT_GROUP_BYTES):
-            b = np.int32(row[j])
-            b = b ^ ((b & (b >> 1) & 0x55) << 1)
+            b = _valid_codes(np.int32(row[j]))
             for k in range(4):
                 s = np.int32(s + ((b >> (2 * k)) & 3) * np.int32(xq[k, j]))
         lanes = 4 * g
@@ -585,11 +589,10 @@ def attach(linears, int8: bool = False) -> float:
     allows: a ValueError if this CPU cannot), and compile (or load from numba's cache) each kernel for the
     arrays it will see, on one row; returns the seconds this took."""
     start = time.perf_counter()
-    isa = None
-    if int8:
-        if not int8_isas():
-            raise ValueError("the int8 kernel needs an x86-64 CPU with AVX2 and F16C: use --kernel fast")
-        isa = int8_isas()[0]
+    isas = int8_isas() if int8 else [None]
+    if not isas:
+        raise ValueError("the int8 kernel needs an x86-64 CPU with AVX2 and F16C: use --kernel fast")
+    isa = isas[0]
     for linear in linears:
         if linear.encoding in FAST_ENCODINGS:
             linear.fast = FastMatmul(linear, isa)

@@ -166,8 +166,8 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
     `kernel="fast"` runs the products of a few tokens at a time (decoding) through fused compiled kernels
     (the `fast` extra: numba); "auto" does so when numba is installed and the model is not tiny
     (AUTO_FAST_BYTES); "numpy", the default here, is the reference path. `kernel="int8"` is "fast" with
-    the inputs of the ternary products rounded to int8 per group of 64 (as llama.cpp does): several times
-    faster, and no longer equal to the reference (fast_kernels.py; x86-64 with AVX2).
+    the inputs of the ternary products rounded to int8 per group of 64 (as llama.cpp does): E2B decodes
+    1.8-2.5x faster, and no longer equal to the reference (fast_kernels.py; x86-64 with AVX2).
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
