@@ -201,11 +201,12 @@ def _special(tensors: dict) -> dict:
     return {n: t for n, t in tensors.items() if not n.startswith("blk.") and not n.endswith("_norm.weight")}
 
 
-def measure(checkpoint: Path, artifact: Path, plan: dict, attempt) -> dict:
-    """llama.cpp's TQ2_0 GGUF of `checkpoint` beside ferrisres's `artifact` of it, at each thread count of
-    plan["threads"], both pinned to the same cores: decode (plan["new"] tokens after plan["context"]) and
-    prefill (plan["prompt"] tokens). `attempt` runs a ferrisres worker (bench/run.py's Attempts, with its
-    `pin`) and records failures; a failure of llama.cpp's side is recorded in it too, and the run goes on."""
+def measure(checkpoint: Path, students: dict[str, Path], plan: dict, attempt) -> dict:
+    """llama.cpp's TQ2_0 GGUF of `checkpoint` beside ferrisres's `students` of it (name -> artifact, those of
+    plan["students"]), at each thread count of plan["threads"], both pinned to the same cores: decode
+    (plan["new"] tokens after plan["context"]) with each student's kernels, and prefill (plan["prompt"]
+    tokens) once per student. `attempt` runs a ferrisres worker (bench/run.py's Attempts, with its `pin`)
+    and records failures; a failure of llama.cpp's side is recorded in it too, and the run goes on."""
     out = {"plan": plan}
     t0 = time.perf_counter()
     try:
@@ -234,22 +235,29 @@ def measure(checkpoint: Path, artifact: Path, plan: dict, attempt) -> dict:
                 except (RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as e:
                     attempt.failures.append({"kind": "llama-bench", "label": " ".join(cmd[3:]), "error": str(e)[-1500:]})
                     print(f"  FAILED: llama-bench: {str(e).splitlines()[0]}", file=sys.stderr)
-        for kernel in plan["kernels"]:
-            common = {"path": str(artifact), "threads": n, "kernel": kernel}
-            runs = [attempt("decode", {**common, "context": plan["context"], "new": plan["new"], "seed": r},
-                            pin=cpus, label=f"peers {kernel} {n}t ctx {plan['context']} #{r}") for r in range(plan["repetitions"])]
-            ok = [r["tok_s"] for r in runs if "error" not in r]
-            side = row[f"ferrisres_{kernel}"] = {"decode_tok_s": statistics.median(ok) if ok else None, "decode_runs": runs}
-            if kernel == "numpy":  # the fast kernels take the few-token products of decoding; prefill is the same path
-                p = attempt("prefill", {**common, "lengths": [plan["prompt"]], "repeats": plan["repetitions"]},
-                            pin=cpus, label=f"peers {kernel} {n}t prefill {plan['prompt']}")
-                side["prefill_tok_s"] = p.get(str(plan["prompt"]), {}).get("tok_s")
-                side["prefill_run"] = p
-    out["artifact_bytes"] = artifact.stat().st_size if artifact.exists() else None
+        row["ferrisres"] = {name: _measure_student(students[name], kernels, n, cpus, plan, attempt, name)
+                            for name, kernels in plan["students"].items()}
+    out["artifact_bytes"] = {name: p.stat().st_size if p.exists() else None for name, p in students.items()}
     out["total_s"] = time.perf_counter() - t0
     if "gguf" in out:
         out["gguf"]["path"] = str(out["gguf"]["path"])
     return out
+
+
+def _measure_student(artifact: Path, kernels: list[str], threads: int, cpus: str, plan: dict, attempt, name: str) -> dict:
+    """One student at one thread count: {kernel: decode tok/s (median) and runs, ..., "prefill": tok/s and run}."""
+    common = {"path": str(artifact), "threads": threads}
+    side = {}
+    for kernel in kernels:
+        runs = [attempt("decode", {**common, "kernel": kernel, "context": plan["context"], "new": plan["new"], "seed": r},
+                        pin=cpus, label=f"peers {name} {kernel} {threads}t ctx {plan['context']} #{r}")
+                for r in range(plan["repetitions"])]
+        ok = [r["tok_s"] for r in runs if "error" not in r]
+        side[kernel] = {"decode_tok_s": statistics.median(ok) if ok else None, "decode_runs": runs}
+    p = attempt("prefill", {**common, "kernel": "numpy", "lengths": [plan["prompt"]], "repeats": plan["repetitions"]},
+                pin=cpus, label=f"peers {name} {threads}t prefill {plan['prompt']}")
+    side["prefill"] = {"tok_s": p.get(str(plan["prompt"]), {}).get("tok_s"), "run": p}
+    return side
 
 
 def llama_bench_command(gguf: Path, threads: int, cpus: str, n_prompt: int, n_gen: int, depth: int,

@@ -50,8 +50,15 @@ LLAMA_CPP_TQ2_0_BYTES = 2.79 * GB
 # `make bench PEERS=1` (bench/peers.py): llama.cpp's llama-bench beside ferrisres's decode and prefill
 # workers, at each thread count pinned to as many cores; llama-bench's decode test is tg`new` at depth
 # `context`, as ferrisres decodes `new` tokens after a `context`-token prompt; prefill is pp`prompt`.
-PEERS = dict(threads=[1, 2], context=64, new=64, prompt=256, repetitions=3, kernels=["numpy", "fast", "int8"])
-QUICK_PEERS = dict(threads=[1, 2], context=16, new=16, prompt=64, repetitions=2, kernels=["numpy", "fast", "int8"])
+# Two students, each decoded with the kernels named here and prefilled once (prefill takes the numpy path
+# whatever the kernel): the default (two planes, three in the down projections), and the one-plane student,
+# the same kind of model as TQ2_0 (one ternary plane, a scale per block of weights) and about its size.
+PEER_STUDENTS = {"default": ["numpy", "fast", "int8"], "one-plane": ["fast", "int8"]}
+PEERS = dict(threads=[1, 2], context=64, new=64, prompt=256, repetitions=3, students=PEER_STUDENTS)
+QUICK_PEERS = dict(threads=[1, 2], context=16, new=16, prompt=64, repetitions=2, students=PEER_STUDENTS)
+# How `--only peers` converts them (in the full run, the default is that run's calibrated dense student):
+# rounded to nearest, the encodings and speed of the calibrated conversion without its hour.
+PEER_CONVERSIONS = {"default": ["--method", "rtn"], "one-plane": ["--planes", "1", "--method", "rtn"]}
 
 # A paragraph repeated: a prompt a copying model continues by copying (n-gram drafts then hit).
 COPY_PARAGRAPH = (

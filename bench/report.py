@@ -3,6 +3,8 @@ bandwidth bound, and the detail, table-encoding, bytes-per-token and scaling tab
 
 from __future__ import annotations
 
+import statistics
+
 from plan import GB, LLAMA_CPP_TQ2_0_BYTES, TABLE_VARIANTS, TARGETS
 
 
@@ -233,7 +235,6 @@ def peers_section(p: dict | None) -> list[str]:
     if not p:
         return []
     plan = p["plan"]
-    kernels = plan.get("kernels", ["numpy", "fast"])
     lines = ["", "## Peers: llama.cpp TQ2_0", ""]
     if "error" in p:
         return lines + [f"llama.cpp could not be built or could not convert the checkpoint: `{p['error'].strip().splitlines()[-1][:200]}`"]
@@ -253,7 +254,7 @@ def peers_section(p: dict | None) -> list[str]:
         "built CPU only, Release, `-DGGML_NATIVE=ON` (for this machine's instruction set, as a user would), "
         "OpenMP; the same checkpoint converted by its `convert_hf_to_gguf.py` (f16) then `llama-quantize ... TQ2_0` "
         f"with its defaults: **{g['bytes'] / GB:.2f} GB** GGUF ({types}; outside the layers: {special}). "
-        f"ferrisres: {p.get('ferrisres_artifact', 'the dense student')}, {_fmt(p.get('artifact_bytes'), 'GB')}.",
+        f"ferrisres: {p.get('ferrisres_artifact', 'the dense student')}.",
         "",
         f"Each side pinned to the same cores with taskset, at 1 and 2 threads (ferrisres: `set_threads(n)`; "
         f"llama-bench: `-t n`), alternating llama.cpp and ferrisres at each thread count. Decode: {plan['new']} tokens "
@@ -261,20 +262,12 @@ def peers_section(p: dict | None) -> list[str]:
         f"decode worker); prefill: a {plan['prompt']}-token prompt (pp{plan['prompt']}). Medians of {plan['repetitions']} "
         "repetitions (llama-bench's per-repetition rates; ferrisres's runs, each its own process). "
         "The fused kernels (`--kernel fast`, `--kernel int8`: its ternary products take int8 inputs) are measured on "
-        "decoding only: prefill takes the numpy path with them too.",
+        "decoding only: prefill takes the numpy path with them too. Each ratio is ferrisres's rate over llama.cpp's "
+        "at the same thread count.",
         "",
-        "| measurement | threads (cores) | llama.cpp TQ2_0 | " + " | ".join(f"ferrisres `--kernel {k}`" for k in kernels)
-        + " | " + " | ".join(f"{k} / llama.cpp" for k in kernels) + " |",
-        "|---|---|---|" + "---|" * 2 * len(kernels),
     ]
-    for what, test, key in ((f"decode tok/s ({plan['new']} after {plan['context']})", f"tg{plan['new']}@d{plan['context']}", "decode_tok_s"),
-                            (f"prefill tok/s ({plan['prompt']} tokens)", f"pp{plan['prompt']}", "prefill_tok_s")):
-        for n, row in p["by_threads"].items():
-            peer = _g(row, "llama_cpp", test, "tok_s")
-            ours = {k: _g(row, f"ferrisres_{k}", key) for k in kernels}
-            lines.append(f"| {what} | {n} ({row['cpus']}) | {_fmt(peer)}{_spread(_g(row, 'llama_cpp', test, 'samples_ts'))} | "
-                         + " | ".join(f"{_fmt(ours[k])}{_spread(_runs(row, f'ferrisres_{k}', key))}" for k in kernels)
-                         + " | " + " | ".join(_ratio(ours[k], peer) for k in kernels) + " |")
+    lines += _peers_table(p, f"decode tok/s ({plan['new']} after {plan['context']})", f"tg{plan['new']}@d{plan['context']}", decode=True)
+    lines += [""] + _peers_table(p, f"prefill tok/s ({plan['prompt']} tokens)", f"pp{plan['prompt']}", decode=False)
     lines += ["", "Rates in parentheses: the lowest and highest of the repetitions. Where they are far apart, the "
               "other jobs on the machine took the cores from one side for part of a run (two threads on two shared cores "
               "wait for each other at every step)."]
@@ -297,6 +290,37 @@ def peers_section(p: dict | None) -> list[str]:
                   + "."]
     for f in p.get("failures", []):
         lines.append(f"- **failed**: {f['kind']} {f['label']}: `{f['error'].strip().splitlines()[-1][:200]}`")
+    return lines
+
+
+def _peers_table(p: dict, what: str, test: str, decode: bool) -> list[str]:
+    """One measurement of the peer comparison (`decode`, or prefill): llama.cpp's row, then each student's
+    (decode: a row per kernel, with its peak RSS; prefill: one row), a column per thread count with the
+    ratio to llama.cpp there."""
+    threads = p["by_threads"]
+    head = f"| {what} | size | " + " | ".join(f"{n} thread{'s' if n != '1' else ''} ({row['cpus']})" for n, row in threads.items())
+    head += " | peak RSS decoding, 1 thread |" if decode else " |"
+    lines = [head, "|---|---|" + "---|" * (len(threads) + decode)]
+    peer = {n: _g(row, "llama_cpp", test, "tok_s") for n, row in threads.items()}
+    gguf = _fmt(_g(p, "gguf", "bytes"), "GB")
+    lines.append(f"| llama.cpp TQ2_0 | {gguf} | " + " | ".join(
+        f"{_fmt(peer[n])}{_spread(_g(row, 'llama_cpp', test, 'samples_ts'))}" for n, row in threads.items())
+        + (" | – |" if decode else " |"))
+    for student, kernels in p["plan"]["students"].items():
+        size = _fmt(_g(p, "artifact_bytes", student), "GB")
+        for kernel in (kernels if decode else ["prefill"]):
+            label = f"{student}, `--kernel {kernel}`" if decode else student
+            cells = []
+            for n, row in threads.items():
+                side = _g(row, "ferrisres", student, kernel) or {}
+                rate, rates = (side.get("decode_tok_s"), _decode_rates(side)) if decode else (side.get("tok_s"), _prefill_rates(side))
+                cells.append(f"{_fmt(rate)}{_spread(rates)}, **{_ratio(rate, peer[n])}**" if rate else "–")
+            rss = ""
+            if decode:
+                one = _g(threads.get("1", {}), "ferrisres", student, kernel) or {}
+                rss_runs = [r["peak_rss_bytes"] for r in one.get("decode_runs", []) if "peak_rss_bytes" in r]
+                rss = " | " + _fmt(statistics.median(rss_runs) if rss_runs else None, "GB")
+            lines.append(f"| {label} | {size} | " + " | ".join(cells) + rss + " |")
     return lines
 
 
@@ -341,11 +365,14 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
 
 
-def _runs(row: dict, side: str, key: str) -> list:
-    """The per-run rates behind a ferrisres median (decode: one per worker; prefill: the worker's repeats)."""
-    if key == "decode_tok_s":
-        return [r["tok_s"] for r in _g(row, side, "decode_runs") or [] if "error" not in r]
-    run = _g(row, side, "prefill_run") or {}
+def _decode_rates(side: dict) -> list:
+    """The per-run rates behind a ferrisres decode median (one per worker)."""
+    return [r["tok_s"] for r in side.get("decode_runs", []) if "error" not in r]
+
+
+def _prefill_rates(side: dict) -> list:
+    """The per-repeat rates behind a ferrisres prefill median (one worker's repeats)."""
+    run = side.get("run") or {}
     n = next((k for k in run if k.isdigit()), None)
     return [int(n) / t for t in run[n]["seconds"]] if n else []
 

@@ -19,9 +19,10 @@
    token (every tensor a decode step touches, from the artifact's own tensor sizes, plus the KV cache).
 4. With --peers (`make bench PEERS=1`): builds llama.cpp, converts the same checkpoint to its TQ2_0
    GGUF and runs its llama-bench beside ferrisres's decode and prefill workers, at 1 and 2 threads, each
-   pinned to as many cores (bench/peers.py). `--only peers` does just that, with a dense student rounded
-   to nearest (`--method rtn`: the default's encodings, so its speed, in minutes), and merges the result
-   into the existing results.json. `--only tables` converts and decodes the table-encoding variants
+   pinned to as many cores (bench/peers.py), for the dense student and the one-plane student (`--planes 1`,
+   the same kind of model as TQ2_0). `--only peers` does just that, with both students rounded to nearest
+   (`--method rtn`: the default's encodings, so its speed, in minutes), and merges the result into the
+   existing results.json. `--only tables` converts and decodes the table-encoding variants
    (plan.TABLE_VARIANTS) beside that dense student, in one run, and merges them the same way.
 5. Writes bench/results.json and BENCHMARKS.md (targets beside measurements, bandwidth bound, ratio,
    scaling tables), and in the full run a profile of decode steps (bench/profile_decode.py).
@@ -57,7 +58,7 @@ sys.path.insert(0, str(HERE))
 
 import make_synthetic_e2b as synth  # noqa: E402
 import peers  # noqa: E402
-from plan import FULL, PEERS, QUICK, QUICK_PEERS, TABLE_VARIANTS  # noqa: E402
+from plan import FULL, PEER_CONVERSIONS, PEERS, QUICK, QUICK_PEERS, TABLE_VARIANTS  # noqa: E402
 from report import report  # noqa: E402
 from workers import RESULT_MARK  # noqa: E402
 
@@ -119,13 +120,15 @@ def main(argv=None) -> int:
     if plan["profile"] and not args.skip_profile:
         results["profile"] = attempt("profile", {"path": str(arts["dense"]), "context": 64, "steps": 4}, label="dense")
     if args.peers:
-        results["peers"] = peers.measure(sources[plan["scale"]], arts["dense"], QUICK_PEERS if args.quick else PEERS, attempt)
-        results["peers"]["ferrisres_artifact"] = "the dense student of this run (calibrated default)"
+        students = {"default": arts["dense"], "one-plane": kept_artifact(sources[plan["scale"]], plan, attempt, "one-plane")}
+        results["peers"] = peers.measure(sources[plan["scale"]], students, QUICK_PEERS if args.quick else PEERS, attempt)
+        results["peers"]["ferrisres_artifact"] = ("the dense student of this run (calibrated default), and the one-plane "
+                                                  "student (`--planes 1`) rounded to nearest")
 
     results["artifact_sizes"] = {name: p.stat().st_size for name, p in arts.items()}
     results["total_seconds"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = os.getloadavg()
-    if not args.keep:  # this run's artifacts only: the dense rtn one of --only peers / tables stays for their next run
+    if not args.keep:  # this run's artifacts only: the rtn ones of --only peers / tables stay for their next run
         for p in written:
             p.unlink(missing_ok=True)
     write_results(results, args.out, args.quick)
@@ -142,15 +145,16 @@ def use_snapshot(results: dict) -> Path:
 
 
 def peers_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: bool, started: float) -> int:
-    """`--only peers`: the llama.cpp comparison on a dense student rounded to nearest (kept in
-    bench/.cache/artifacts for the next run: the same encodings as the calibrated default, so the same
-    speed), written into the existing results.json as results["peers"] with this run's machine and code."""
+    """`--only peers`: the llama.cpp comparison on the students of plan.PEER_CONVERSIONS, rounded to
+    nearest (kept in bench/.cache/artifacts for the next run: the same encodings as the calibrated
+    conversion, so the same speed), written into the existing results.json as results["peers"] with this run's machine and code."""
     json_path = _results_to_extend(out, quick, "peers")
     source = synth.build(plan["scale"])
-    artifact = dense_rtn_artifact(source, plan, attempt)
-    measured = peers.measure(source, artifact, QUICK_PEERS if quick else PEERS, attempt)
+    students = {name: kept_artifact(source, plan, attempt, name) for name in PEER_CONVERSIONS}
+    measured = peers.measure(source, students, QUICK_PEERS if quick else PEERS, attempt)
     run["machine"]["loadavg_end"] = os.getloadavg()
-    measured.update(ferrisres_artifact="a dense student converted with --method rtn (same encodings and speed as the default)",
+    measured.update(ferrisres_artifact="students converted with --method rtn (the calibrated conversion's encodings, so its "
+                                       "size and speed): the default, and the one-plane student (`--planes 1`)",
                     machine=run["machine"], code=run["code"], failures=attempt.failures,
                     total_seconds=time.perf_counter() - started)
     results = json.loads(json_path.read_text())
@@ -169,7 +173,7 @@ def tables_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: bo
     again, not converted (their conversion is not what this measures)."""
     json_path = _results_to_extend(out, quick, "tables")
     source = synth.build(plan["scale"])
-    arts, convert = {"dense": dense_rtn_artifact(source, plan, attempt)}, {}
+    arts, convert = {"dense": kept_artifact(source, plan, attempt)}, {}
     for name, extra in TABLE_VARIANTS.items():
         arts[name] = ARTIFACTS / f"{plan['scale']}-{name}.tern"
         if reuse and arts[name].exists():
@@ -207,14 +211,15 @@ def _results_to_extend(out: Path, quick: bool, part: str) -> Path:
     return json_path
 
 
-def dense_rtn_artifact(source: Path, plan: dict, attempt: "Attempts") -> Path:
-    """The dense student rounded to nearest, converted once and kept in bench/.cache/artifacts."""
-    artifact = ARTIFACTS / f"{plan['scale']}-dense-rtn.tern"
+def kept_artifact(source: Path, plan: dict, attempt: "Attempts", student: str = "default") -> Path:
+    """A student of plan.PEER_CONVERSIONS (rounded to nearest), converted once and kept in bench/.cache/artifacts."""
+    name = {"default": "dense"}.get(student, student)
+    artifact = ARTIFACTS / f"{plan['scale']}-{name}-rtn.tern"
     if not artifact.exists():
-        r = attempt("convert", {"source": str(source), "out": str(artifact), "extra": ["--method", "rtn"]},
-                    label=f"{plan['scale']} dense rtn")
+        r = attempt("convert", {"source": str(source), "out": str(artifact), "extra": PEER_CONVERSIONS[student]},
+                    label=f"{plan['scale']} {name} rtn")
         if "error" in r or r.get("rc") != 0:
-            raise SystemExit(f"the dense rtn conversion failed (see {LOGS})")
+            raise SystemExit(f"the {name} rtn conversion failed (see {LOGS})")
     return artifact
 
 

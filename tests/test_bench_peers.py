@@ -42,10 +42,13 @@ def test_llama_bench_is_pinned_with_taskset_and_asked_for_json():
 
 def _peers_result() -> dict:
     tests = {t["test"]: t for t in peers.parse_llama_bench(SAMPLE.read_text())}
-    row = {"llama_cpp": tests, "ferrisres_numpy": {"decode_tok_s": tests["tg64@d64"]["tok_s"] / 2,
-                                                    "prefill_tok_s": tests["pp256"]["tok_s"] * 2},
-           "ferrisres_fast": {"decode_tok_s": None}}
-    return {"plan": PEERS, "setup_s": 60.0, "total_s": 600.0, "artifact_bytes": 3.8e9,
+    decode = {"decode_tok_s": tests["tg64@d64"]["tok_s"] / 2, "decode_runs": [{"tok_s": 1.0, "peak_rss_bytes": 1.2e9}]}
+    row = {"llama_cpp": tests,
+           "ferrisres": {"default": {"numpy": decode, "fast": {"decode_tok_s": None}, "int8": {"decode_tok_s": None},
+                                     "prefill": {"tok_s": tests["pp256"]["tok_s"] * 2}},
+                         "one-plane": {"fast": {"decode_tok_s": None}, "int8": {"decode_tok_s": tests["tg64@d64"]["tok_s"]},
+                                       "prefill": {"tok_s": None}}}}
+    return {"plan": PEERS, "setup_s": 60.0, "total_s": 600.0, "artifact_bytes": {"default": 3.8e9, "one-plane": 2.8e9},
             "build": {"commit": "0c1e57098bba", "llama_cpp_python": "0.3.36", "build_s": 600.0, "sdist_bytes": 7.6e7,
                       "source_bytes": 3e8, "build_bytes": 2e8, "reused": False},
             "gguf": {"bytes": 2.5e9, "f16_bytes": 1e10, "convert_s": 300.0, "quantize_s": 200.0,
@@ -54,16 +57,17 @@ def _peers_result() -> dict:
             "by_threads": {"1": {"cpus": "0", **row}, "2": {"cpus": "0,1", **copy.deepcopy(row)}}}
 
 
-def test_report_puts_llama_cpp_beside_ferrisres_with_the_ratios():
+def test_report_puts_llama_cpp_beside_each_student_with_the_ratios():
     lines = peers_section(_peers_result())
-    header = next(line for line in lines if line.startswith("| measurement"))
-    column = {name: i for i, name in enumerate(c.strip() for c in header.strip("|").split("|"))}
-    table = [line for line in lines if line.startswith("| decode") or line.startswith("| prefill")]
-    assert len(table) == 4  # decode and prefill, at 1 and 2 threads
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
-    assert cells[0][1] == "1 (0)" and cells[0][column["numpy / llama.cpp"]] == "0.50x"
-    assert cells[0][column["fast / llama.cpp"]] == cells[0][column["int8 / llama.cpp"]] == "–"  # not measured: no ratio
-    assert cells[2][column["numpy / llama.cpp"]] == "2.00x"  # prefill: ferrisres twice the peer here
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in lines if line.startswith("| ")}
+    assert rows["llama.cpp TQ2_0"][1] == "2.50 GB"
+    numpy_row = rows["default, `--kernel numpy`"]
+    assert numpy_row[1] == "3.80 GB" and numpy_row[2].endswith("**0.50x**") and numpy_row[4] == "1.20 GB"
+    assert rows["default, `--kernel fast`"][2] == "–"  # not measured: no rate, no ratio
+    assert rows["one-plane, `--kernel int8`"][1] == "2.80 GB" and rows["one-plane, `--kernel int8`"][3].endswith("**1.00x**")
+    assert rows["default"][2].endswith("**2.00x**")  # prefill: ferrisres twice the peer here
+    assert rows["one-plane"][2] == "–"
     assert any("2.50 GB" in line and "token_embd.weight Q6_K" in line for line in lines)
 
 
