@@ -226,7 +226,7 @@ def measure(checkpoint: Path, students: dict[str, Path], plan: dict, attempt) ->
         row = out["by_threads"][str(n)] = {"cpus": cpus}
         if "error" not in out:
             row["llama_cpp"] = {}
-            for n_prompt, n_gen, depth in ((plan["prompt"], 0, 0), (0, plan["new"], plan["context"])):
+            for n_prompt, n_gen, depth in ((plan["prompt"], 0, 0), (0, plan["new"], plan["context"]), (f"1,{plan['batch']}", 0, 0)):
                 cmd = llama_bench_command(out["gguf"]["path"], n, cpus, n_prompt, n_gen, depth, plan["repetitions"])
                 try:
                     for t in run_llama_bench(cmd):
@@ -245,7 +245,8 @@ def measure(checkpoint: Path, students: dict[str, Path], plan: dict, attempt) ->
 
 
 def _measure_student(artifact: Path, kernels: list[str], threads: int, cpus: str, plan: dict, attempt, name: str) -> dict:
-    """One student at one thread count: {kernel: decode tok/s (median) and runs, ..., "prefill": tok/s and run}."""
+    """One student at one thread count: {kernel: decode tok/s (median) and runs, ..., "prefill": tok/s and run,
+    "batch": {sequences: aggregate tok/s (median) and runs} for one and plan["batch"] sequences}."""
     common = {"path": str(artifact), "threads": threads}
     side = {}
     for kernel in kernels:
@@ -257,12 +258,21 @@ def _measure_student(artifact: Path, kernels: list[str], threads: int, cpus: str
     p = attempt("prefill", {**common, "kernel": "numpy", "lengths": [plan["prompt"]], "repeats": plan["repetitions"]},
                 pin=cpus, label=f"peers {name} {threads}t prefill {plan['prompt']}")
     side["prefill"] = {"tok_s": p.get(str(plan["prompt"]), {}).get("tok_s"), "run": p}
+    side["batch"] = {}
+    for sequences in (1, plan["batch"]):
+        runs = [attempt("batch", {**common, "kernel": plan["batch_kernel"], "sequences": sequences, "context": plan["context"],
+                                  "new": plan["batch_new"], "seed": r},
+                        pin=cpus, label=f"peers {name} {plan['batch_kernel']} {threads}t {sequences} sequences #{r}")
+                for r in range(plan["repetitions"])]
+        ok = [r["tok_s"] for r in runs if "error" not in r and r.get("tok_s")]
+        side["batch"][str(sequences)] = {"tok_s": statistics.median(ok) if ok else None, "runs": runs}
     return side
 
 
-def llama_bench_command(gguf: Path, threads: int, cpus: str, n_prompt: int, n_gen: int, depth: int,
+def llama_bench_command(gguf: Path, threads: int, cpus: str, n_prompt: int | str, n_gen: int, depth: int,
                         repetitions: int) -> list[str]:
-    """llama-bench pinned to `cpus` with taskset (as ferrisres's workers are), JSON output."""
+    """llama-bench pinned to `cpus` with taskset (as ferrisres's workers are), JSON output; `n_prompt` may
+    list several sizes ("1,8": a test each)."""
     return ["taskset", "-c", cpus, str(binary("llama-bench")), "-m", str(gguf), "-t", str(threads),
             "-p", str(n_prompt), "-n", str(n_gen), "-d", str(depth), "-r", str(repetitions), "-o", "json"]
 

@@ -268,6 +268,8 @@ def peers_section(p: dict | None) -> list[str]:
     ]
     lines += _peers_table(p, f"decode tok/s ({plan['new']} after {plan['context']})", f"tg{plan['new']}@d{plan['context']}", decode=True)
     lines += [""] + _peers_table(p, f"prefill tok/s ({plan['prompt']} tokens)", f"pp{plan['prompt']}", decode=False)
+    if "batch" in plan:
+        lines += [""] + _batching_table(p)
     lines += ["", "Rates in parentheses: the lowest and highest of the repetitions. Where they are far apart, the "
               "other jobs on the machine took the cores from one side for part of a run (two threads on two shared cores "
               "wait for each other at every step)."]
@@ -321,6 +323,29 @@ def _peers_table(p: dict, what: str, test: str, decode: bool) -> list[str]:
                 rss_runs = [r["peak_rss_bytes"] for r in one.get("decode_runs", []) if "peak_rss_bytes" in r]
                 rss = " | " + _fmt(statistics.median(rss_runs) if rss_runs else None, "GB")
             lines.append(f"| {label} | {size} | " + " | ".join(cells) + rss + " |")
+    return lines
+
+
+def _batching_table(p: dict) -> list[str]:
+    """What `batch` tokens per forward gain over one: llama-bench's pp`batch` against pp1, and ferrisres's
+    scheduler advancing `batch` sequences against one (aggregate decode tok/s), per thread count."""
+    plan, threads, b = p["plan"], p["by_threads"], str(p["plan"]["batch"])
+
+    def cell(one, many) -> str:
+        return f"{_fmt(one)} → {_fmt(many)} (**{_ratio(many, one)}**)" if one and many else "–"
+
+    lines = [f"Batching: {b} tokens per forward against 1 (llama.cpp: `llama-bench -p 1,{b}`, one sequence's prompt; "
+             f"ferrisres: the server's scheduler advancing {b} sequences against one, "
+             f"{plan['batch_new']} tokens each after a {plan['context']}-token prompt, `--kernel {plan['batch_kernel']}`, "
+             "aggregate tok/s; medians):", "",
+             "| tok/s, 1 → " + b + " per forward | " + " | ".join(f"{n} thread{'s' if n != '1' else ''}" for n in threads) + " |",
+             "|---|" + "---|" * len(threads)]
+    lines.append("| llama.cpp TQ2_0 | " + " | ".join(
+        cell(_g(row, "llama_cpp", "pp1", "tok_s"), _g(row, "llama_cpp", f"pp{b}", "tok_s")) for row in threads.values()) + " |")
+    for student in plan["students"]:
+        lines.append(f"| {student} | " + " | ".join(
+            cell(_g(row, "ferrisres", student, "batch", "1", "tok_s"), _g(row, "ferrisres", student, "batch", b, "tok_s"))
+            for row in threads.values()) + " |")
     return lines
 
 

@@ -224,6 +224,31 @@ def worker_decode(args: dict) -> None:
              "stop_reason": gen.stop_reason, "tokens_head": tokens[:8], **before_decode, **mem})
 
 
+def worker_batch(args: dict) -> None:
+    """Batched decoding: `sequences` generations of `new` tokens after their own random `context`-token
+    prompts, advanced together by the server's scheduler (one forward per step for all of them). The
+    first step prefills every prompt (each fits one chunk) and picks every first token; the rate is the
+    tokens of the steps after it over their wall time."""
+    from ferrisres.runtime.scheduler import Scheduler
+
+    model = _load(args)
+    n = args["sequences"]
+    generations = [model.generate(_context_ids(model.config.vocab_size, args["context"], args.get("seed", 0) * n + i),
+                                  max_tokens=args["new"], temperature=0.0) for i in range(n)]
+    scheduler = Scheduler(model, max_batch=n, max_queue=0)
+    for g in generations:
+        scheduler.submit(g, lambda event: None)
+    scheduler.step()
+    first = [len(g.tokens) for g in generations]
+    start, steps = time.perf_counter(), 0
+    while scheduler.step():
+        steps += 1
+    wall = time.perf_counter() - start
+    decoded = sum(len(g.tokens) for g in generations) - sum(first)
+    _result({"sequences": n, "context": args["context"], "decoded": decoded, "steps": steps, "wall_s": wall,
+             "tok_s": decoded / wall if decoded else None, "first_step_tokens": first})
+
+
 def worker_draft(args: dict) -> None:
     """Plain greedy vs `draft="ngram"` greedy on a copy-heavy prompt, interleaved; same tokens required."""
     from ferrisres.runtime import load
@@ -368,7 +393,7 @@ def _concurrently(calls: list) -> list:
 
 WORKERS = {"bandwidth": worker_bandwidth, "convert": worker_convert, "load": worker_load,
            "prefill": worker_prefill, "decode": worker_decode, "draft": worker_draft, "profile": worker_profile,
-           "serve": worker_serve}
+           "serve": worker_serve, "batch": worker_batch}
 
 
 if __name__ == "__main__":
