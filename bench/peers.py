@@ -253,8 +253,7 @@ def _measure_student(artifact: Path, kernels: list[str], threads: int, cpus: str
         runs = [attempt("decode", {**common, "kernel": kernel, "context": plan["context"], "new": plan["new"], "seed": r},
                         pin=cpus, label=f"peers {name} {kernel} {threads}t ctx {plan['context']} #{r}")
                 for r in range(plan["repetitions"])]
-        ok = [r["tok_s"] for r in runs if "error" not in r]
-        side[kernel] = {"decode_tok_s": statistics.median(ok) if ok else None, "decode_runs": runs}
+        side[kernel] = {"decode_tok_s": _median_rate(runs), "decode_runs": runs}
     p = attempt("prefill", {**common, "kernel": "numpy", "lengths": [plan["prompt"]], "repeats": plan["repetitions"]},
                 pin=cpus, label=f"peers {name} {threads}t prefill {plan['prompt']}")
     side["prefill"] = {"tok_s": p.get(str(plan["prompt"]), {}).get("tok_s"), "run": p}
@@ -264,9 +263,14 @@ def _measure_student(artifact: Path, kernels: list[str], threads: int, cpus: str
                                   "new": plan["batch_new"], "seed": r},
                         pin=cpus, label=f"peers {name} {plan['batch_kernel']} {threads}t {sequences} sequences #{r}")
                 for r in range(plan["repetitions"])]
-        ok = [r["tok_s"] for r in runs if "error" not in r and r.get("tok_s")]
-        side["batch"][str(sequences)] = {"tok_s": statistics.median(ok) if ok else None, "runs": runs}
+        side["batch"][str(sequences)] = {"tok_s": _median_rate(runs), "runs": runs}
     return side
+
+
+def _median_rate(runs: list[dict]) -> float | None:
+    """The median tok/s of the worker runs that measured one (None if none did)."""
+    rates = [r["tok_s"] for r in runs if "error" not in r and r.get("tok_s")]
+    return statistics.median(rates) if rates else None
 
 
 def llama_bench_command(gguf: Path, threads: int, cpus: str, n_prompt: int | str, n_gen: int, depth: int,
