@@ -15,10 +15,11 @@ bitnet.cpp's I2_S dot products do (docs/kernels.md). What fits numba of their tr
 Sums are float32 like BLAS's, in another order (fastmath `reassoc` lets LLVM vectorize them): the
 difference from the numpy path is float32 rounding, which the tests bound. `kernel="int8"` goes further,
 as llama.cpp does: the inputs of the ternary products are rounded to int8 per group of 64 and multiplied
-in integers by vpdpbusd (or vpmaddubsw), which numba reaches through LLVM intrinsics (below). That moves
-results by the inputs' rounding, far beyond float32's, so it is a choice, not the default. T-MAC's table
-lookups need a byte shuffle from a register (vpshufb) inside numba's loops, which it cannot express (an
-array lookup becomes a slow gather).
+in integers by vpdpbusd (or vpmaddubsw), which numba reaches through LLVM intrinsics (below); its codes
+are unpacked by byte lookups (vpshufb), all planes of a row at once, and stay in registers for up to
+TOKEN_BLOCK tokens. That moves results by the inputs' rounding, far beyond float32's, so it is a choice,
+not the default. T-MAC's lookups of precomputed input sums are not taken: per 4 weights they cost what one
+lane of vpdpbusd does.
 """
 
 from __future__ import annotations
@@ -338,8 +339,13 @@ def _f16(u, x, f16, out):
 # 0..2) multiply them in integers, 64 bytes at a time, by the one x86 instruction that multiplies unsigned
 # by signed bytes and sums each four products into an int32 lane (vpdpbusd; without AVX512-VNNI, vpmaddubsw
 # then vpmaddwd): what llama.cpp's TQ2_0 and bitnet.cpp's I2_S do. The codes' +1 is taken off per lane by
-# subtracting the inputs' own sums, and each lane (4 bytes, inside one group) is scaled by its group's
-# weight scale times its input scale. Numba reaches these instructions through LLVM intrinsics.
+# starting each lane's sum from minus its inputs' sum, and each lane (4 bytes, inside one group) is scaled by
+# its group's weight scale times its input scale. Numba reaches these instructions through LLVM intrinsics.
+# A byte's codes are split by nibble and looked up (vpshufb: 7 instructions for 64 bytes, against 12 by
+# shifts and masks), every plane of a 64-byte chunk once for a block of tokens, and each count of planes
+# and tokens is a function of its own, whose loop pointers and codes all sit in registers: measured on
+# E2B's shapes (one thread, from DRAM), 1.7-1.9x the speed of unpacking a plane at a time per token, and
+# 3.2x at 8 tokens (docs/kernels.md).
 INT8_ISAS = ("avx512vnni", "avx512bw", "avx2")  # best first; the int8 kernel needs one of them
 # A kernel learns which one to emit from the type of an argument (a literal would be simpler, but numba's
 # parallel loops cannot carry one): an empty array whose record dtype has one field, named after it.
@@ -392,54 +398,143 @@ def _dot_lanes(builder, isa, acc, codes, x):
     return builder.add(acc, builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 16), list(range(16)))))
 
 
+def _lookup(builder, isa, table, index):
+    """<64 x i8>: table[index] per byte (vpshufb; `table` repeats its 16 entries in each 16-byte lane, `index`
+    < 16)."""
+    v64 = ir.VectorType(_I8, 64)
+    if isa != "avx2":
+        return _call(builder, "llvm.x86.avx512.pshuf.b.512", v64, table, index)
+    halves = []
+    for h in range(2):
+        pick = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+        halves.append(_call(builder, "llvm.x86.avx2.pshuf.b", ir.VectorType(_I8, 32),
+                            builder.shuffle_vector(table, table, pick), builder.shuffle_vector(index, index, pick)))
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
+
+
+def _code(nibble_pair: int) -> int:
+    """A 2-bit code as the kernels read it: weight + 1, the invalid 0b11 read as 0b01 (weight 0), as numpy does."""
+    return 1 if nibble_pair == 3 else nibble_pair
+
+
+# vpshufb tables from a nibble (two codes) to its low and to its high code: a packed byte's four codes are the
+# low nibble's two then the high nibble's two, so 3 instructions split the nibbles and 4 lookups give the codes
+_LOW_CODE = [_code(n & 3) for n in range(16)] * 4
+_HIGH_CODE = [_code(n >> 2) for n in range(16)] * 4
+MAX_PLANES = max(GROUPED_TERNARY.values())
+# Tokens per pass over a chunk: 3 planes' 12 code vectors, 4 inputs and 4 sums fit AVX-512's 32 registers
+# (8 tokens measured no faster)
+TOKEN_BLOCK = 4
+
+
 @intrinsic
-def _int8_chunks(typingctx, row, xq, xsum, xscale, scales, isa):
-    """float32: sum over the first nbytes // INT8_CHUNK chunks of a plane's packed `row` of each group's
-    weight scale x input scale x (codes . xq - the inputs' sum). xq [4, nbytes] int8, the input of code k of
-    byte j at [k, j]; xsum, xscale [nbytes / 4]: per 4-byte lane, its inputs' sum and their group's scale;
-    scales [groups] the row's float16 group scales (bit patterns, widened by F16C); `isa` an ISA_ARGUMENTS array."""
+def _int8_rows(typingctx, row, xq, xsum, xscale, scales, first, out, r, isa):
+    """out[first + t, r] = the product of a row's whole 64-byte chunks (all its planes) with token first + t,
+    for the TOKEN_BLOCK tokens from `first` on (fewer at the end): the sum over planes and groups of the
+    group's weight scale x input scale x (codes . xq - the inputs' sum). row [planes, nbytes] packed codes;
+    xq [T, 4, nbytes] int8, the input of code k of byte j at [t, k, j]; xsum, xscale [T, nbytes / 4]: per
+    4-byte lane, its inputs' sum and their group's scale; scales [planes, groups] the row's float16 group
+    scales (bit patterns, widened by F16C); out [T, rows] float32; `isa` an ISA_ARGUMENTS array.
+
+    Each chunk of every plane is read and unpacked once, by byte lookups, and its codes stay in registers
+    for the block's tokens. The loop is a function of its own for each count of planes (1 to MAX_PLANES)
+    and of tokens (1 to TOKEN_BLOCK), `_int8_loop`, so that all of it is in registers."""
     isa_name = next(iter(isa.dtype.fields))
 
     def codegen(context, builder, signature, args):
-        arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5])]
-        prow, pxq, pxsum, pxscale, pscales = [a.data for a in arrays]
-        nbytes = builder.extract_value(arrays[1].shape, 1)
+        names = ("row", "xq", "xsum", "xscale", "scales", "first", "out", "r")
+        arrays = {n: context.make_array(t)(context, builder, a) for n, t, a in zip(names, signature.args, args)
+                  if isinstance(t, types.Array)}
+        first, r = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (5, 7))
+        planes, nbytes = (builder.extract_value(arrays["row"].shape, i) for i in range(2))
+        groups = builder.extract_value(arrays["scales"].shape, 1)
+        tokens, rows = (builder.extract_value(arrays["out"].shape, i) for i in range(2))
         index = nbytes.type
-        v64, v16i, v16f = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
-        total = cgutils.alloca_once_value(builder, ir.Constant(v16f, None))
-        with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(index, INT8_CHUNK))) as loop:
-            at = builder.mul(loop.index, ir.Constant(index, INT8_CHUNK))
-            ahead = builder.gep(prow, [builder.add(at, ir.Constant(index, PREFETCH_BYTES))])  # (past the end: no fault)
-            _call(builder, "llvm.prefetch.p0", ir.VoidType(), ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1))
-            b = _vector(builder, prow, at, v64)
-            # `_valid_codes` on 64 bytes
-            b = builder.xor(b, builder.shl(builder.and_(builder.and_(b, builder.lshr(b, _splat(v64, 1))), _splat(v64, 0x55)), _splat(v64, 1)))
-            sums = []  # one per code, independent: a chain of 4 multiply-adds would wait on each one's latency
-            for k in range(4):
-                codes = builder.and_(builder.lshr(b, _splat(v64, 2 * k)), _splat(v64, 3))
-                x = _vector(builder, pxq, builder.add(builder.mul(nbytes, ir.Constant(index, k)), at), v64)
-                sums.append(_dot_lanes(builder, isa_name, ir.Constant(v16i, None), codes, x))
-            acc = builder.add(builder.add(sums[0], sums[1]), builder.add(sums[2], sums[3]))
-            lane = builder.mul(loop.index, ir.Constant(index, 16))
-            exact = builder.sitofp(builder.sub(acc, _vector(builder, pxsum, lane, v16i)), v16f)
-            group_scales = builder.fpext(_vector(builder, pscales, builder.mul(loop.index, ir.Constant(index, 4)),
-                                                 ir.VectorType(ir.HalfType(), 4)), ir.VectorType(_F32, 4))
-            lane_scales = builder.shuffle_vector(group_scales, group_scales, ir.Constant(v16i, [lane // 4 for lane in range(16)]))
-            scaled = builder.fmul(exact, builder.fmul(lane_scales, _vector(builder, pxscale, lane, v16f)))
-            builder.store(builder.fadd(builder.load(total), scaled), total)
-        lanes = builder.load(total)
-        result = ir.Constant(_F32, 0)
-        for lane in range(16):
-            result = builder.fadd(result, builder.extract_element(lanes, ir.Constant(_I32, lane)))
-        return result
+        lanes = builder.udiv(nbytes, ir.Constant(index, 4))
+        pointers = [arrays["row"].data,
+                    builder.gep(arrays["xq"].data, [builder.mul(first, builder.mul(nbytes, ir.Constant(index, 4)))]),
+                    builder.gep(arrays["xsum"].data, [builder.mul(first, lanes)]),
+                    builder.gep(arrays["xscale"].data, [builder.mul(first, lanes)]),
+                    builder.bitcast(arrays["scales"].data, ir.HalfType().as_pointer()),
+                    builder.gep(arrays["out"].data, [builder.add(builder.mul(first, rows), r)])]
+        left = builder.sub(tokens, first)
+        most = ir.Constant(index, TOKEN_BLOCK)
+        block = builder.select(builder.icmp_signed("<", left, most), left, most)
+        for n_planes in range(1, MAX_PLANES + 1):
+            for n_tokens in range(1, TOKEN_BLOCK + 1):
+                case = builder.and_(builder.icmp_signed("==", planes, ir.Constant(index, n_planes)),
+                                    builder.icmp_signed("==", block, ir.Constant(index, n_tokens)))
+                with builder.if_then(case):
+                    loop = _int8_loop(builder.module, isa_name, n_planes, n_tokens, index)
+                    builder.call(loop, [*pointers, nbytes, groups, rows])
+        return context.get_dummy_value()
 
-    return types.float32(row, xq, xsum, xscale, scales, isa), codegen
+    return types.void(row, xq, xsum, xscale, scales, first, out, r, isa), codegen
+
+
+def _int8_loop(module, isa, n_planes, n_tokens, index):
+    """The LLVM function of `_int8_rows` for `n_planes` planes and `n_tokens` tokens (defined once per module):
+    (row, xq, xsum, xscale, scales, out, nbytes, groups, rows), the pointers at the first token's data."""
+    name = f"ferrisres_int8_rows_{isa}_{n_planes}_{n_tokens}"
+    if name in module.globals:
+        return module.globals[name]
+    v64, v16i, v16f = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+    arguments = [_I8.as_pointer(), _I8.as_pointer(), _I32.as_pointer(), _F32.as_pointer(),
+                 ir.HalfType().as_pointer(), _F32.as_pointer(), index, index, index]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arguments), name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")  # its own registers: inlined beside the other counts', loop pointers spilled
+    for a in fn.args[:6]:
+        a.add_attribute("noalias")
+    prow, pxq, pxsum, pxscale, pscales, pout, nbytes, groups, rows = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    const = lambda value: ir.Constant(index, value)  # noqa: E731
+    fma = lambda a, b, c: _call(builder, "llvm.fma.v16f32", v16f, a, b, c)  # noqa: E731
+    low, high, nibble = ir.Constant(v64, _LOW_CODE), ir.Constant(v64, _HIGH_CODE), _splat(v64, 0x0F)
+    spread = ir.Constant(v16i, [lane // 4 for lane in range(16)])  # a group's scale to its 4 lanes
+    lanes_per_token = builder.udiv(nbytes, const(4))
+    totals = [cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in range(n_tokens)]
+    with cgutils.for_range(builder, builder.udiv(nbytes, const(INT8_CHUNK))) as loop:
+        at = builder.mul(loop.index, const(INT8_CHUNK))
+        codes, lane_scales = [], []
+        for p in range(n_planes):
+            start = builder.add(builder.mul(nbytes, const(p)), at)
+            ahead = builder.gep(prow, [builder.add(start, const(PREFETCH_BYTES))])  # (past the end: no fault)
+            _call(builder, "llvm.prefetch.p0", ir.VoidType(), ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1))
+            b = _vector(builder, prow, start, v64)
+            lo, hi = builder.and_(b, nibble), builder.and_(builder.lshr(b, _splat(v64, 4)), nibble)
+            codes.append([_lookup(builder, isa, low, lo), _lookup(builder, isa, high, lo),
+                          _lookup(builder, isa, low, hi), _lookup(builder, isa, high, hi)])
+            at_scale = builder.add(builder.mul(groups, const(p)), builder.mul(loop.index, const(4)))
+            group_scales = builder.fpext(_vector(builder, pscales, at_scale, ir.VectorType(ir.HalfType(), 4)), ir.VectorType(_F32, 4))
+            lane_scales.append(builder.shuffle_vector(group_scales, group_scales, spread))
+        for t in range(n_tokens):
+            x_at = builder.add(builder.mul(nbytes, const(4 * t)), at)
+            xs = [_vector(builder, pxq, builder.add(x_at, builder.mul(nbytes, const(k))), v64) for k in range(4)]
+            lane = builder.add(builder.mul(lanes_per_token, const(t)), builder.mul(loop.index, const(16)))
+            minus_sums = builder.neg(_vector(builder, pxsum, lane, v16i))
+            scaled = None
+            for p in range(n_planes):
+                acc = minus_sums
+                for k in range(4):
+                    acc = _dot_lanes(builder, isa, acc, codes[p][k], xs[k])
+                exact = builder.sitofp(acc, v16f)
+                scaled = builder.fmul(exact, lane_scales[p]) if scaled is None else fma(exact, lane_scales[p], scaled)
+            builder.store(fma(scaled, _vector(builder, pxscale, lane, v16f), builder.load(totals[t])), totals[t])
+    for t in range(n_tokens):
+        v = builder.load(totals[t])
+        for width in (8, 4, 2, 1):  # halves added: 4 steps
+            pick = lambda offset: ir.Constant(ir.VectorType(_I32, width), list(range(offset, offset + width)))  # noqa: E731
+            v = builder.fadd(builder.shuffle_vector(v, v, pick(0)), builder.shuffle_vector(v, v, pick(width)))
+        builder.store(builder.extract_element(v, ir.Constant(_I32, 0)), builder.gep(pout, [builder.mul(rows, const(t))]))
+    builder.ret_void()
+    return fn
 
 
 @njit(inline="always", **_JIT)
 def _int8_tail(row, xq, xsum, xscale, scales, f16, start):
-    """`_int8_chunks` for the groups of `row` from byte `start` (a multiple of DEFAULT_GROUP_BYTES) on,
-    which fill no whole chunk, in scalar integers."""
+    """`_int8_rows` for the groups of a plane's `row` from byte `start` (a multiple of DEFAULT_GROUP_BYTES)
+    on, which fill no whole chunk, in scalar integers."""
     total = np.float32(0)
     for g in range(start // DEFAULT_GROUP_BYTES, len(row) // DEFAULT_GROUP_BYTES):
         s = np.int32(0)
@@ -456,21 +551,18 @@ def _int8_tail(row, xq, xsum, xscale, scales, f16, start):
 @njit(parallel=True, **_JIT)
 def _ternary_int8(packed, xq, xsum, xscale, scales, f16, isa, out):
     """T tokens through 2-bit grouped ternary (groups of DEFAULT_GROUP) with int8 inputs: out [T, rows].
-    xq [T, 4, nbytes], xsum and xscale [T, nbytes / 4] from `_quantized_input`. A plane of a row is read
-    from memory once and from L1 for the other tokens. `isa`: an ISA_ARGUMENTS array."""
+    xq [T, 4, nbytes], xsum and xscale [T, nbytes / 4] from `_quantized_input`. A row is read from memory
+    once per TOKEN_BLOCK tokens. `isa`: an ISA_ARGUMENTS array."""
     rows, planes, nbytes = packed.shape
     tokens = xq.shape[0]
     tail = nbytes - nbytes % INT8_CHUNK
     for r in prange(rows):
-        totals = np.zeros(tokens, dtype=np.float32)
-        for p in range(planes):
-            row, row_scales = packed[r, p], scales[r, p]
-            for t in range(tokens):
-                totals[t] += _int8_chunks(row, xq[t], xsum[t], xscale[t], row_scales, isa)
-                if tail < nbytes:
-                    totals[t] += _int8_tail(row, xq[t], xsum[t], xscale[t], row_scales, f16, tail)
-        for t in range(tokens):
-            out[t, r] = totals[t]
+        for first in range(0, tokens, TOKEN_BLOCK):
+            _int8_rows(packed[r], xq, xsum, xscale, scales[r], first, out, r, isa)
+        if tail < nbytes:
+            for p in range(planes):
+                for t in range(tokens):
+                    out[t, r] += _int8_tail(packed[r, p], xq[t], xsum[t], xscale[t], scales[r, p], f16, tail)
 
 
 @njit(**_JIT)
