@@ -245,7 +245,8 @@ def measure(checkpoint: Path, students: dict[str, Path], plan: dict, attempt) ->
 
 
 def _measure_student(artifact: Path, kernels: list[str], threads: int, cpus: str, plan: dict, attempt, name: str) -> dict:
-    """One student at one thread count: {kernel: decode tok/s (median) and runs, ..., "prefill": tok/s and run,
+    """One student at one thread count: {kernel: decode tok/s (median) and runs, ..., "prefill": {kernel: tok/s
+    and run},
     "batch": {sequences: aggregate tok/s (median) and runs} for one and plan["batch"] sequences}."""
     common = {"path": str(artifact), "threads": threads}
     side = {}
@@ -254,9 +255,11 @@ def _measure_student(artifact: Path, kernels: list[str], threads: int, cpus: str
                         pin=cpus, label=f"peers {name} {kernel} {threads}t ctx {plan['context']} #{r}")
                 for r in range(plan["repetitions"])]
         side[kernel] = {"decode_tok_s": _median_rate(runs), "decode_runs": runs}
-    p = attempt("prefill", {**common, "kernel": "numpy", "lengths": [plan["prompt"]], "repeats": plan["repetitions"]},
-                pin=cpus, label=f"peers {name} {threads}t prefill {plan['prompt']}")
-    side["prefill"] = {"tok_s": p.get(str(plan["prompt"]), {}).get("tok_s"), "run": p}
+    side["prefill"] = {}
+    for kernel in plan["prefill_kernels"]:
+        p = attempt("prefill", {**common, "kernel": kernel, "lengths": [plan["prompt"]], "repeats": plan["repetitions"]},
+                    pin=cpus, label=f"peers {name} {kernel} {threads}t prefill {plan['prompt']}")
+        side["prefill"][kernel] = {"tok_s": p.get(str(plan["prompt"]), {}).get("tok_s"), "run": p}
     side["batch"] = {}
     for sequences in (1, plan["batch"]):
         runs = [attempt("batch", {**common, "kernel": plan["batch_kernel"], "sequences": sequences, "context": plan["context"],

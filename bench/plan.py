@@ -54,13 +54,16 @@ LLAMA_CPP_TQ2_0_BYTES = 2.79 * GB
 # whatever the kernel): the default (two planes, three in the down projections), and the one-plane student,
 # the same kind of model as TQ2_0 (one ternary plane, a scale per block of weights) and about its size.
 PEER_STUDENTS = {"default": ["numpy", "fast", "int8"], "one-plane": ["fast", "int8"]}
+# Prefill of each student with each of these kernels: numpy's sgemm over the whole prompt, and the int8
+# kernel 16 tokens at a time (`--kernel fast` prefills through numpy: a prompt is more tokens than it takes)
+PEER_PREFILL_KERNELS = ["numpy", "int8"]
 # Batching: llama-bench's forward of `batch` tokens against one (pp8 against pp1), beside ferrisres's
 # scheduler advancing `batch` sequences against one (`batch_new` tokens each after `context`), with the
 # int8 kernel: what more sequences at once gain on each side (issue 12's and the server's 5x target).
 PEERS = dict(threads=[1, 2], context=64, new=64, prompt=256, repetitions=3, students=PEER_STUDENTS,
-             batch=8, batch_new=16, batch_kernel="int8")
+             prefill_kernels=PEER_PREFILL_KERNELS, batch=8, batch_new=16, batch_kernel="int8")
 QUICK_PEERS = dict(threads=[1, 2], context=16, new=16, prompt=64, repetitions=2, students=PEER_STUDENTS,
-                   batch=8, batch_new=4, batch_kernel="int8")
+                   prefill_kernels=PEER_PREFILL_KERNELS, batch=8, batch_new=4, batch_kernel="int8")
 # How `--only peers` converts them (in the full run, the default is that run's calibrated dense student):
 # rounded to nearest, the encodings and speed of the calibrated conversion without its hour.
 PEER_CONVERSIONS = {"default": ["--method", "rtn"], "one-plane": ["--planes", "1", "--method", "rtn"]}

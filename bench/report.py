@@ -261,9 +261,10 @@ def peers_section(p: dict | None) -> list[str]:
         f"after a {plan['context']}-token context (llama-bench tg{plan['new']} at depth {plan['context']}; ferrisres's "
         f"decode worker); prefill: a {plan['prompt']}-token prompt (pp{plan['prompt']}). Medians of {plan['repetitions']} "
         "repetitions (llama-bench's per-repetition rates; ferrisres's runs, each its own process). "
-        "The fused kernels (`--kernel fast`, `--kernel int8`: its ternary products take int8 inputs) are measured on "
-        "decoding only: prefill takes the numpy path with them too. Each ratio is ferrisres's rate over llama.cpp's "
-        "at the same thread count.",
+        "Decoding is measured with each kernel named (`--kernel int8`: its ternary products take int8 inputs); "
+        f"prefill with {', '.join(f'`--kernel {k}`' for k in plan.get('prefill_kernels', ['numpy']))} (numpy's sgemm over "
+        "the whole prompt; the int8 kernel takes a prompt 16 tokens at a time; `--kernel fast` prefills through numpy). "
+        "Each ratio is ferrisres's rate over llama.cpp's at the same thread count.",
         "",
     ]
     lines += _peers_table(p, f"decode tok/s ({plan['new']} after {plan['context']})", f"tg{plan['new']}@d{plan['context']}", decode=True)
@@ -296,9 +297,8 @@ def peers_section(p: dict | None) -> list[str]:
 
 
 def _peers_table(p: dict, what: str, test: str, decode: bool) -> list[str]:
-    """One measurement of the peer comparison (`decode`, or prefill): llama.cpp's row, then each student's
-    (decode: a row per kernel, with its peak RSS; prefill: one row), a column per thread count with the
-    ratio to llama.cpp there."""
+    """One measurement of the peer comparison (`decode`, or prefill): llama.cpp's row, then a row per student
+    and kernel (decode: with its peak RSS), a column per thread count with the ratio to llama.cpp there."""
     threads = p["by_threads"]
     head = f"| {what} | size | " + " | ".join(f"{n} thread{'s' if n != '1' else ''} ({row['cpus']})" for n, row in threads.items())
     head += " | peak RSS decoding, 1 thread |" if decode else " |"
@@ -310,11 +310,11 @@ def _peers_table(p: dict, what: str, test: str, decode: bool) -> list[str]:
         + (" | – |" if decode else " |"))
     for student, kernels in p["plan"]["students"].items():
         size = _fmt(_g(p, "artifact_bytes", student), "GB")
-        for kernel in (kernels if decode else ["prefill"]):
-            label = f"{student}, `--kernel {kernel}`" if decode else student
+        for kernel in (kernels if decode else p["plan"].get("prefill_kernels", ["numpy"])):
+            label = f"{student}, `--kernel {kernel}`"
             cells = []
             for n, row in threads.items():
-                side = _g(row, "ferrisres", student, kernel) or {}
+                side = _g(row, "ferrisres", student, *([kernel] if decode else ["prefill", kernel])) or {}
                 rate, rates = (side.get("decode_tok_s"), _decode_rates(side)) if decode else (side.get("tok_s"), _prefill_rates(side))
                 cells.append(f"{_fmt(rate)}{_spread(rates)}, **{_ratio(rate, peer[n])}**" if rate else "–")
             rss = ""

@@ -45,9 +45,9 @@ def _peers_result() -> dict:
     decode = {"decode_tok_s": tests["tg64@d64"]["tok_s"] / 2, "decode_runs": [{"tok_s": 1.0, "peak_rss_bytes": 1.2e9}]}
     row = {"llama_cpp": tests,
            "ferrisres": {"default": {"numpy": decode, "fast": {"decode_tok_s": None}, "int8": {"decode_tok_s": None},
-                                     "prefill": {"tok_s": tests["pp256"]["tok_s"] * 2}},
+                                     "prefill": {"numpy": {"tok_s": tests["pp256"]["tok_s"] * 2}, "int8": {"tok_s": None}}},
                          "one-plane": {"fast": {"decode_tok_s": None}, "int8": {"decode_tok_s": tests["tg64@d64"]["tok_s"]},
-                                       "prefill": {"tok_s": None}, "batch": {"1": {"tok_s": 10.0}, "8": {"tok_s": 12.5}}}}}
+                                       "prefill": {}, "batch": {"1": {"tok_s": 10.0}, "8": {"tok_s": 12.5}}}}}
     return {"plan": PEERS, "setup_s": 60.0, "total_s": 600.0, "artifact_bytes": {"default": 3.8e9, "one-plane": 2.8e9},
             "build": {"commit": "0c1e57098bba", "llama_cpp_python": "0.3.36", "build_s": 600.0, "sdist_bytes": 7.6e7,
                       "source_bytes": 3e8, "build_bytes": 2e8, "reused": False},
@@ -59,16 +59,21 @@ def _peers_result() -> dict:
 
 def test_report_puts_llama_cpp_beside_each_student_with_the_ratios():
     lines = peers_section(_peers_result())
+    prefill_at = lines.index(next(x for x in lines if x.startswith("| prefill tok/s")))
     batching_at = lines.index(next(x for x in lines if x.startswith("| tok/s, 1 → 8")))
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in lines[:batching_at] if line.startswith("| ")}  # the decode and prefill tables
+
+    def table(start, end):
+        return {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+                for line in lines[start:end] if line.startswith("| ")}
+
+    rows, prefill = table(0, prefill_at), table(prefill_at, batching_at)
     assert rows["llama.cpp TQ2_0"][1] == "2.50 GB"
     numpy_row = rows["default, `--kernel numpy`"]
     assert numpy_row[1] == "3.80 GB" and numpy_row[2].endswith("**0.50x**") and numpy_row[4] == "1.20 GB"
     assert rows["default, `--kernel fast`"][2] == "–"  # not measured: no rate, no ratio
     assert rows["one-plane, `--kernel int8`"][1] == "2.80 GB" and rows["one-plane, `--kernel int8`"][3].endswith("**1.00x**")
-    assert rows["default"][2].endswith("**2.00x**")  # prefill: ferrisres twice the peer here
-    assert rows["one-plane"][2] == "–"
+    assert prefill["default, `--kernel numpy`"][2].endswith("**2.00x**")  # ferrisres twice the peer here
+    assert prefill["default, `--kernel int8`"][2] == prefill["one-plane, `--kernel numpy`"][2] == "–"
     batching = [line for line in lines[batching_at:] if line.startswith("| ")]
     assert batching[2] == "| default | – | – |"  # not measured
     assert batching[3] == "| one-plane | 10.00 → 12.50 (**1.25x**) | 10.00 → 12.50 (**1.25x**) |"
