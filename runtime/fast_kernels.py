@@ -11,7 +11,7 @@ bitnet.cpp's I2_S dot products do (docs/kernels.md). What fits numba of their tr
 - the two planes of a row are unpacked in the same loop over the input;
 - rows are split over threads (`prange`); for a few tokens a row is unpacked once, in L1 or L2, and
   multiplied by each. More tokens than `MAX_TOKENS` go to numpy, whose sgemm then wins; the int8 kernel
-  takes any number, `INT8_TOKENS` at a time.
+  takes any number, `INT8_TOKENS` a call.
 
 Sums are float32 like BLAS's, in another order (fastmath `reassoc` lets LLVM vectorize them): the
 difference from the numpy path is float32 rounding, which the tests bound. `kernel="int8"` goes further,
@@ -25,6 +25,7 @@ lane of vpdpbusd does.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import llvmlite.binding
@@ -381,41 +382,46 @@ def _call(builder, name, result, *args):
     return builder.call(fn, args)
 
 
+def _halves(builder, vector):
+    """The two 32-byte halves of a <64 x i8> vector: AVX2's registers."""
+    return [builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32))))
+            for h in range(2)]
+
+
+def _joined(builder, low, high):
+    """Two vectors of n elements as one of 2n."""
+    n = 2 * low.type.count
+    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+
+
 def _dot_lanes(builder, isa, acc, codes, x):
     """acc <16 x i32> + the sum of each 4 adjacent products of codes <64 x u8> and x <64 x i8>."""
-    v16i, v32s, v64 = ir.VectorType(_I32, 16), ir.VectorType(_I16, 32), ir.VectorType(_I8, 64)
+    v16i, v32s = ir.VectorType(_I32, 16), ir.VectorType(_I16, 32)
     if isa == "avx512vnni":
         return _call(builder, "llvm.x86.avx512.vpdpbusd.512", v16i, acc, builder.bitcast(codes, v16i), builder.bitcast(x, v16i))
     ones = _splat(v32s, 1)  # pair sums (at most 2 * 2 * 127: no saturation) -> sums of 4 in int32
     if isa == "avx512bw":
         pairs = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", v32s, codes, x)
         return builder.add(acc, _call(builder, "llvm.x86.avx512.pmaddw.d.512", v16i, pairs, ones))
-    halves = []
-    for h in range(2):  # avx2: two 32-byte halves
-        pick = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
-        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16),
-                      builder.shuffle_vector(codes, codes, pick), builder.shuffle_vector(x, x, pick))
-        halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, _splat(ir.VectorType(_I16, 16), 1)))
-    return builder.add(acc, builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 16), list(range(16)))))
+    sums = [_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8),
+                  _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), c, xh), _splat(ir.VectorType(_I16, 16), 1))
+            for c, xh in zip(_halves(builder, codes), _halves(builder, x))]
+    return builder.add(acc, _joined(builder, *sums))
 
 
 def _lookup(builder, isa, table, index):
     """<64 x i8>: table[index] per byte (vpshufb; `table` repeats its 16 entries in each 16-byte lane, `index`
     < 16)."""
-    v64 = ir.VectorType(_I8, 64)
     if isa != "avx2":
-        return _call(builder, "llvm.x86.avx512.pshuf.b.512", v64, table, index)
-    halves = []
-    for h in range(2):
-        pick = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
-        halves.append(_call(builder, "llvm.x86.avx2.pshuf.b", ir.VectorType(_I8, 32),
-                            builder.shuffle_vector(table, table, pick), builder.shuffle_vector(index, index, pick)))
-    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
+        return _call(builder, "llvm.x86.avx512.pshuf.b.512", ir.VectorType(_I8, 64), table, index)
+    return _joined(builder, *[_call(builder, "llvm.x86.avx2.pshuf.b", ir.VectorType(_I8, 32), t, i)
+                              for t, i in zip(_halves(builder, table), _halves(builder, index))])
 
 
-def _code(nibble_pair: int) -> int:
-    """A 2-bit code as the kernels read it: weight + 1, the invalid 0b11 read as 0b01 (weight 0), as numpy does."""
-    return 1 if nibble_pair == 3 else nibble_pair
+def _code(stored: int) -> int:
+    """A stored 2-bit code as the kernels read it: weight + 1, the invalid 0b11 read as 0b01 (weight 0), as
+    numpy does."""
+    return 1 if stored == 3 else stored
 
 
 # vpshufb tables from a nibble (two codes) to its low and to its high code: a packed byte's four codes are the
@@ -609,11 +615,14 @@ class FastMatmul:
         # int8 inputs: 2-bit grouped ternary in groups of DEFAULT_GROUP (other encodings keep float32 inputs)
         int8_encoding = linear.encoding in GROUPED_TERNARY and linear.encoding not in BASE3_TERNARY
         self.int8_isa = int8_isa if int8_encoding and self.group_bytes == DEFAULT_GROUP_BYTES else None
-        if self.int8_isa is not None:
-            self.max_tokens = INT8_TOKENS
+        if self.int8_isa is not None:  # any number of tokens, INT8_TOKENS a call (__call__)
+            self.max_tokens = sys.maxsize
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
+        if self.int8_isa is not None and len(x) > INT8_TOKENS:  # a prompt: blocks whose int8 inputs stay in L1/L2
+            return np.concatenate([self._rows(self.data, self.scales, x[i : i + INT8_TOKENS])
+                                   for i in range(0, len(x), INT8_TOKENS)])
         return self._rows(self.data, self.scales, x)
 
     def warm_up(self) -> None:
@@ -672,7 +681,7 @@ PARALLEL_BYTES = 64 << 10
 MAX_TOKENS = {"ternary": 4, **{encoding: 8 for encoding in GROUPED_TERNARY}, **{encoding: 4 for encoding in BASE3_TERNARY},
               "int8": 8, "bf16": 8, "f16": 8}
 # The int8 kernel's tokens a call; more (a prompt, a large batch) are taken this many at a time
-# (`kernels.Linear`), so that their int8 inputs stay in L1 or L2 while a row's codes are multiplied by them.
+# (`FastMatmul.__call__`), so that their int8 inputs stay in L1 or L2 while a row's codes are multiplied by them.
 # A 256-token prompt through one product on one thread (E2B shapes, best of 5): gate/up 6144x1536 39 ms in
 # blocks of 16 against 53 in blocks of 64 and numpy's 71; down 1536x12288, 110 against 126 and 182.
 INT8_TOKENS = 16

@@ -95,9 +95,6 @@ class Linear:
         x = rotated_input(x, self.rotation) if self.rotation else x.astype(np.float32, copy=False)
         if self.fast is not None and len(x) <= self.fast.max_tokens:
             y = self.fast(x)
-        elif self.fast is not None and self.fast.int8_isa is not None:  # a prompt: the int8 kernel a block at a time
-            block = self.fast.max_tokens
-            y = np.concatenate([self.fast(x[i : i + block]) for i in range(0, len(x), block)])
         else:
             y = x @ self.data.T if self.encoding == "f32" else self._chunked_matmul(x)
         y = y.astype(np.float64)

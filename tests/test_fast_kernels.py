@@ -203,8 +203,8 @@ def test_int8_inputs_give_the_product_of_the_inputs_rounded_per_group_of_64(isa,
     linear, magnitude = weights(encoding, out, n_in, rng, 64, rotation)
     plain = Linear(linear.data, encoding, (out, n_in), group_scale=linear.group_scale)  # takes the rotated input
     attach([linear], int8=True)
-    linear.fast.int8_isa, linear.fast.max_tokens = isa, 8
-    for tokens in (1, 2, 5, 19):  # 19: more than a call takes, so a prompt's blocks of 8, 8 and 3 tokens
+    linear.fast.int8_isa = isa
+    for tokens in (1, 2, 5, 19):  # 19: more than INT8_TOKENS, so a prompt's blocks of 16 and 3 tokens
         x = rng.standard_normal((tokens, n_in)) * 10.0 ** rng.integers(-3, 4, (tokens, 1))
         x[0, :64] = 0  # a group of zeros
         xq = rounded_inputs(rotated_input(x, rotation) if rotation else x, linear.width)[:, :n_in]
@@ -249,7 +249,7 @@ class Recording:
     """A Linear's fused product that records each call's input (already rotated) and output."""
 
     def __init__(self, fast):
-        self.fast, self.max_tokens, self.int8_isa, self.calls = fast, fast.max_tokens, fast.int8_isa, []
+        self.fast, self.max_tokens, self.calls = fast, fast.max_tokens, []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = self.fast(x)
