@@ -23,12 +23,12 @@ import numpy as np
 from ferrisres.format.encodings import BASE3_TERNARY, pack_base3, pack_ternary
 from ferrisres.format.tables import GROUPED_TABLES, pack_table_rows, table_groups
 from ferrisres.runtime import kernels
-from ferrisres.runtime.fast_kernels import attach
+from ferrisres.runtime.fast_kernels import INT8_TABLES, attach
 from ferrisres.runtime.kernels import Linear
-from ferrisres.runtime.weights import grouped_table_linear
 
 # (name, out, in, encoding): E2B's MLP gate/up and its double-wide down projection in both packings, the
-# per-row ternary, the tied head over an int8 table and over an int6-g32 one (unpacked to int8 values at load)
+# per-row ternary, the tied head over an int8 table and over an int6-g32 one (unpacked to int8 values at load,
+# read packed by the int8 kernel)
 SHAPES = [("gate/up 6144x1536", 6144, 1536, "ternary-g2"), ("gate/up 6144x1536", 6144, 1536, "ternary5-g2"),
           ("down 1536x12288", 1536, 12288, "ternary-g2"), ("down 1536x12288", 1536, 12288, "ternary5-g2"),
           ("gate/up 6144x1536", 6144, 1536, "ternary"), ("head 262144x1536", 262144, 1536, "int8"),
@@ -42,7 +42,7 @@ def linear(out: int, n_in: int, encoding: str, rng) -> Linear:
     if encoding in GROUPED_TABLES:
         q = rng.integers(-32, 32, (out, n_in), dtype=np.int8)
         scales = rng.random((out, table_groups(encoding, n_in))).astype(np.float16)
-        return grouped_table_linear(pack_table_rows(q, encoding), encoding, (out, n_in), scales)
+        return Linear(pack_table_rows(q, encoding)[:, None, :], encoding, (out, n_in), group_scale=scales[:, None, :])
     codes = rng.integers(-1, 2, (out, n_in), dtype=np.int8)
     packed = (pack_base3 if encoding in BASE3_TERNARY else pack_ternary)(codes)
     if encoding == "ternary":
@@ -79,6 +79,10 @@ def main() -> None:
             fast = linear(out, n_in, encoding, rng)
             copies = {kind: Linear(fast.data, fast.encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
                       for kind in ("numpy", "int8")}
+            if encoding in GROUPED_TABLES:  # as model.load keeps a table's head
+                fast.keep_int8(), copies["numpy"].keep_int8()
+                if encoding not in INT8_TABLES:
+                    copies["int8"].keep_int8()
             attach([fast])
             attach([copies["int8"]], int8=True)
             kinds = {"numpy": copies["numpy"], "fast": fast}

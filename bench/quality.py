@@ -44,9 +44,9 @@ STUDENTS = {  # name -> ferrisres-convert flags
 }
 
 
-# Students also measured as `--kernel int8` decodes them: each ternary product of a decoded token takes its
-# inputs rounded to int8 per group of 64 (runtime/fast_kernels.py). Fed 8 tokens a forward, as many as that
-# kernel takes (a longer prompt goes through numpy with float32 inputs).
+# Students also measured as `--kernel int8` decodes them: each ternary product takes its inputs rounded to int8
+# per group of 64, the tied head over the int6 table per group of 32 (runtime/fast_kernels.py). Fed 8 tokens a
+# forward, a few as decoding does.
 INT8_KERNEL_STUDENTS = ("gptq, 2 planes, 3 in the down projections (default)",)
 INT8_FORWARD_TOKENS = 8
 

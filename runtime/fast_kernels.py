@@ -18,8 +18,9 @@ difference from the numpy path is float32 rounding, which the tests bound. `kern
 as llama.cpp does: the inputs of the ternary products are rounded to int8 per group of 64 and multiplied
 in integers by vpdpbusd (or vpmaddubsw), which numba reaches through LLVM intrinsics (below); its codes
 are unpacked by byte lookups (vpshufb), all planes of a row at once, and stay in registers for up to
-TOKEN_BLOCK tokens. That moves results by the inputs' rounding, far beyond float32's, so it is a choice,
-not the default. T-MAC's lookups of precomputed input sums are not taken: per 4 weights they cost what one
+TOKEN_BLOCK tokens. The tied head over an int6 table goes the same way, its six-bit values assembled from
+the packed row by shifts and masks (`_int6_table`). That moves results by the inputs' rounding, far beyond
+float32's, so it is a choice, not the default. T-MAC's lookups of precomputed input sums are not taken: per 4 weights they cost what one
 lane of vpdpbusd does.
 """
 
@@ -37,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY
-from ferrisres.format.tables import table_group
+from ferrisres.format.tables import ZERO_CODE, table_group
 
 from . import kernels
 
@@ -353,10 +354,13 @@ INT8_ISAS = ("avx512vnni", "avx512bw", "avx2")  # best first; the int8 kernel ne
 # parallel loops cannot carry one): an empty array whose record dtype has one field, named after it.
 ISA_ARGUMENTS = {isa: np.empty(0, dtype=[(isa, np.uint8)]) for isa in INT8_ISAS}
 INT8_CHUNK = 64  # packed bytes a vector step reads: 16 int32 lanes of 4 bytes, 4 groups of 16 bytes
-# A row's bytes are asked for this far ahead: one core's stream of loads, with the work between them, left
-# DRAM idle (9.2 GB/s over a 150 MB matrix against sgemv's 23.5; 12.4 with it, measured at 512-4096)
-PREFETCH_BYTES = 2048
+# A row's bytes are asked for this far ahead (`_prefetch`): one core's stream of loads, with the work between
+# them, left DRAM idle (EPYC: 9.2 GB/s over a 150 MB matrix against sgemv's 23.5; 12.4 with it, measured at
+# 512-4096). On the Xeon, 4096 read the three-plane rows 1.2x faster than 2048 and 1024 (11.3 against 9.6 and
+# 8.4 GB/s, 1536x6144), the others 1.0-1.2x; 8192 no faster.
+PREFETCH_BYTES = 4096
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_V64, _V16I, _V16F = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)  # one AVX-512 register
 
 
 def int8_isas() -> list[str]:
@@ -432,21 +436,18 @@ MAX_PLANES = max(GROUPED_TERNARY.values())
 # Tokens per pass over a chunk: 3 planes' 12 code vectors, 4 inputs and 4 sums fit AVX-512's 32 registers
 # (8 tokens measured no faster)
 TOKEN_BLOCK = 4
+# Table encodings the int8 kernel reads packed as the tied head (`_int6_table`), with inputs rounded per group of
+# the table's (TABLE_GROUP) and codes offset by INT6_ZERO; other tables are unpacked to int8 at load.
+INT8_TABLES = ("int6-g32",)
+INT6_ZERO = ZERO_CODE[6]
 
 
-@intrinsic
-def _int8_rows(typingctx, row, xq, xsum, xscale, scales, first, out, r, isa):
-    """out[first + t, r] = the product of a row's whole 64-byte chunks (all its planes) with token first + t,
-    for the TOKEN_BLOCK tokens from `first` on (fewer at the end): the sum over planes and groups of the
-    group's weight scale x input scale x (codes . xq - the inputs' sum). row [planes, nbytes] packed codes;
-    xq [T, 4, nbytes] int8, the input of code k of byte j at [t, k, j]; xsum, xscale [T, nbytes / 4]: per
-    4-byte lane, its inputs' sum and their group's scale; scales [planes, groups] the row's float16 group
-    scales (bit patterns, widened by F16C); out [T, rows] float32; `isa` an ISA_ARGUMENTS array.
-
-    Each chunk of every plane is read and unpacked once, by byte lookups, and its codes stay in registers
-    for the block's tokens. The loop is a function of its own for each count of planes (1 to MAX_PLANES)
-    and of tokens (1 to TOKEN_BLOCK), `_int8_loop`, so that all of it is in registers."""
-    isa_name = next(iter(isa.dtype.fields))
+def _rows_codegen(isa_name: str, loop, max_planes: int):
+    """The code of an int8 row intrinsic (`_int8_rows`, `_int6_rows`; arguments row, xq, xsum, xscale, scales,
+    first, out, r, isa): one call of the LLVM function `loop(module, isa, planes, tokens, index)` for the row's
+    count of planes (up to `max_planes`) and the block's count of tokens, with the pointers at token `first`'s
+    data, then (nbytes, groups, rows, x_stride, lanes): a plane's bytes, the row's groups, out's rows, and
+    per token, xq's inputs and xsum's lanes."""
 
     def codegen(context, builder, signature, args):
         names = ("row", "xq", "xsum", "xscale", "scales", "first", "out", "r")
@@ -456,10 +457,13 @@ def _int8_rows(typingctx, row, xq, xsum, xscale, scales, first, out, r, isa):
         planes, nbytes = (builder.extract_value(arrays["row"].shape, i) for i in range(2))
         groups = builder.extract_value(arrays["scales"].shape, 1)
         tokens, rows = (builder.extract_value(arrays["out"].shape, i) for i in range(2))
+        x_stride = builder.extract_value(arrays["xq"].shape, 1)
+        for i in range(2, signature.args[1].ndim):
+            x_stride = builder.mul(x_stride, builder.extract_value(arrays["xq"].shape, i))
+        lanes = builder.extract_value(arrays["xsum"].shape, 1)
         index = nbytes.type
-        lanes = builder.udiv(nbytes, ir.Constant(index, 4))
         pointers = [arrays["row"].data,
-                    builder.gep(arrays["xq"].data, [builder.mul(first, builder.mul(nbytes, ir.Constant(index, 4)))]),
+                    builder.gep(arrays["xq"].data, [builder.mul(first, x_stride)]),
                     builder.gep(arrays["xsum"].data, [builder.mul(first, lanes)]),
                     builder.gep(arrays["xscale"].data, [builder.mul(first, lanes)]),
                     builder.bitcast(arrays["scales"].data, ir.HalfType().as_pointer()),
@@ -467,74 +471,178 @@ def _int8_rows(typingctx, row, xq, xsum, xscale, scales, first, out, r, isa):
         left = builder.sub(tokens, first)
         most = ir.Constant(index, TOKEN_BLOCK)
         block = builder.select(builder.icmp_signed("<", left, most), left, most)
-        for n_planes in range(1, MAX_PLANES + 1):
+        for n_planes in range(1, max_planes + 1):
             for n_tokens in range(1, TOKEN_BLOCK + 1):
                 case = builder.and_(builder.icmp_signed("==", planes, ir.Constant(index, n_planes)),
                                     builder.icmp_signed("==", block, ir.Constant(index, n_tokens)))
                 with builder.if_then(case):
-                    loop = _int8_loop(builder.module, isa_name, n_planes, n_tokens, index)
-                    builder.call(loop, [*pointers, nbytes, groups, rows])
+                    function = loop(builder.module, isa_name, n_planes, n_tokens, index)
+                    builder.call(function, [*pointers, nbytes, groups, rows, x_stride, lanes])
         return context.get_dummy_value()
 
-    return types.void(row, xq, xsum, xscale, scales, first, out, r, isa), codegen
+    return codegen
+
+
+@intrinsic
+def _int8_rows(typingctx, row, xq, xsum, xscale, scales, first, out, r, isa):
+    """out[first + t, r] = the product of a row's whole 64-byte chunks (all its planes) with token first + t,
+    for the TOKEN_BLOCK tokens from `first` on (fewer at the end): the sum over planes and groups of the
+    group's weight scale x input scale x (codes . xq - the inputs' sum). row [planes, nbytes] packed codes;
+    xq [T, 4 * nbytes] int8, the input of code k of byte j at [t, k * nbytes + j]; xsum, xscale [T, nbytes / 4]:
+    per 4-byte lane, its inputs' sum and their group's scale; scales [planes, groups] the row's float16 group
+    scales (bit patterns, widened by F16C); out [T, rows] float32; `isa` an ISA_ARGUMENTS array.
+
+    Each chunk of every plane is read and unpacked once, by byte lookups, and its codes stay in registers
+    for the block's tokens. The loop is a function of its own for each count of planes (1 to MAX_PLANES)
+    and of tokens (1 to TOKEN_BLOCK), `_int8_loop`, so that all of it is in registers."""
+    signature = types.void(row, xq, xsum, xscale, scales, first, out, r, isa)
+    return signature, _rows_codegen(next(iter(isa.dtype.fields)), _int8_loop, MAX_PLANES)
 
 
 def _int8_loop(module, isa, n_planes, n_tokens, index):
-    """The LLVM function of `_int8_rows` for `n_planes` planes and `n_tokens` tokens (defined once per module):
-    (row, xq, xsum, xscale, scales, out, nbytes, groups, rows), the pointers at the first token's data."""
-    name = f"ferrisres_int8_rows_{isa}_{n_planes}_{n_tokens}"
-    if name in module.globals:
-        return module.globals[name]
-    v64, v16i, v16f = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
-    arguments = [_I8.as_pointer(), _I8.as_pointer(), _I32.as_pointer(), _F32.as_pointer(),
-                 ir.HalfType().as_pointer(), _F32.as_pointer(), index, index, index]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arguments), name)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")  # its own registers: inlined beside the other counts', loop pointers spilled
-    for a in fn.args[:6]:
-        a.add_attribute("noalias")
-    prow, pxq, pxsum, pxscale, pscales, pout, nbytes, groups, rows = fn.args
-    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    """The LLVM function of `_int8_rows` for `n_planes` planes and `n_tokens` tokens (defined once per module),
+    of `_loop_function`'s arguments."""
+    fn, builder = _loop_function(module, f"ferrisres_int8_rows_{isa}_{n_planes}_{n_tokens}", index)
+    if builder is None:
+        return fn
+    prow, pxq, pxsum, pxscale, pscales, pout, nbytes, groups, rows, x_stride, lanes = fn.args
     const = lambda value: ir.Constant(index, value)  # noqa: E731
-    fma = lambda a, b, c: _call(builder, "llvm.fma.v16f32", v16f, a, b, c)  # noqa: E731
-    low, high, nibble = ir.Constant(v64, _LOW_CODE), ir.Constant(v64, _HIGH_CODE), _splat(v64, 0x0F)
-    spread = ir.Constant(v16i, [lane // 4 for lane in range(16)])  # a group's scale to its 4 lanes
-    lanes_per_token = builder.udiv(nbytes, const(4))
-    totals = [cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in range(n_tokens)]
+    low, high, nibble = ir.Constant(_V64, _LOW_CODE), ir.Constant(_V64, _HIGH_CODE), _splat(_V64, 0x0F)
+    spread = ir.Constant(_V16I, [lane // 4 for lane in range(16)])  # a group's scale to its 4 lanes
+    totals = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(n_tokens)]
     with cgutils.for_range(builder, builder.udiv(nbytes, const(INT8_CHUNK))) as loop:
         at = builder.mul(loop.index, const(INT8_CHUNK))
         codes, lane_scales = [], []
+        _prefetch(builder, prow, builder.mul(at, const(n_planes)), n_planes)
         for p in range(n_planes):
             start = builder.add(builder.mul(nbytes, const(p)), at)
-            ahead = builder.gep(prow, [builder.add(start, const(PREFETCH_BYTES))])  # (past the end: no fault)
-            _call(builder, "llvm.prefetch.p0", ir.VoidType(), ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1))
-            b = _vector(builder, prow, start, v64)
-            lo, hi = builder.and_(b, nibble), builder.and_(builder.lshr(b, _splat(v64, 4)), nibble)
+            b = _vector(builder, prow, start, _V64)
+            lo, hi = builder.and_(b, nibble), builder.and_(builder.lshr(b, _splat(_V64, 4)), nibble)
             codes.append([_lookup(builder, isa, low, lo), _lookup(builder, isa, high, lo),
                           _lookup(builder, isa, low, hi), _lookup(builder, isa, high, hi)])
             at_scale = builder.add(builder.mul(groups, const(p)), builder.mul(loop.index, const(4)))
             group_scales = builder.fpext(_vector(builder, pscales, at_scale, ir.VectorType(ir.HalfType(), 4)), ir.VectorType(_F32, 4))
             lane_scales.append(builder.shuffle_vector(group_scales, group_scales, spread))
         for t in range(n_tokens):
-            x_at = builder.add(builder.mul(nbytes, const(4 * t)), at)
-            xs = [_vector(builder, pxq, builder.add(x_at, builder.mul(nbytes, const(k))), v64) for k in range(4)]
-            lane = builder.add(builder.mul(lanes_per_token, const(t)), builder.mul(loop.index, const(16)))
-            minus_sums = builder.neg(_vector(builder, pxsum, lane, v16i))
+            x_at = builder.add(builder.mul(x_stride, const(t)), at)
+            xs = [_vector(builder, pxq, builder.add(x_at, builder.mul(nbytes, const(k))), _V64) for k in range(4)]
+            lane = builder.add(builder.mul(lanes, const(t)), builder.mul(loop.index, const(16)))
+            minus_sums = builder.neg(_vector(builder, pxsum, lane, _V16I))
             scaled = None
             for p in range(n_planes):
                 acc = minus_sums
                 for k in range(4):
                     acc = _dot_lanes(builder, isa, acc, codes[p][k], xs[k])
-                exact = builder.sitofp(acc, v16f)
-                scaled = builder.fmul(exact, lane_scales[p]) if scaled is None else fma(exact, lane_scales[p], scaled)
-            builder.store(fma(scaled, _vector(builder, pxscale, lane, v16f), builder.load(totals[t])), totals[t])
-    for t in range(n_tokens):
-        v = builder.load(totals[t])
+                exact = builder.sitofp(acc, _V16F)
+                scaled = builder.fmul(exact, lane_scales[p]) if scaled is None else _fma(builder, exact, lane_scales[p], scaled)
+            builder.store(_fma(builder, scaled, _vector(builder, pxscale, lane, _V16F), builder.load(totals[t])), totals[t])
+    _store_sums(builder, totals, pout, rows)
+    return fn
+
+
+def _loop_function(module, name: str, index):
+    """The internal LLVM function `name` of the row loops' arguments (row, xq, xsum, xscale, scales, out,
+    nbytes, groups, rows, x_stride, lanes), and a builder at its entry; the builder is None when the module
+    already defines it (a loop is defined once per module)."""
+    if name in module.globals:
+        return module.globals[name], None
+    arguments = [_I8.as_pointer(), _I8.as_pointer(), _I32.as_pointer(), _F32.as_pointer(),
+                 ir.HalfType().as_pointer(), _F32.as_pointer(), *[index] * 5]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arguments), name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")  # its own registers: inlined beside the other counts', loop pointers spilled
+    for a in fn.args[:6]:
+        a.add_attribute("noalias")
+    return fn, ir.IRBuilder(fn.append_basic_block("entry"))
+
+
+def _prefetch(builder, row, done, lines: int) -> None:
+    """Ask for `lines` cache lines PREFETCH_BYTES past the first `done` bytes of a row: a chunk's loads spread
+    over its row's planes (or runs), so the bytes are asked for in memory order, at the rate they are read,
+    from within the row into the next ones (past the end of the matrix: no fault)."""
+    for line in range(lines):
+        ahead = builder.gep(row, [builder.add(done, ir.Constant(done.type, PREFETCH_BYTES + 64 * line))])
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(), ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1))
+
+
+def _fma(builder, a, b, c):
+    """a * b + c, fused, on <16 x float>."""
+    return _call(builder, "llvm.fma.v16f32", _V16F, a, b, c)
+
+
+def _store_sums(builder, totals, pout, rows) -> None:
+    """out[t * rows] = the sum of the 16 lanes of token t's total (pout: at the first token's output), and return."""
+    for t, total in enumerate(totals):
+        v = builder.load(total)
         for width in (8, 4, 2, 1):  # halves added: 4 steps
             pick = lambda offset: ir.Constant(ir.VectorType(_I32, width), list(range(offset, offset + width)))  # noqa: E731
             v = builder.fadd(builder.shuffle_vector(v, v, pick(0)), builder.shuffle_vector(v, v, pick(width)))
-        builder.store(builder.extract_element(v, ir.Constant(_I32, 0)), builder.gep(pout, [builder.mul(rows, const(t))]))
+        builder.store(builder.extract_element(v, ir.Constant(_I32, 0)), builder.gep(pout, [builder.mul(rows, ir.Constant(rows.type, t))]))
     builder.ret_void()
+
+
+@intrinsic
+def _int6_rows(typingctx, row, xq, xsum, xscale, scales, first, out, r, isa):
+    """`_int8_rows` for a row of an int6-g32 table (row [1, 3W/4]: format/tables.py's W/2 bytes of low
+    nibbles, then W/4 of high bits) against int8 inputs in their own order (xq [T, W]; xsum: 32 times each
+    lane's sum, the zero code; xsum and xscale [T, W/4]); scales [1, W/32]. `_int6_loop` for each count of
+    tokens."""
+    signature = types.void(row, xq, xsum, xscale, scales, first, out, r, isa)
+    return signature, _rows_codegen(next(iter(isa.dtype.fields)), _int6_loop, 1)
+
+
+def _int6_loop(module, isa, n_planes, n_tokens, index):
+    """The LLVM function of `_int6_rows` for `n_tokens` tokens (`n_planes` is 1), of `_loop_function`'s
+    arguments. A chunk is 64 bytes of high bits at j and the two 64-byte runs of nibbles at j and W/4 + j
+    that complete them: 64 values of each quarter k of the row, columns kW/4 + j on, whose int32 lanes of 4
+    columns each lie in one group of 32 (a row's quarters hold whole groups). W/4 is a multiple of 32: when
+    it is not one of 64 (Gemma 3's 640 columns), the last chunk is the 64 bytes that end the quarter, its
+    first 32 already counted and scaled by zero."""
+    fn, builder = _loop_function(module, f"ferrisres_int6_rows_{isa}_{n_tokens}", index)
+    if builder is None:
+        return fn
+    prow, pxq, pxsum, pxscale, pscales, pout, nbytes, groups, rows, x_stride, lanes = fn.args
+    const = lambda value: ir.Constant(index, value)  # noqa: E731
+    bits = lambda v, shift: builder.and_(v, _splat(_V64, 0x30)) if shift == 0 else builder.and_(  # noqa: E731
+        builder.shl(v, _splat(_V64, shift)) if shift > 0 else builder.lshr(v, _splat(_V64, -shift)), _splat(_V64, 0x30))
+    spread = ir.Constant(_V16I, [lane // 8 for lane in range(16)])  # a group's scale to its 8 lanes
+    quarter = builder.udiv(nbytes, const(3))
+    totals = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(n_tokens)]
+
+    def chunk(at, keep=None):
+        """The products of the chunk at byte `at` of each run added to the totals; `keep`: lanes' 0/1 factors."""
+        _prefetch(builder, prow, builder.mul(at, const(3)), 3)
+        runs = [_vector(builder, prow, start, _V64)
+                for start in (at, builder.add(quarter, at), builder.add(builder.mul(quarter, const(2)), at))]
+        nibbles, high = runs[:2], runs[2]
+        # quarter k: the low nibbles of run k (k < 2) or the high ones of run k - 2, with bits 2k..2k+1 of `high`
+        # as bits 4-5
+        codes = [builder.or_(builder.and_(nibbles[k % 2] if k < 2 else builder.lshr(nibbles[k % 2], _splat(_V64, 4)),
+                                          _splat(_V64, 0x0F)), bits(high, 4 - 2 * k)) for k in range(4)]
+        columns = [builder.add(builder.mul(quarter, const(k)), at) for k in range(4)]
+        lane_scales = []
+        for column in columns:
+            group_scales = builder.fpext(_vector(builder, pscales, builder.udiv(column, const(TABLE_GROUP)),
+                                                 ir.VectorType(ir.HalfType(), 2)), ir.VectorType(_F32, 2))
+            spread_scales = builder.shuffle_vector(group_scales, group_scales, spread)
+            lane_scales.append(spread_scales if keep is None else builder.fmul(spread_scales, keep))
+        for t in range(n_tokens):
+            total = builder.load(totals[t])
+            for k, column in enumerate(columns):
+                x = _vector(builder, pxq, builder.add(builder.mul(x_stride, const(t)), column), _V64)
+                lane = builder.add(builder.mul(lanes, const(t)), builder.udiv(column, const(4)))
+                acc = _dot_lanes(builder, isa, builder.neg(_vector(builder, pxsum, lane, _V16I)), codes[k], x)
+                scale = builder.fmul(lane_scales[k], _vector(builder, pxscale, lane, _V16F))
+                total = _fma(builder, builder.sitofp(acc, _V16F), scale, total)
+            builder.store(total, totals[t])
+
+    with cgutils.for_range(builder, builder.udiv(quarter, const(INT8_CHUNK))) as loop:
+        chunk(builder.mul(loop.index, const(INT8_CHUNK)))
+    half = builder.and_(builder.icmp_unsigned("!=", builder.urem(quarter, const(INT8_CHUNK)), const(0)),
+                        builder.icmp_unsigned(">=", quarter, const(INT8_CHUNK)))
+    with builder.if_then(half):
+        chunk(builder.sub(quarter, const(INT8_CHUNK)), ir.Constant(_V16F, [0.0] * 8 + [1.0] * 8))
+    _store_sums(builder, totals, pout, rows)
     return fn
 
 
@@ -548,7 +656,7 @@ def _int8_tail(row, xq, xsum, xscale, scales, f16, start):
         for j in range(g * DEFAULT_GROUP_BYTES, (g + 1) * DEFAULT_GROUP_BYTES):
             b = _valid_codes(np.int32(row[j]))
             for k in range(4):
-                s = np.int32(s + ((b >> (2 * k)) & 3) * np.int32(xq[k, j]))
+                s = np.int32(s + ((b >> (2 * k)) & 3) * np.int32(xq[k * len(row) + j]))
         lanes = 4 * g
         s = np.int32(s - xsum[lanes] - xsum[lanes + 1] - xsum[lanes + 2] - xsum[lanes + 3])
         total += f16[scales[g]] * xscale[lanes] * np.float32(s)
@@ -558,8 +666,8 @@ def _int8_tail(row, xq, xsum, xscale, scales, f16, start):
 @njit(parallel=True, **_JIT)
 def _ternary_int8(packed, xq, xsum, xscale, scales, f16, isa, out):
     """T tokens through 2-bit grouped ternary (groups of DEFAULT_GROUP) with int8 inputs: out [T, rows].
-    xq [T, 4, nbytes], xsum and xscale [T, nbytes / 4] from `_quantized_input`. A row is read from memory
-    once per TOKEN_BLOCK tokens. `isa`: an ISA_ARGUMENTS array."""
+    xq [T, 4 * nbytes] (deinterleaved), xsum and xscale [T, nbytes / 4] from `_quantized_input`. A row is read
+    from memory once per TOKEN_BLOCK tokens. `isa`: an ISA_ARGUMENTS array."""
     rows, planes, nbytes = packed.shape
     tokens = xq.shape[0]
     tail = nbytes - nbytes % INT8_CHUNK
@@ -572,29 +680,76 @@ def _ternary_int8(packed, xq, xsum, xscale, scales, f16, isa, out):
                     out[t, r] += _int8_tail(packed[r, p], xq[t], xsum[t], xscale[t], scales[r, p], f16, tail)
 
 
+@njit(parallel=True, **_JIT)
+def _int6_table(packed, xq, xsum, xscale, scales, f16, isa, out):
+    """T tokens through an int6-g32 table's packed rows (the tied head) with int8 inputs: out [T, rows].
+    packed [rows, 1, 3W/4], scales [rows, 1, W/32]; xq [T, W] in the inputs' own order, xsum and xscale
+    [T, W/4] from `_quantized_input`. A row is read from memory once per TOKEN_BLOCK tokens; rows of fewer
+    than 256 values, too short for a chunk, value by value."""
+    rows = packed.shape[0]
+    tokens = xq.shape[0]
+    short = packed.shape[2] // 3 < INT8_CHUNK
+    for r in prange(rows):
+        if short:
+            for t in range(tokens):
+                out[t, r] = _int6_row(packed[r, 0], xq[t], xscale[t], scales[r, 0], f16)
+        else:
+            for first in range(0, tokens, TOKEN_BLOCK):
+                _int6_rows(packed[r], xq, xsum, xscale, scales[r], first, out, r, isa)
+
+
+@njit(inline="always", **_JIT)
+def _int6_row(row, xq, xscale, scales, f16):
+    """`_int6_rows` for one token, value by value."""
+    quarter = len(row) // 3
+    total = np.float32(0)
+    for j in range(quarter):
+        high = np.int32(row[2 * quarter + j])
+        for k in range(4):
+            column = k * quarter + j
+            low = np.int32(row[j + (k & 1) * quarter]) >> (4 * (k >> 1))
+            code = (low & 15) | (((high >> (2 * k)) & 3) << 4)
+            value = np.int32(code - INT6_ZERO) * np.int32(xq[column])
+            total += f16[scales[column // TABLE_GROUP]] * xscale[column // 4] * np.float32(value)
+    return total
+
+
 @njit(**_JIT)
-def _quantized_input(x, xq, xsum, xscale):
-    """x [T, 4 * nbytes] float32 -> each group of DEFAULT_GROUP inputs as int8, rint(x / s) with s = absmax
-    / 127, deinterleaved into xq [T, 4, nbytes] (x[4j + k] -> [k, j]); per 4-byte lane its inputs' sum
-    (xsum) and its group's s (xscale). A group holding NaN or infinity gets s NaN: its products are NaN, as
-    in float32."""
+def _quantized_input(x, group, zero, interleaved, xq, xsum, xscale):
+    """x [T, width] float32 -> each group of `group` inputs as int8, rint(x / s) with s = absmax / 127, into
+    xq [T, width]: in their own order, or deinterleaved (`interleaved`: x[4j + k] -> [k * width / 4 + j], the
+    input of code k of 2-bit byte j). Per int32 lane of the kernels (4 bytes of xq: 4 inputs, 16 when
+    deinterleaved), `zero` times its inputs' sum (xsum: a lane's sum starts from minus it, which takes off
+    the codes' zero) and its group's s (xscale). A group holding NaN or infinity gets s NaN: its products
+    are NaN, as in float32."""
     tokens, width = x.shape
+    quarter = width // 4
+    lane_inputs = 16 if interleaved else 4
     for t in range(tokens):
-        for g in range(width // DEFAULT_GROUP):
-            start = g * DEFAULT_GROUP
+        for g in range(width // group):
+            start = g * group
             amax, finite = np.float32(0), True
-            for i in range(start, start + DEFAULT_GROUP):
+            for i in range(start, start + group):
                 amax = max(amax, abs(x[t, i]))
                 finite &= abs(x[t, i]) < np.inf  # false for NaN too, which max() would skip
             s = amax / np.float32(127) if amax > 0 else np.float32(1)
             finite &= s < np.inf
-            for lane in range(4 * g, 4 * g + 4):
+            for lane in range(start // lane_inputs, (start + group) // lane_inputs):
                 xsum[t, lane] = 0
                 xscale[t, lane] = s if finite else np.float32(np.nan)
-            for i in range(start, start + DEFAULT_GROUP):
+            for i in range(start, start + group):
                 q = np.int32(np.rint(min(max(x[t, i] / s, np.float32(-127)), np.float32(127)))) if finite else 0
-                xq[t, i % 4, i // 4] = q
-                xsum[t, i // 16] += q
+                xq[t, (i % 4) * quarter + i // 4 if interleaved else i] = q
+                xsum[t, i // lane_inputs] += zero * q
+
+
+def _int8_inputs(x: np.ndarray, group: int, zero: int, interleaved: bool):
+    """`_quantized_input`'s (xq, xsum, xscale) of x [T, width]."""
+    lanes = x.shape[1] // (16 if interleaved else 4)
+    xq = np.empty(x.shape, dtype=np.int8)
+    xsum, xscale = np.empty((len(x), lanes), dtype=np.int32), np.empty((len(x), lanes), dtype=np.float32)
+    _quantized_input(x, group, zero, interleaved, xq, xsum, xscale)
+    return xq, xsum, xscale
 
 
 class FastMatmul:
@@ -606,17 +761,20 @@ class FastMatmul:
             raise ValueError(f"no fast kernel for encoding {linear.encoding!r}")
         self.encoding, self.in_features = linear.encoding, linear.in_features
         self.width, self.positions = linear.width, linear.positions
-        self.max_tokens = MAX_TOKENS[linear.encoding]
         self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
         self.scales, self.group_bytes = None, 0
         if linear.group_scale is not None:  # [out, planes, groups]: grouped ternary, or int8 codes with group scales
             self.scales = linear.group_scale.view(np.uint16)
             self.group_bytes = linear.data.shape[-1] // self.scales.shape[-1]  # bytes (int8 codes: columns) per group
-        # int8 inputs: 2-bit grouped ternary in groups of DEFAULT_GROUP (other encodings keep float32 inputs)
-        int8_encoding = linear.encoding in GROUPED_TERNARY and linear.encoding not in BASE3_TERNARY
-        self.int8_isa = int8_isa if int8_encoding and self.group_bytes == DEFAULT_GROUP_BYTES else None
-        if self.int8_isa is not None:  # any number of tokens, INT8_TOKENS a call (__call__)
-            self.max_tokens = sys.maxsize
+        # int8 inputs: 2-bit grouped ternary in groups of DEFAULT_GROUP, and an int6 table's packed rows (other
+        # encodings keep float32 inputs)
+        int8_encoding = (linear.encoding in GROUPED_TERNARY and linear.encoding not in BASE3_TERNARY
+                         and self.group_bytes == DEFAULT_GROUP_BYTES) or linear.encoding in INT8_TABLES
+        self.int8_isa = int8_isa if int8_encoding else None
+        if linear.encoding in INT8_TABLES and self.int8_isa is None:
+            raise ValueError(f"packed {linear.encoding} rows take the int8 kernel only: keep_int8() them first")
+        # the int8 kernel takes any number of tokens, INT8_TOKENS a call (__call__)
+        self.max_tokens = sys.maxsize if self.int8_isa is not None else MAX_TOKENS[linear.encoding]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         _use_threads(kernels.threads() if self.data.nbytes >= PARALLEL_BYTES else 1)
@@ -637,12 +795,10 @@ class FastMatmul:
         # rows padded to whole bytes (or groups), and base-3 bytes' unused slots, hold zero weights there
         x = kernels.decoded_input(np.ascontiguousarray(x, dtype=np.float32), self.width, self.positions)
         out = np.empty((len(x), len(data)), dtype=np.float32)
-        if self.int8_isa is not None:
-            xq = np.empty((len(x), 4, x.shape[1] // 4), dtype=np.int8)
-            xsum = np.empty((len(x), x.shape[1] // 16), dtype=np.int32)
-            xscale = np.empty((len(x), x.shape[1] // 16), dtype=np.float32)
-            _quantized_input(x, xq, xsum, xscale)
-            _ternary_int8(data, xq, xsum, xscale, scales, _F16, ISA_ARGUMENTS[self.int8_isa], out)
+        if self.encoding in INT8_TABLES:
+            _int6_table(data, *_int8_inputs(x, TABLE_GROUP, INT6_ZERO, False), scales, _F16, ISA_ARGUMENTS[self.int8_isa], out)
+        elif self.int8_isa is not None:
+            _ternary_int8(data, *_int8_inputs(x, DEFAULT_GROUP, 1, True), scales, _F16, ISA_ARGUMENTS[self.int8_isa], out)
         elif self.encoding == "int8" and scales is not None:
             _int8_groups(data, x, scales, self.group_bytes, _F16, out)
         elif self.encoding == "int8":
@@ -685,7 +841,7 @@ MAX_TOKENS = {"ternary": 4, **{encoding: 8 for encoding in GROUPED_TERNARY}, **{
 # A 256-token prompt through one product on one thread (E2B shapes, best of 5): gate/up 6144x1536 39 ms in
 # blocks of 16 against 53 in blocks of 64 and numpy's 71; down 1536x12288, 110 against 126 and 182.
 INT8_TOKENS = 16
-FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, "int8", "bf16", "f16")  # f32 stays with BLAS
+FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, "int8", *INT8_TABLES, "bf16", "f16")  # f32 stays with BLAS
 
 
 def _use_threads(n: int) -> None:

@@ -17,6 +17,7 @@ from threadpoolctl import ThreadpoolController
 
 from ferrisres.format import ternary_lut
 from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY, base3_lut, base3_slots, rotate_blocks
+from ferrisres.format.tables import GROUPED_TABLES, table_bits, table_values
 
 CHUNK_BYTES = 2 << 20  # float32 bytes of decoded rows per chunk: 1-4 MiB measured best
 # Up to this many tokens, group scales multiply partial sums (Linear._rows_matmul). Measured on E2B's
@@ -64,8 +65,9 @@ class Linear:
     Grouped ternary (`ternary-g1`/`-g2`): `data` [out, planes, in/4] packed codes and `group_scale`
     [out, planes, groups] float16, W = sum over planes of the group's scale times the codes; with
     `rotation` b > 0 the weight multiplies the input rotated by a block Hadamard matrix of order b.
-    int8 codes with group scales are one such matrix kept unpacked (`keep_int8`), or an int4 or int6
-    table read as the tied head (`data` [out, 1, padded width], `group_scale` [out, 1, groups]).
+    A grouped int4 or int6 table read as the tied head is one plane of packed rows (`data` [out, 1, packed
+    bytes], `group_scale` [out, 1, groups]). int8 codes with group scales are either of these kept
+    unpacked (`keep_int8`: [out, planes, padded width]).
     """
 
     def __init__(self, data: np.ndarray, encoding: str, shape: tuple[int, int], scale: np.ndarray | None = None,
@@ -83,6 +85,8 @@ class Linear:
             self.positions = base3_positions(self.in_features)
         elif encoding == "ternary" or encoding in GROUPED_TERNARY:
             self.width = data.shape[-1] * 4  # decoded row width (of one plane): padded to whole bytes
+        elif encoding in GROUPED_TABLES:
+            self.width = data.shape[-1] * 8 // table_bits(encoding)  # padded to whole groups
         else:
             self.width = data.shape[-1]  # the input's width; more when int8 codes are padded to whole groups
         self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width * self.planes))
@@ -104,8 +108,13 @@ class Linear:
 
     def keep_int8(self) -> None:
         """Unpack a ternary matrix once into resident int8 codes (4x its packed size in RAM): each use
-        then only casts them, skipping the table lookup (docs/kernels.md: ~1.4x faster)."""
-        if self.encoding in BASE3_TERNARY:  # one base-3 byte -> its 8 decoded slots as int8
+        then only casts them, skipping the table lookup (docs/kernels.md: ~1.4x faster). An int4 or int6
+        table's values likewise (exact: its group scales stay), so that the head's products run near the
+        int8 table's speed instead of decoding 4 or 6 bits per weight per token."""
+        if self.encoding in GROUPED_TABLES:
+            self.data = table_values(self.data[:, 0], self.encoding)[:, None, :]
+            self.encoding = "int8"
+        elif self.encoding in BASE3_TERNARY:  # one base-3 byte -> its 8 decoded slots as int8
             self.data = np.take(_BASE3_LUT.astype(np.int8).view(np.uint64).reshape(256), self.data).view(np.int8)
             self.encoding = "int8"
         elif self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
@@ -181,6 +190,8 @@ class Linear:
             np.take(_LUT16, rows.reshape(len(rows), -1), out=out.view(np.complex128), mode="clip")
         elif self.encoding == "bf16":
             np.left_shift(rows, 16, out=out.view(np.uint32), dtype=np.uint32)
+        elif self.encoding in GROUPED_TABLES:
+            np.copyto(out, table_values(rows[:, 0], self.encoding), casting="safe")
         else:  # f16, f32, int8 (a table's, or codes kept by keep_int8 or unpacked from an int4/int6 table)
             np.copyto(out, rows.reshape(len(rows), -1), casting="safe")
         if scaled and self.group_scale is not None:

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from ferrisres.format import Artifact, ArtifactError
 from ferrisres.format.documents import check_document
+from ferrisres.format.tables import GROUPED_TABLES
 
 from .chat_template import render_chat, special_token_variables, template_of
 from .gemma4 import Gemma4
@@ -185,8 +186,9 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
     `kernel="fast"` runs the products of a few tokens at a time (decoding) through fused compiled kernels
     (the `fast` extra: numba); "auto" does so when numba is installed and the model is not tiny
     (AUTO_FAST_BYTES); "numpy", the default here, is the reference path. `kernel="int8"` is "fast" with
-    the inputs of the ternary products rounded to int8 per group of 64 (as llama.cpp does): E2B decodes
-    1.8-2.5x faster, and no longer equal to the reference (fast_kernels.py; x86-64 with AVX2).
+    the inputs of the ternary products rounded to int8 per group of 64 (as llama.cpp does), and of the tied
+    head over an int6 table per group of 32, which it reads packed instead of unpacking it to int8 at load:
+    E2B decodes 1.8-2.5x faster, and no longer equal to the reference (fast_kernels.py; x86-64 with AVX2).
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
@@ -195,6 +197,9 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
     attach = _fast_kernels(required=True) if kernel in ("fast", "int8") else None  # refused before any work
     model = Model(Artifact.open(path))
     weights = model.weights
+    if weights.head.encoding in GROUPED_TABLES and not (kernel == "int8" and weights.head.encoding in _int8_tables()):
+        weights.head.keep_int8()  # once: its int8 products beat decoding 4 or 6 bits a weight every token
+        model.artifact.release_pages()  # the packed table's pages just read are not read again
     linears = [*weights.linears(), weights.head]
     if kernel == "auto" and sum(linear.data.nbytes for linear in linears) >= AUTO_FAST_BYTES:
         attach = _fast_kernels(required=False)
@@ -205,6 +210,12 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
         model.compile_seconds = attach(linears, int8=kernel == "int8")
         model.kernel = "int8" if kernel == "int8" else "fast"
     return model
+
+
+def _int8_tables() -> tuple[str, ...]:
+    """The table encodings the int8 kernel reads packed, as the tied head (numba is there: checked before)."""
+    from .fast_kernels import INT8_TABLES
+    return INT8_TABLES
 
 
 def _fast_kernels(required: bool):

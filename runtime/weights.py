@@ -8,7 +8,7 @@ import numpy as np
 from ferrisres.format import HEAD, Artifact
 from ferrisres.format.encodings import GROUPED_TERNARY
 from ferrisres.format.schema import SCALE_SUFFIX, SCALED_ENCODINGS, TABLE_SCALE_ENCODINGS
-from ferrisres.format.tables import GROUPED_TABLES, decode_table_rows, table_values
+from ferrisres.format.tables import GROUPED_TABLES, decode_table_rows
 
 from .kernels import Linear
 
@@ -78,11 +78,11 @@ class Weights:
         return self.linears_of(name)[0]
 
     def _grouped_table_head(self, name: str) -> Linear:
+        """The tied head over an int4 or int6 table: its packed rows, float16 group scales [rows, groups],
+        as one plane (`load` unpacks it to int8 unless the int8 kernel reads it packed)."""
         info = self._artifact.tensors[name]
-        head = grouped_table_linear(self._artifact.tensor(name), info.encoding, info.shape,
-                                    self._artifact.tensor(name + SCALE_SUFFIX))
-        self._artifact.release_pages()  # the packed table's pages just read are not read again
-        return head
+        return Linear(self._artifact.tensor(name)[:, None, :], info.encoding, info.shape,
+                      group_scale=self._artifact.tensor(name + SCALE_SUFFIX)[:, None, :])
 
     def _layer(self, i: int) -> dict:
         """Layer i's weights by their name within the layer: vectors as arrays, matrices as Linears."""
@@ -93,12 +93,4 @@ class Weights:
                 load = {1: self._artifact.tensor, 2: self._linear, 3: self.linears_of}[len(info.shape)]
                 weights[name[len(prefix):]] = load(name)
         return weights
-
-
-def grouped_table_linear(packed: np.ndarray, encoding: str, shape: tuple[int, int], scales: np.ndarray) -> Linear:
-    """The tied head over an int4 or int6 table (packed rows, float16 scales [rows, groups]), unpacked once
-    into resident int8 values with the same group scales: exact. The head reads the whole table for every
-    token, so its pages would stay resident anyway; as int8 codes its products run near the int8 table's
-    speed instead of decoding 4 or 6 bits per weight per token (docs/kernels.md)."""
-    return Linear(table_values(packed, encoding)[:, None, :], "int8", shape, group_scale=scales[:, None, :])
 

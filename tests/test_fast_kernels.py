@@ -20,7 +20,6 @@ from ferrisres.runtime import load, set_threads
 from ferrisres.runtime import model as model_module
 from ferrisres.runtime.kernels import Linear, rotated_input
 from ferrisres.runtime.kv_cache import KVCache
-from ferrisres.runtime.weights import grouped_table_linear
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                  reason="numba is not installed (pip install 'ferrisres[fast]'): fast kernels untested")
@@ -48,7 +47,8 @@ def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: 
         q = rng.integers(-largest, largest, (out, n_in))
         scales = (rng.random((out, table_groups(encoding, n_in))) + 0.1).astype(np.float16)  # of the padded row
         magnitude = np.abs(q) * np.repeat(scales.astype(np.float32), size, axis=1)[:, :n_in]
-        return grouped_table_linear(pack_table_rows(q, encoding), encoding, (out, n_in), scales), magnitude
+        packed = pack_table_rows(q, encoding)[:, None, :]  # the tied head's rows as stored: one plane
+        return Linear(packed, encoding, (out, n_in), group_scale=scales[:, None, :]), magnitude
     if encoding == "int8":
         q = rng.integers(-127, 128, (out, n_in), dtype=np.int8)
         scale = rng.random(out, dtype=np.float32)
@@ -76,6 +76,8 @@ def test_each_encoding_equals_the_numpy_product(encoding, out, n_in, group, rota
     rng = np.random.default_rng(n_in)
     linear, magnitude = weights(encoding, out, n_in, rng, group, rotation)
     pairs = [(linear, Linear(linear.data, linear.encoding, (out, n_in), linear.scale, linear.group_scale, linear.rotation))]
+    if encoding.startswith(("int4", "int6")):  # a table's head, unpacked to int8 values at load for these kernels
+        pairs[0][1].keep_int8()
     if encoding.startswith("ternary-g"):  # and the same codes kept resident as int8 (`--cache int8`)
         numpy_int8, fast_int8 = (Linear(linear.data, encoding, (out, n_in), linear.scale, linear.group_scale,
                                         linear.rotation) for _ in range(2))
@@ -179,35 +181,40 @@ def available_int8_isas() -> list[str]:
     return int8_isas()
 
 
-def rounded_inputs(x: np.ndarray, width: int) -> np.ndarray:
+def rounded_inputs(x: np.ndarray, width: int, group: int = 64) -> np.ndarray:
     """x [T, n] as the int8 kernel takes it (fast_kernels._quantized_input), in float64: padded with zeros to
-    `width`, each group of 64 rounded to rint(x / s) * s with s = absmax / 127 in float32."""
+    `width`, each group of `group` (64 for ternary, 32 for an int6 table) rounded to rint(x / s) * s with
+    s = absmax / 127 in float32."""
     x = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, width - x.shape[1])))
-    groups = x.reshape(len(x), -1, 64)
+    groups = x.reshape(len(x), -1, group)
     s = np.abs(groups).max(axis=-1, keepdims=True) / np.float32(127)
     s[s == 0] = 1
     return (np.rint(np.clip(groups / s, -127, 127)) * s.astype(np.float64)).reshape(len(x), width)
 
 
-INT8_CASES = [  # encoding, out, in, rotation: whole 64-byte chunks, chunks and a tail of 2 groups, a tail alone
-    ("ternary-g1", 40, 512, 64), ("ternary-g2", 33, 640, 0), ("ternary-g3", 24, 64, 64)]
+INT8_CASES = [  # encoding, out, in, rotation: whole 64-byte chunks, chunks and a tail of 2 groups, a tail alone;
+    # an int6 table's rows (W/4 bytes of high bits: 64 a chunk): 2 chunks and a last one overlapping the second by
+    # 32 bytes, one chunk, a row too short for one
+    ("ternary-g1", 40, 512, 64), ("ternary-g2", 33, 640, 0), ("ternary-g3", 24, 64, 64),
+    ("int6-g32", 33, 640, 0), ("int6-g32", 20, 200, 0), ("int6-g32", 30, 70, 0)]
 
 
 @needs_numba
 @pytest.mark.parametrize("isa", available_int8_isas())
 @pytest.mark.parametrize("encoding,out,n_in,rotation", INT8_CASES, ids=[f"{c[0]}-{c[2]}" for c in INT8_CASES])
-def test_int8_inputs_give_the_product_of_the_inputs_rounded_per_group_of_64(isa, encoding, out, n_in, rotation):
-    from ferrisres.runtime.fast_kernels import attach
+def test_int8_inputs_give_the_product_of_the_inputs_rounded_per_group(isa, encoding, out, n_in, rotation):
+    from ferrisres.runtime.fast_kernels import INT8_TABLES, TABLE_GROUP, attach
 
     rng = np.random.default_rng(n_in)
     linear, magnitude = weights(encoding, out, n_in, rng, 64, rotation)
     plain = Linear(linear.data, encoding, (out, n_in), group_scale=linear.group_scale)  # takes the rotated input
     attach([linear], int8=True)
     linear.fast.int8_isa = isa
+    group = TABLE_GROUP if encoding in INT8_TABLES else 64
     for tokens in (1, 2, 5, 19):  # 19: more than INT8_TOKENS, so a prompt's blocks of 16 and 3 tokens
         x = rng.standard_normal((tokens, n_in)) * 10.0 ** rng.integers(-3, 4, (tokens, 1))
         x[0, :64] = 0  # a group of zeros
-        xq = rounded_inputs(rotated_input(x, rotation) if rotation else x, linear.width)[:, :n_in]
+        xq = rounded_inputs(rotated_input(x, rotation) if rotation else x, linear.width, group)[:, :n_in]
         # Integer sums are exact; the products of their scales and their sum over lanes round in float32, as
         # the reference's float32 sgemm of the same rounded inputs does: each within 4 sqrt(n) 2^-24 sum|w x|.
         np.testing.assert_array_less(np.abs(linear(x) - plain(xq)), 1e-5 * (np.abs(xq) @ magnitude.T) + 1e-30)
@@ -219,29 +226,33 @@ def test_int8_inputs_give_the_product_of_the_inputs_rounded_per_group_of_64(isa,
 
 @needs_numba
 def test_every_int8_product_of_a_generation_is_the_product_of_its_rounded_inputs(converted):
-    """The int8 kernel on the default student: every 2-bit ternary product in groups of 64 columns takes it, and each
-    call while generating gives the product of its own inputs rounded (so the wiring, rotations and padding
-    are right); other encodings keep float32 inputs."""
+    """The int8 kernel on the default student: every 2-bit ternary product in groups of 64 columns takes it, and so
+    does the tied head over the int6 table, read packed; each call while generating gives the product of its
+    own inputs rounded (so the wiring, rotations and padding are right); other encodings keep float32 inputs."""
+    from ferrisres.runtime.fast_kernels import TABLE_GROUP
+
     model = load(converted("tiny_gemma4", "ternary"), kernel="int8")
     assert model.kernel == "int8"
     linears = [linear for linear in model.weights.linears() if linear.fast is not None]
-    int8 = [linear for linear in linears if linear.fast.int8_isa is not None]
+    ternary = [linear for linear in linears if linear.fast.int8_isa is not None]
     in_groups_of_64 = [linear for linear in linears if linear.encoding in ("ternary-g1", "ternary-g2", "ternary-g3")
                        and linear.width // linear.group_scale.shape[-1] == 64]  # (narrower inputs have narrower groups)
-    assert len(int8) > 10 and in_groups_of_64 == int8
-    assert model.weights.head.fast.int8_isa is None
-    for linear in int8:
+    assert len(ternary) > 10 and in_groups_of_64 == ternary
+    head = model.weights.head
+    assert head.encoding == "int6-g32" and head.fast.int8_isa is not None
+    for linear in [*ternary, head]:
         linear.fast = Recording(linear.fast)
     tokens = [s.token for s in model.generate(reference("tiny_gemma4")["ids"].tolist(), max_tokens=6, temperature=0)]
     assert len(tokens) == 6
-    for linear in int8:
+    for linear in [*ternary, head]:
         shape = (linear.out_features, linear.in_features)
         plain = Linear(linear.data, linear.encoding, shape, group_scale=linear.group_scale)
-        magnitude = sum(np.abs(Linear(linear.data[:, p:p + 1], "ternary-g1", shape, group_scale=linear.group_scale[:, p:p + 1])
-                               .dequantize()) for p in range(linear.planes))  # |W| summed over planes, as the products are
+        magnitude = sum(np.abs(Linear(linear.data[:, p:p + 1], linear.encoding if linear is head else "ternary-g1", shape,
+                                      group_scale=linear.group_scale[:, p:p + 1]).dequantize())
+                        for p in range(linear.planes))  # |W| summed over planes, as the products are
         assert linear.fast.calls  # the decode steps ran through it
         for x, y in linear.fast.calls:
-            xq = rounded_inputs(x, linear.width)[:, : linear.in_features]
+            xq = rounded_inputs(x, linear.width, TABLE_GROUP if linear is head else 64)[:, : linear.in_features]
             np.testing.assert_array_less(np.abs(y - plain(xq)), 1e-5 * (np.abs(xq) @ magnitude.T) + 1e-30)
 
 
