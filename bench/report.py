@@ -261,7 +261,7 @@ def peers_section(p: dict | None) -> list[str]:
         f"after a {plan['context']}-token context (llama-bench tg{plan['new']} at depth {plan['context']}; ferrisres's "
         f"decode worker); prefill: a {plan['prompt']}-token prompt (pp{plan['prompt']}). Medians of {plan['repetitions']} "
         "repetitions (llama-bench's per-repetition rates; ferrisres's runs, each its own process). "
-        "Decoding is measured with each kernel named (`--kernel int8`: its ternary products take int8 inputs); "
+        "Decoding is measured with each kernel named (`--kernel int8`: its ternary products and the tied head over the int6 table take int8 inputs); "
         f"prefill with {', '.join(f'`--kernel {k}`' for k in plan.get('prefill_kernels', ['numpy']))} (numpy's sgemm over "
         "the whole prompt; the int8 kernel takes a prompt 16 tokens at a time; `--kernel fast` prefills through numpy). "
         "Each ratio is ferrisres's rate over llama.cpp's at the same thread count.",
