@@ -20,8 +20,8 @@ in integers by vpdpbusd (or vpmaddubsw), which numba reaches through LLVM intrin
 are unpacked by byte lookups (vpshufb), all planes of a row at once, and stay in registers for up to
 TOKEN_BLOCK tokens. The tied head over an int6 table goes the same way, its six-bit values assembled from
 the packed row by shifts and masks (`_int6_table`). That moves results by the inputs' rounding, far beyond
-float32's, so it is a choice, not the default. T-MAC's lookups of precomputed input sums are not taken: per 4 weights they cost what one
-lane of vpdpbusd does.
+float32's, so it is a choice, not the default. T-MAC's lookups of precomputed input sums are not taken:
+per 4 weights they cost what one lane of vpdpbusd does.
 """
 
 from __future__ import annotations
