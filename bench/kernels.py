@@ -80,7 +80,8 @@ def main() -> None:
             copies = {kind: Linear(fast.data, fast.encoding, (out, n_in), fast.scale, fast.group_scale, fast.rotation)
                       for kind in ("numpy", "int8")}
             if encoding in GROUPED_TABLES:  # as model.load keeps a table's head
-                fast.keep_int8(), copies["numpy"].keep_int8()
+                fast.keep_int8()
+                copies["numpy"].keep_int8()
                 if encoding not in INT8_TABLES:
                     copies["int8"].keep_int8()
             attach([fast])

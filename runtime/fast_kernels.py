@@ -457,9 +457,7 @@ def _rows_codegen(isa_name: str, loop, max_planes: int):
         planes, nbytes = (builder.extract_value(arrays["row"].shape, i) for i in range(2))
         groups = builder.extract_value(arrays["scales"].shape, 1)
         tokens, rows = (builder.extract_value(arrays["out"].shape, i) for i in range(2))
-        x_stride = builder.extract_value(arrays["xq"].shape, 1)
-        for i in range(2, signature.args[1].ndim):
-            x_stride = builder.mul(x_stride, builder.extract_value(arrays["xq"].shape, i))
+        x_stride = builder.extract_value(arrays["xq"].shape, 1)  # xq [T, inputs]
         lanes = builder.extract_value(arrays["xsum"].shape, 1)
         index = nbytes.type
         pointers = [arrays["row"].data,
@@ -603,8 +601,6 @@ def _int6_loop(module, isa, n_planes, n_tokens, index):
         return fn
     prow, pxq, pxsum, pxscale, pscales, pout, nbytes, groups, rows, x_stride, lanes = fn.args
     const = lambda value: ir.Constant(index, value)  # noqa: E731
-    bits = lambda v, shift: builder.and_(v, _splat(_V64, 0x30)) if shift == 0 else builder.and_(  # noqa: E731
-        builder.shl(v, _splat(_V64, shift)) if shift > 0 else builder.lshr(v, _splat(_V64, -shift)), _splat(_V64, 0x30))
     spread = ir.Constant(_V16I, [lane // 8 for lane in range(16)])  # a group's scale to its 8 lanes
     quarter = builder.udiv(nbytes, const(3))
     totals = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(n_tokens)]
@@ -614,11 +610,14 @@ def _int6_loop(module, isa, n_planes, n_tokens, index):
         _prefetch(builder, prow, builder.mul(at, const(3)), 3)
         runs = [_vector(builder, prow, start, _V64)
                 for start in (at, builder.add(quarter, at), builder.add(builder.mul(quarter, const(2)), at))]
-        nibbles, high = runs[:2], runs[2]
+        low, high = runs[:2], runs[2]
+        four, two = _splat(_V64, 4), _splat(_V64, 2)
         # quarter k: the low nibbles of run k (k < 2) or the high ones of run k - 2, with bits 2k..2k+1 of `high`
-        # as bits 4-5
-        codes = [builder.or_(builder.and_(nibbles[k % 2] if k < 2 else builder.lshr(nibbles[k % 2], _splat(_V64, 4)),
-                                          _splat(_V64, 0x0F)), bits(high, 4 - 2 * k)) for k in range(4)]
+        # moved to bits 4-5
+        nibbles = [low[0], low[1], builder.lshr(low[0], four), builder.lshr(low[1], four)]
+        moved = [builder.shl(high, four), builder.shl(high, two), high, builder.lshr(high, two)]
+        codes = [builder.or_(builder.and_(n, _splat(_V64, 0x0F)), builder.and_(m, _splat(_V64, 0x30)))
+                 for n, m in zip(nibbles, moved)]
         columns = [builder.add(builder.mul(quarter, const(k)), at) for k in range(4)]
         lane_scales = []
         for column in columns:
