@@ -16,12 +16,19 @@ TARGETS = {
     "serve_8_streams": (">=", 5.0, "x", None),  # ferrisres-serve: aggregate tok/s at 8 streams over 1 stream
 }
 
+# The kernel of every runtime measurement: what ferrisres-run and ferrisres-serve use by default (the fused
+# kernels when the fast extra is installed, as `make` installs it). The dense student is also decoded at
+# context 64 with each reference kernel: numpy (all a runtime-only install has) and int8 (the fastest).
+KERNEL = "auto"
+REFERENCE_KERNELS = ["numpy", "int8"]
+
 FULL = dict(
     scale="full", scaling_scales=["tiny", "half", "full"], convert_repeats=1, scaling_convert_repeats=1,
     load_repeats=5, prefill_lengths=[64, 256], prefill_repeats=3,
     decode_contexts=[64, 512, 2048], decode_new=64, decode_repeats={64: 3, 512: 1, 2048: 1},
     moe_contexts=[64], moe_repeats=2, teacher_new=16, draft_new=64, draft_repeats=2,
     scaling_decode_new=32, profile=True, serve_streams=[1, 2, 4, 8], serve_prompt=16, serve_new=32,
+    kernel=KERNEL, reference_kernels=REFERENCE_KERNELS,
 )
 QUICK = dict(
     scale="tiny", scaling_scales=["tiny"], convert_repeats=1, scaling_convert_repeats=1,
@@ -29,6 +36,7 @@ QUICK = dict(
     decode_contexts=[64, 512, 2048], decode_new=16, decode_repeats={64: 2, 512: 1, 2048: 1},
     moe_contexts=[64], moe_repeats=1, teacher_new=8, draft_new=16, draft_repeats=1,
     scaling_decode_new=0, profile=False, serve_streams=[1, 2, 4, 8], serve_prompt=16, serve_new=16,
+    kernel=KERNEL, reference_kernels=REFERENCE_KERNELS,
 )
 
 # The dense student with other table encodings than its default (int6-g32 tables, the head tied to the

@@ -164,8 +164,8 @@ def profile(path: str, context: int = 64, steps: int = 4, top: int = 25, kernel:
         top_rows.append({"function": f"{_short(file)}:{line}({fn})", "calls_per_step": nc / steps,
                          "tottime_ms_per_step": 1000 * tt / steps, "cumtime_ms_per_step": 1000 * ct / steps})
 
-    md = [f"{steps} decode steps after a {context}-token context, {step_ms:.0f} ms per step with the timers "
-          f"({steps / timed_wall:.2f} tok/s), {1000 * profiled_wall / steps:.0f} ms under cProfile.", "",
+    md = [f"{steps} decode steps after a {context}-token context (`--kernel {model.kernel}`), {step_ms:.0f} ms per step "
+          f"with the timers ({steps / timed_wall:.2f} tok/s), {1000 * profiled_wall / steps:.0f} ms under cProfile.", "",
           "By kernel (wall time inside each group; MB = weight bytes the group reads per step):", "",
           "| what | ms/step | share | calls/step | MB/step | GB/s |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -176,8 +176,8 @@ def profile(path: str, context: int = 64, steps: int = 4, top: int = 25, kernel:
            "| function | calls/step | own ms/step | cumulative ms/step |", "|---|---|---|---|"]
     for r in top_rows:
         md.append(f"| `{r['function']}` | {r['calls_per_step']:.0f} | {r['tottime_ms_per_step']:.1f} | {r['cumtime_ms_per_step']:.1f} |")
-    return {"context": context, "steps": steps, "step_ms": step_ms, "profiled_step_ms": 1000 * profiled_wall / steps,
-            "kernels": rows, "cprofile_top": top_rows, "cprofile_tottime": text_tottime, "cprofile_cumulative": text_cum,
+    return {"context": context, "steps": steps, "kernel": model.kernel, "step_ms": step_ms,
+            "profiled_step_ms": 1000 * profiled_wall / steps, "kernels": rows, "cprofile_top": top_rows, "cprofile_tottime": text_tottime, "cprofile_cumulative": text_cum,
             "markdown": "\n".join(md)}
 
 

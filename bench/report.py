@@ -63,9 +63,11 @@ def report(r: dict) -> str:
     serve = r.get("serve", {})
     streams = _g(serve, "by_streams") or {}
     one, eight = _g(streams, "1", "tok_s"), _g(streams, "8", "tok_s")
+    ran = _g(r, "load", "dense", "kernel")  # recorded by the workers since the runtime ran with --kernel auto
+    kernel = f" (`--kernel {ran}`)" if ran else ""
     rows = [
-        ("decode, dense ternary, context 64", "decode_dense", _g(dec, "dense", "64", "tok_s"), bound("dense", 64)),
-        ("decode, 2-expert top-2 MoE, context 64", "decode_moe", _g(dec, "moe2", "64", "tok_s"), bound("moe2", 64)),
+        (f"decode, dense ternary, context 64{kernel}", "decode_dense", _g(dec, "dense", "64", "tok_s"), bound("dense", 64)),
+        (f"decode, 2-expert top-2 MoE, context 64{kernel}", "decode_moe", _g(dec, "moe2", "64", "tok_s"), bound("moe2", 64)),
         ("decode with `draft=\"ngram\"`, copy-heavy prompt, vs plain", "draft_speedup", draft_v, None),
         ("prefill, 256-token prompt (dense)", "prefill_256", _g(r, "prefill", "dense", "256", "tok_s"), None),
         ("load: open -> ready to generate, tokenizer included (dense)", "load", _g(r, "load", "dense", "load_s"), None),
@@ -82,7 +84,9 @@ def report(r: dict) -> str:
         "",
         f"Measured by `make bench{' QUICK=1' if r['mode'] == 'quick' else ''}` (bench/run.py) on a synthetic checkpoint with "
         f"the exact Gemma 4 E2B text shapes and random weights (bench/make_synthetic_e2b.py, scale `{scale}`). "
-        "Every number is a median over runs, each in its own process.",
+        "Every number is a median over runs, each in its own process."
+        + (f" The runtime runs as `ferrisres-run` and `ferrisres-serve` do by default, `--kernel {r['plan']['kernel']}`, "
+           f"which picked `{ran}` here (`make` installs the fast extra)." if ran else ""),
         f"Code: commit {r['code']['commit'][:12]}" + (f" + uncommitted changes in {len(dirty)} product files" if dirty else "")
         + f" (product code digest {r['code']['product_code_digest']}, run from a snapshot of it); {m['date']}.",
         "",
@@ -123,7 +127,8 @@ def report(r: dict) -> str:
                      f"artifact {cv['size_bytes'] / GB:.2f} GB")
     ld = _g(r, "load", "dense")
     if ld:
-        lines.append(f"- load (dense): open + validate {ld['open_s']:.3f} s + tokenizer.json parse {ld['tokenizer_s']:.3f} s "
+        kernels = f" + fast kernels from numba's cache {ld['kernels_s']:.3f} s" if ld.get("kernels_s") else ""
+        lines.append(f"- load (dense): open + validate {ld['open_s']:.3f} s{kernels} + tokenizer.json parse {ld['tokenizer_s']:.3f} s "
                      f"(a {r['tokenizer']['json_mb']} MB tokenizer.json, vocabulary 262144); before that, importing the "
                      f"runtime {ld['import_s']:.2f} s; the first token after load {ld['first_token_s']:.2f} s (maps the weights in)")
     dd = _g(dec, "dense", "64")
@@ -131,6 +136,11 @@ def report(r: dict) -> str:
         lines.append(f"- decode memory (dense, context 64): peak RSS while decoding {dd['decode_peak_rss_bytes'] / GB:.2f} GB "
                      f"(mapped artifact pages {dd['decode_peak_rss_file_bytes'] / GB:.2f} GB + heap {dd['decode_peak_rss_anon_bytes'] / GB:.2f} GB); "
                      f"whole process including the prefill {dd['process_peak_rss_bytes'] / GB:.2f} GB")
+    by_kernel = {k: _g(v, "tok_s") for k, v in r.get("decode_kernels", {}).items()}
+    if by_kernel:
+        lines.append("- decode dense, context 64, by kernel (a run each): "
+                     + ", ".join(f"`--kernel {k}` {_fmt(v, 'tok/s') if v else 'failed'}" for k, v in by_kernel.items())
+                     + f"; the default{kernel} {_fmt(_g(dec, 'dense', '64', 'tok_s'), 'tok/s')} (above)")
     for name in ("moe2", "bf16"):
         for ctx, v in dec.get(name, {}).items():
             if "error" in v:
@@ -364,10 +374,13 @@ def tables_section(r: dict) -> list[str]:
                  "`--per-layer-table`) and as one-plane (1.58-bit) students, decoded in numpy after a 64-token "
                  "context, the repeats alternated between the students")
         convert, decode = t["convert"], t["decode"]
-    else:
+    elif "dense-bf16-tables" in r.get("convert", {}):  # a full run from before they moved to `--only tables`
         intro = ("The dense student of this run (the default tables of its commit, above) and the same student with "
                  "other table encodings (`--tables`, `--per-layer-table`), and the one-plane (1.58-bit) student")
         convert, decode = r.get("convert", {}), r.get("decode", {})
+    else:
+        return ["", "### Embedding tables", "", "Not measured yet: `python bench/run.py --only tables` converts and "
+                "decodes the table-encoding variants and adds them here."]
     lines = ["", "### Embedding tables", "", f"{intro}, beside llama.cpp's TQ2_0 GGUF ({gguf_size}):", "",
              "| student | options | artifact | decode tok/s @64 | peak RSS while decoding |", "|---|---|---|---|---|"]
     for name in ("dense-bf16-tables", "dense-int8-tables", "dense", "dense-int4-per-layer", *(

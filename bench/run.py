@@ -7,9 +7,12 @@
     python bench/run.py --report-only bench/results.json      # rewrite BENCHMARKS.md from the data
 
 1. Makes (or reuses) the synthetic Gemma 4 E2B checkpoints of bench/make_synthetic_e2b.py in bench/.cache/.
-2. Converts the main one three ways: dense ternary student, 2-expert top-2 MoE student
-   (`--moe-experts 2`), bf16 teacher (`--quant bf16`); the other sizes dense, for the scaling table.
-3. Measures, each in its own subprocess (so peak RSS is per measurement) and as medians over repeats:
+2. Converts the main one three ways: dense ternary student (the calibrated default), 2-expert top-2 MoE
+   student (`--moe-experts 2`, rounded to nearest), bf16 teacher (`--quant bf16`); the other sizes dense,
+   rounded to nearest, for the scaling table.
+3. Measures, each in its own subprocess (so peak RSS is per measurement) and as medians over repeats, with
+   the runtime's default kernel (`--kernel auto`: the fused kernels, which `make` installs; plan.KERNEL),
+   the dense student also with numpy and int8 (plan.REFERENCE_KERNELS):
    conversion wall time and peak RSS; artifact size; load time (open -> ready to generate, tokenizer
    included); prefill tok/s at 64 and 256 prompt tokens; decode tok/s over N new tokens after a context
    of 64, 512 and 2048 random token ids; peak RSS while decoding; n-gram draft decoding
@@ -109,16 +112,19 @@ def main(argv=None) -> int:
     arts, written = measure_conversions(results, plan, sources, attempt, snapshot.name if args.reuse else None)
     results["bytes_per_token"] = {name: {str(ctx): per_token_bytes(p, ctx) for ctx in plan["decode_contexts"]}
                                   for name, p in arts.items()}
+    kernel = plan["kernel"]
     results["load"] = measure_load(plan, arts, attempt)
     results["prefill"] = measure_prefill(plan, arts, attempt)
     results["decode"] = measure_decode(plan, arts, attempt)
-    results["draft"] = attempt("draft", {"path": str(arts["dense"]), "new": plan["draft_new"],
+    results["decode_kernels"] = measure_reference_kernels(plan, arts["dense"], attempt)
+    results["draft"] = attempt("draft", {"path": str(arts["dense"]), "new": plan["draft_new"], "kernel": kernel,
                                          "repeats": plan["draft_repeats"]}, label="dense ngram")
     results["scaling_decode"] = measure_scaling_decode(results, plan, attempt)
-    results["serve"] = attempt("serve", {"path": str(arts["dense"]), "streams": plan["serve_streams"],
+    results["serve"] = attempt("serve", {"path": str(arts["dense"]), "streams": plan["serve_streams"], "kernel": kernel,
                                          "prompt": plan["serve_prompt"], "new": plan["serve_new"]}, label="dense streams")
     if plan["profile"] and not args.skip_profile:
-        results["profile"] = attempt("profile", {"path": str(arts["dense"]), "context": 64, "steps": 4}, label="dense")
+        results["profile"] = attempt("profile", {"path": str(arts["dense"]), "context": 64, "steps": 4, "kernel": kernel},
+                                     label="dense")
     if args.peers:
         students = {"default": arts["dense"], "one-plane": kept_artifact(sources[plan["scale"]], plan, attempt, "one-plane")}
         results["peers"] = peers.measure(sources[plan["scale"]], students, QUICK_PEERS if args.quick else PEERS, attempt)
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
     if not args.keep:  # this run's artifacts only: the rtn ones of --only peers / tables stay for their next run
         for p in written:
             p.unlink(missing_ok=True)
-    write_results(results, args.out, args.quick)
+    write_results(_with_earlier_parts(results, args.out, args.quick), args.out, args.quick)
     return 0
 
 
@@ -204,6 +210,14 @@ def tables_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: bo
     return 0
 
 
+def _with_earlier_parts(results: dict, out: Path, quick: bool) -> dict:
+    """`results` with the `--only` parts (peers, tables) of the results.json it replaces, when this run did
+    not measure them: each carries its own machine and code, which the report prints beside it."""
+    json_path = CACHE / "quick" / "results.json" if quick else out / "results.json"
+    earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
+    return {**{part: earlier[part] for part in ("peers", "tables") if part in earlier}, **results}
+
+
 def _results_to_extend(out: Path, quick: bool, part: str) -> Path:
     json_path = CACHE / "quick" / "results.json" if quick else out / "results.json"
     if not json_path.exists():
@@ -252,10 +266,11 @@ def measure_conversions(results: dict, plan: dict, sources: dict, attempt: Attem
     instead."""
     main_scale = plan["scale"]
     # The dense student is converted with the default (calibrated) options: its time and memory are the
-    # conversion targets. The others are rounded to nearest (--method rtn): the same encodings, so the
-    # same decoding speed, in seconds instead of most of an hour.
+    # conversion targets. The MoE student is rounded to nearest (--method rtn): the same encodings, so the
+    # same decoding speed, in minutes instead of most of an hour. The table-encoding variants are
+    # `--only tables`'s (sizes, not this run's targets: they would add two hours).
     variants = {"dense": [], "moe2": ["--moe-experts", "2", "--moe-top-k", "2", "--method", "rtn"],
-                "bf16": ["--quant", "bf16"], **TABLE_VARIANTS}
+                "bf16": ["--quant", "bf16"]}
     jobs = [(name, main_scale, extra, plan["convert_repeats"]) for name, extra in variants.items()]
     jobs += [("dense", s, ["--method", "rtn"], plan["scaling_convert_repeats"]) for s in plan["scaling_scales"]
              if s != main_scale]
@@ -288,9 +303,12 @@ def measure_load(plan: dict, arts: dict, attempt: Attempts) -> dict:
     out = {}
     for name, p in arts.items():
         n = plan["load_repeats"] if name == "dense" else max(1, plan["load_repeats"] // 2)
-        runs = [r for r in (attempt("load", {"path": str(p)}, label=name) for _ in range(n)) if "error" not in r]
+        runs = [r for r in (attempt("load", {"path": str(p), "kernel": plan["kernel"]}, label=name) for _ in range(n))
+                if "error" not in r]
         if runs:
-            out[name] = {k: median(r[k] for r in runs) for k in ("load_s", "open_s", "tokenizer_s", "import_s", "first_token_s")}
+            out[name] = {k: median(r[k] for r in runs)
+                         for k in ("load_s", "open_s", "kernels_s", "tokenizer_s", "import_s", "first_token_s")}
+            out[name]["kernel"] = runs[0]["kernel"]
             out[name]["runs"] = runs
     return out
 
@@ -300,7 +318,8 @@ def measure_prefill(plan: dict, arts: dict, attempt: Attempts) -> dict:
     for name, p in arts.items():
         reps = plan["prefill_repeats"] if name == "dense" else 1
         lengths = plan["prefill_lengths"] if name == "dense" else plan["prefill_lengths"][-1:]
-        out[name] = attempt("prefill", {"path": str(p), "lengths": lengths, "repeats": reps}, label=name)
+        out[name] = attempt("prefill", {"path": str(p), "lengths": lengths, "repeats": reps, "kernel": plan["kernel"]},
+                            label=name)
     return out
 
 
@@ -309,7 +328,7 @@ def measure_decode(plan: dict, arts: dict, attempt: Attempts) -> dict:
     decode = {name: {} for name in arts}
 
     def measure(name, ctx, new, repeats):
-        runs = [attempt("decode", {"path": str(arts[name]), "context": ctx, "new": new, "seed": r},
+        runs = [attempt("decode", {"path": str(arts[name]), "context": ctx, "new": new, "seed": r, "kernel": plan["kernel"]},
                         label=f"{name} ctx {ctx} #{r}") for r in range(repeats)]
         decode[name][str(ctx)] = _summ_decode(runs)
 
@@ -320,10 +339,14 @@ def measure_decode(plan: dict, arts: dict, attempt: Attempts) -> dict:
             measure("moe2", ctx, plan["decode_new"], plan["moe_repeats"])
     if "bf16" in arts:
         measure("bf16", 64, plan["teacher_new"], 1)
-    for name in TABLE_VARIANTS:  # as the dense student's context-64 runs, to compare with them
-        if name in arts:
-            measure(name, 64, plan["decode_new"], plan["decode_repeats"][64])
     return decode
+
+
+def measure_reference_kernels(plan: dict, dense: Path, attempt: Attempts) -> dict:
+    """The dense student at context 64 decoded with each of plan["reference_kernels"] (numpy: what a
+    runtime-only install runs; int8: the fastest), a run each."""
+    return {k: _summ_decode([attempt("decode", {"path": str(dense), "context": 64, "new": plan["decode_new"], "kernel": k},
+                                     label=f"dense ctx 64 --kernel {k}")]) for k in plan["reference_kernels"]}
 
 
 def measure_scaling_decode(results: dict, plan: dict, attempt: Attempts) -> dict:
@@ -335,7 +358,8 @@ def measure_scaling_decode(results: dict, plan: dict, attempt: Attempts) -> dict
         if s == plan["scale"]:
             out[s] = results["decode"]["dense"]["64"]
         elif "error" not in v:
-            r = attempt("decode", {"path": v["artifact"], "context": 64, "new": plan["scaling_decode_new"]},
+            r = attempt("decode", {"path": v["artifact"], "context": 64, "new": plan["scaling_decode_new"],
+                                   "kernel": plan["kernel"]},
                         label=f"{s} dense ctx 64")
             out[s] = _summ_decode([r])
     return out

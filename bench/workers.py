@@ -128,7 +128,7 @@ def worker_load(args: dict) -> None:
     from ferrisres.runtime import load
 
     t1 = time.perf_counter()
-    model = load(args["path"])
+    model = load(args["path"], kernel=args.get("kernel", "numpy"))
     t2 = time.perf_counter()
     model.tokenizer  # parsed on first use; generating text needs it
     t3 = time.perf_counter()
@@ -136,13 +136,13 @@ def worker_load(args: dict) -> None:
     for _ in gen:
         pass
     t4 = time.perf_counter()
-    _result({"import_s": t1 - t0, "open_s": t2 - t1, "tokenizer_s": t3 - t2, "load_s": t3 - t1,
-             "first_token_s": t4 - t3, "peak_rss_bytes": _status().get("VmHWM", 0)})
+    _result({"import_s": t1 - t0, "open_s": t2 - t1, "kernels_s": model.compile_seconds, "tokenizer_s": t3 - t2,
+             "load_s": t3 - t1, "first_token_s": t4 - t3, "kernel": model.kernel, "peak_rss_bytes": _status().get("VmHWM", 0)})
 
 
 def _load(args: dict):
     """The artifact loaded as a user would run it: `threads` (default 1, the runtime's own default) and
-    `kernel` ("numpy", the reference path, by default), tokenizer parsed."""
+    `kernel` ("numpy", the reference path, unless named), tokenizer parsed."""
     from ferrisres.runtime import load, set_threads
 
     set_threads(args.get("threads", 1))
@@ -221,7 +221,7 @@ def worker_decode(args: dict) -> None:
              "tok_s": steps / wall if steps else None,
              "median_step_tok_s": 1 / statistics.median(gaps) if steps else None,
              "forward_tok_s": _forward_rate(gen),
-             "stop_reason": gen.stop_reason, "tokens_head": tokens[:8], **before_decode, **mem})
+             "stop_reason": gen.stop_reason, "tokens_head": tokens[:8], "kernel": model.kernel, **before_decode, **mem})
 
 
 def worker_batch(args: dict) -> None:
@@ -251,10 +251,7 @@ def worker_batch(args: dict) -> None:
 
 def worker_draft(args: dict) -> None:
     """Plain greedy vs `draft="ngram"` greedy on a copy-heavy prompt, interleaved; same tokens required."""
-    from ferrisres.runtime import load
-
-    model = load(args["path"])
-    model.tokenizer
+    model = _load(args)
     verify = _verify_cost(model)
     para = model.encode(COPY_PARAGRAPH, add_bos=False)
     ids = [2] + para * 3 + para[: len(para) // 2]
@@ -270,7 +267,7 @@ def worker_draft(args: dict) -> None:
         for r in rs:
             r["tokens"] = r["tokens"][:16]
     _result({"prompt_tokens": len(ids), "plain_tok_s": plain, "ngram_tok_s": ngram,
-             "speedup": ngram / plain, "same_tokens": same, "runs": runs, "verify": verify})
+             "speedup": ngram / plain, "same_tokens": same, "runs": runs, "verify": verify, "kernel": model.kernel})
 
 
 def _verify_cost(model, context: int = 64, sizes=(1, 4, 11), repeats: int = 3) -> dict:
@@ -297,7 +294,8 @@ def _verify_cost(model, context: int = 64, sizes=(1, 4, 11), repeats: int = 3) -
 def worker_profile(args: dict) -> None:
     import profile_decode
 
-    _result(profile_decode.profile(args["path"], context=args.get("context", 64), steps=args.get("steps", 4)))
+    _result(profile_decode.profile(args["path"], context=args.get("context", 64), steps=args.get("steps", 4),
+                                   kernel=args.get("kernel", "numpy")))
 
 
 def worker_serve(args: dict) -> None:
@@ -307,7 +305,8 @@ def worker_serve(args: dict) -> None:
     import subprocess
 
     server = subprocess.Popen([sys.executable, "-m", "ferrisres.runtime.serve", args["path"], "--port", "0",
-                               "--max-batch", str(max(args["streams"]))], stderr=subprocess.PIPE, text=True)
+                               "--max-batch", str(max(args["streams"])), "--kernel", args.get("kernel", "numpy")],
+                              stderr=subprocess.PIPE, text=True)
     try:
         line = server.stderr.readline()
         address = line.split(" on http://")[1].split()[0]
