@@ -217,6 +217,15 @@ def check_tokenizer(value: dict) -> None:
     check_fields("tokenizer.json", value, TOKENIZER_FIELDS)
 
 
+def check_loaded_tokenizer(tokenizer) -> None:
+    """TOKENIZER_FIELDS checked on what the tokenizers library read from tokenizer.json (a `Tokenizer`):
+    the same rules as check_tokenizer without parsing the document's tens of MB a second time in Python.
+    Reading the settings is safe; a padding length is only allocated when a text is encoded."""
+    check_tokenizer({"padding": tokenizer.padding, "truncation": tokenizer.truncation,
+                     "added_tokens": [{"id": i, "content": t.content} for i, t in tokenizer.get_added_tokens_decoder().items()],
+                     "model": {"type": type(tokenizer.model).__name__}})
+
+
 def check_chat_template(template: str) -> None:
     if len(template) > MAX_TEMPLATE:
         raise ArtifactError(f"chat_template.jinja: {len(template)} characters, more than a chat template may have "

@@ -10,7 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ferrisres.format import Artifact, ArtifactError
-from ferrisres.format.documents import check_document
+from ferrisres.format.documents import check_document, check_loaded_tokenizer
 from ferrisres.format.tables import GROUPED_TABLES
 
 from .chat_template import render_chat, special_token_variables, template_of
@@ -45,13 +45,14 @@ class Model:
         """The checkpoint's `tokenizers` tokenizer (parsed on first use: it is tens of MB for Gemma)."""
         text = self.artifact.document("tokenizer.json")
         try:
-            check_document("tokenizer.json", text)  # its settings, before the tokenizers library trusts them
+            try:
+                tokenizer = Tokenizer.from_str(text)
+            except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+                check_document("tokenizer.json", text)  # a message naming the field, when one is wrong
+                raise ArtifactError(f"tokenizer.json cannot be loaded ({e})") from None
+            check_loaded_tokenizer(tokenizer)  # its settings, before it encodes anything
         except ArtifactError as e:
             raise ArtifactError(f"{self.artifact.path}: {e}") from None
-        try:
-            tokenizer = Tokenizer.from_str(text)
-        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
-            raise ArtifactError(f"{self.artifact.path}: tokenizer.json cannot be loaded ({e})") from None
         del text
         release_freed_heap()
         return tokenizer

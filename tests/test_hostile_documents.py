@@ -1,6 +1,6 @@
 """Hostile documents inside an artifact: tokenizer.json settings (class 1 of issue 13) and every field of
 every document the runtime reads (class 3). Each is refused at open (or, for tokenizer.json, before the
-tokenizers library sees it) with one line naming the file, the document and the field, under a memory
+tokenizers library encodes anything) with one line naming the file, the document and the field, under a memory
 limit and a timeout: no abort inside a library, no allocation sized by the document, no traceback."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ _ADDED = {"id": 10**12, "content": "x", "single_word": False, "lstrip": False, "
     (lambda t: {**t, "model": 3}, "model must be"),
 ], ids=["padding-1e12", "padding-5e7", "pad-multiple", "truncation", "added-id-huge", "added-malformed",
         "model-type", "model-not-object"])
-def test_tokenizer_settings_are_refused_before_the_library_sees_them(base, tmp_path, change, fragment):
+def test_tokenizer_settings_are_refused_before_the_library_uses_them(base, tmp_path, change, fragment):
     bad = with_documents(base, tmp_path / "bad.tern", tokenizer_json=change(document(base, "tokenizer.json")))
     line = refused(run_boxed("ferrisres-run", str(bad), *RUN_ARGS), str(bad), "tokenizer.json", fragment)
     assert len(line) < 400
