@@ -197,13 +197,15 @@ def report(r: dict) -> str:
         lines.append(f"| {ctx} | {_fmt(v['tok_s'])} | {_fmt(v['median_step_tok_s'])} | {_fmt(v['forward_tok_s'])} "
                      f"| {bpt['dense'][ctx]['total'] / 1e6:.0f} MB | {bnd:.1f} | {v['tok_s'] / bnd:.1%} "
                      f"| {v['prefill_s']:.1f} s ({int(ctx) / v['prefill_s']:.1f} tok/s) |")
-    lines += ["", "Conversion (dense ternary) vs model size:", "",
-              "| scale | source checkpoint | conversion | peak RSS (ru_maxrss) | mapped files | heap | artifact | decode tok/s @64 |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Conversion (dense ternary) vs model size: the main scale with the calibrated default (the conversion "
+              "targets), the others rounded to nearest (`--method rtn`, the same encodings):", "",
+              "| scale | source checkpoint | method | conversion | peak RSS (ru_maxrss) | mapped files | heap | artifact | decode tok/s @64 |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s, v in r.get("scaling_convert", {}).items():
         ck = r["checkpoints"][s]
         sd = _g(r, "scaling_decode", s, "tok_s")
-        head = f"| {s} ({ck['layers']} layers, hidden {ck['hidden']}) | {ck['safetensors_bytes'] / GB:.2f} GB "
+        head = (f"| {s} ({ck['layers']} layers, hidden {ck['hidden']}) | {ck['safetensors_bytes'] / GB:.2f} GB "
+                f"| {'calibrated' if s == scale else 'rtn'} ")
         if "error" in v:
             lines.append(head + "| failed | | | | | |")
             continue
