@@ -32,6 +32,16 @@ def test_speculative_decoding_leaves_the_cache_as_plain_decoding_does(converted)
     """After rejected drafts are taken back, the cache holds exactly the accepted tokens."""
     model = load(converted("tiny_gemma4", "ternary"))
     generation = model.generate(copy_heavy_prompt(model), max_tokens=30, temperature=0, draft="ngram")
+    lookup, rounds = generation._drafts, []
+
+    def every_other_last_draft_wrong(token):  # rejections, whatever the BLAS kernel's rounding makes greedy pick
+        drafts = lookup(token)
+        rounds.append(drafts)
+        if drafts and len(rounds) % 2:
+            drafts[-1] = (drafts[-1] + 1) % model.config.vocab_size
+        return drafts
+
+    generation._drafts = every_other_last_draft_wrong
     steps = list(generation)
     assert generation.accepted < generation.drafted  # some drafts were rejected and taken back
     ids = generation.context
