@@ -177,7 +177,8 @@ def profile(path: str, context: int = 64, steps: int = 4, top: int = 25, kernel:
     for r in top_rows:
         md.append(f"| `{r['function']}` | {r['calls_per_step']:.0f} | {r['tottime_ms_per_step']:.1f} | {r['cumtime_ms_per_step']:.1f} |")
     return {"context": context, "steps": steps, "kernel": model.kernel, "step_ms": step_ms,
-            "profiled_step_ms": 1000 * profiled_wall / steps, "kernels": rows, "cprofile_top": top_rows, "cprofile_tottime": text_tottime, "cprofile_cumulative": text_cum,
+            "profiled_step_ms": 1000 * profiled_wall / steps, "kernels": rows, "cprofile_top": top_rows,
+            "cprofile_tottime": text_tottime, "cprofile_cumulative": text_cum,
             "markdown": "\n".join(md)}
 
 

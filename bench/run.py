@@ -214,13 +214,18 @@ def tables_only(run: dict, plan: dict, attempt: "Attempts", out: Path, quick: bo
 def _with_earlier_parts(results: dict, out: Path, quick: bool) -> dict:
     """`results` with the `--only` parts (peers, tables) of the results.json it replaces, when this run did
     not measure them: each carries its own machine and code, which the report prints beside it."""
-    json_path = CACHE / "quick" / "results.json" if quick else out / "results.json"
+    json_path = _results_path(out, quick)
     earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
     return {**{part: earlier[part] for part in ("peers", "tables") if part in earlier}, **results}
 
 
+def _results_path(out: Path, quick: bool) -> Path:
+    """Where a run's results.json goes: the quick run's tiny-model numbers never over the real ones."""
+    return CACHE / "quick" / "results.json" if quick else out / "results.json"
+
+
 def _results_to_extend(out: Path, quick: bool, part: str) -> Path:
-    json_path = CACHE / "quick" / "results.json" if quick else out / "results.json"
+    json_path = _results_path(out, quick)
     if not json_path.exists():
         raise SystemExit(f"--only {part}: no {json_path} to add to (run the bench once first)")
     return json_path
@@ -367,9 +372,8 @@ def measure_scaling_decode(results: dict, plan: dict, attempt: Attempts) -> dict
 
 
 def write_results(results: dict, out: Path, quick: bool) -> None:
-    # The quick run checks the harness: its tiny-model numbers go to bench/.cache/quick/, never over the real ones.
-    json_path, md_path = (out / "results.json", ROOT / "BENCHMARKS.md") if not quick else \
-        (CACHE / "quick" / "results.json", CACHE / "quick" / "BENCHMARKS.md")
+    json_path = _results_path(out, quick)
+    md_path = CACHE / "quick" / "BENCHMARKS.md" if quick else ROOT / "BENCHMARKS.md"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     results = _without_machine_paths(results)
