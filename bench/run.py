@@ -12,8 +12,8 @@ conversion) or `make bench QUICK=1` (tiny model, ~2 min).
    student (`--moe-experts 2`, rounded to nearest), bf16 teacher (`--quant bf16`); the other sizes dense,
    rounded to nearest, for the scaling table.
 3. Measures, each in its own subprocess (so peak RSS is per measurement) and as medians over repeats, with
-   the runtime's default kernel (`--kernel auto`: the fused kernels, which `make` installs; plan.KERNEL),
-   the dense student also with numpy and int8 (plan.REFERENCE_KERNELS):
+   the runtime's default kernel (`--kernel auto`: int8 with the fast extra, which `make` installs; plan.KERNEL),
+   the dense student also with numpy and fast (plan.REFERENCE_KERNELS):
    conversion wall time and peak RSS; artifact size; load time (open -> ready to generate, tokenizer
    included); prefill tok/s at 64 and 256 prompt tokens; decode tok/s over N new tokens after a context
    of 64, 512 and 2048 random token ids; peak RSS while decoding; n-gram draft decoding
@@ -350,7 +350,7 @@ def measure_decode(plan: dict, arts: dict, attempt: Attempts) -> dict:
 
 def measure_reference_kernels(plan: dict, dense: Path, attempt: Attempts) -> dict:
     """The dense student at context 64 decoded with each of plan["reference_kernels"] (numpy: what a
-    runtime-only install runs; int8: the fastest), a run each."""
+    runtime-only install runs; fast: float32 inputs, the reference's results), a run each."""
     return {k: _summ_decode([attempt("decode", {"path": str(dense), "context": 64, "new": plan["decode_new"], "kernel": k},
                                      label=f"dense ctx 64 --kernel {k}")]) for k in plan["reference_kernels"]}
 

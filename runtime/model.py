@@ -185,11 +185,12 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
     `cache="int8"` unpacks every ternary matrix once into RAM as int8 (4x the packed size: ~1.9 GB for
     E2B), which makes each decoded token faster, for users with memory to spare.
     `kernel="fast"` runs the products of a few tokens at a time (decoding) through fused compiled kernels
-    (the `fast` extra: numba); "auto" does so when numba is installed and the model is not tiny
-    (AUTO_FAST_BYTES); "numpy", the default here, is the reference path. `kernel="int8"` is "fast" with
-    the inputs of the ternary products rounded to int8 per group of 64 (as llama.cpp does), and of the tied
-    head over an int6 table per group of 32, which it reads packed instead of unpacking it to int8 at load:
-    E2B decodes 1.8-2.5x faster, and no longer equal to the reference (fast_kernels.py; x86-64 with AVX2).
+    (the `fast` extra: numba); "numpy", the default here, is the reference path. `kernel="int8"` is "fast"
+    with the inputs of the ternary products rounded to int8 per group of 64 (as llama.cpp does), and of the
+    tied head over an int6 table per group of 32, which it reads packed instead of unpacking it to int8 at
+    load: E2B decodes about 3x faster, and no longer equal to the reference (fast_kernels.py; x86-64 with
+    AVX2). "auto" (ferrisres-run's default) takes int8 where numba is installed and the CPU has it, else
+    fast, and numpy without numba or for a tiny model (AUTO_FAST_BYTES).
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
@@ -198,12 +199,13 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
     attach = _fast_kernels(required=True) if kernel in ("fast", "int8") else None  # refused before any work
     model = Model(Artifact.open(path))
     weights = model.weights
+    if kernel == "auto":
+        kernel = _auto_kernel([*weights.linears(), weights.head])
+        attach = _fast_kernels(required=False) if kernel != "numpy" else None
     if weights.head.encoding in GROUPED_TABLES and not (kernel == "int8" and weights.head.encoding in _int8_tables()):
         weights.head.keep_int8()  # once: its int8 products beat decoding 4 or 6 bits a weight every token
         model.artifact.release_pages()  # the packed table's pages just read are not read again
     linears = [*weights.linears(), weights.head]
-    if kernel == "auto" and sum(linear.data.nbytes for linear in linears) >= AUTO_FAST_BYTES:
-        attach = _fast_kernels(required=False)
     if cache == "int8":
         for linear in weights.linears():
             linear.keep_int8()
@@ -211,6 +213,15 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
         model.compile_seconds = attach(linears, int8=kernel == "int8")
         model.kernel = "int8" if kernel == "int8" else "fast"
     return model
+
+
+def _auto_kernel(linears) -> str:
+    """What kernel="auto" runs: int8 when numba imports and this CPU has the instructions (AVX2 and F16C),
+    fast when only numba is there, numpy without numba or for a model under AUTO_FAST_BYTES of matrices."""
+    if sum(linear.data.nbytes for linear in linears) < AUTO_FAST_BYTES or _fast_kernels(required=False) is None:
+        return "numpy"
+    from .fast_kernels import int8_isas
+    return "int8" if int8_isas() else "fast"
 
 
 def _int8_tables() -> tuple[str, ...]:

@@ -40,7 +40,7 @@ class Args:
     timeout: float = field(default=600.0, metadata={"help": "seconds a request may take, waiting included; then its reply ends with finish_reason length (default 600)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: the FERRISRES_API_KEY variable, else none)"})
     threads: int = field(default=1, metadata={"help": "threads that split each matrix's rows (default 1)"})
-    kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy, fast (pip install 'ferrisres[fast]'), int8 (fast with int8 inputs: faster, not equal to numpy), auto (default)"})
+    kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy, fast (pip install 'ferrisres[fast]'), int8 (fast with int8 inputs: faster, not equal to numpy), auto (default: int8 where it can run, else fast, else numpy)"})
     grace: float = field(default=10.0, metadata={"help": "on SIGTERM or Ctrl-C, seconds the replies still generating get to finish; then each ends with finish_reason length (default 10)"})
 
 

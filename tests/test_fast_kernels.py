@@ -293,10 +293,14 @@ def test_run_says_which_kernel_ran(converted):
 
 
 @needs_numba
-def test_auto_takes_the_fast_kernels_for_a_model_that_is_not_tiny(converted, monkeypatch):
+def test_auto_takes_the_int8_kernel_for_a_model_that_is_not_tiny(converted, monkeypatch):
+    from ferrisres.runtime import fast_kernels
+
     path = converted("tiny_gemma4", "ternary")
     assert load(path, kernel="auto").kernel == "numpy"
     monkeypatch.setattr(model_module, "AUTO_FAST_BYTES", 0)  # as if it were large
+    assert load(path, kernel="auto").kernel == ("int8" if available_int8_isas() else "fast")
+    monkeypatch.setattr(fast_kernels, "int8_isas", lambda: [])  # a CPU without AVX2: the float kernels
     assert load(path, kernel="auto").kernel == "fast"
     monkeypatch.setitem(sys.modules, "numba", None)  # numba not installed: auto falls back to numpy
     monkeypatch.delitem(sys.modules, "ferrisres.runtime.fast_kernels")
