@@ -183,7 +183,8 @@ def report(r: dict) -> str:
                      f"| {p.get('other', 0) / 1e6:.1f} MB | {b['kv_cache'] / 1e6:.1f} MB | {b['total'] / 1e6:.0f} MB "
                      f"| {bw1 * GB / b['total']:.1f} / {bwn * GB / b['total']:.1f} tok/s |")
     lines += ["", "Layers: every ternary projection with its scales, norms and layer scalars (MoE: top_k/experts of the experts); "
-              "head: the int8 copy with its scales, or the whole tied bf16 embedding for the teacher; other: the PLE projection "
+              "head: the tied token table as the kernel that ran reads it (the int6 table as stored with `--kernel int8`, else "
+              "the int8 copy made at load), with its scales, or the whole tied bf16 embedding for the teacher; other: the PLE projection "
               "and final norm; KV cache: float32 keys and values every layer attends over."]
 
     lines += ["", "## Scaling", "", "Decode (dense ternary) vs context length (random-token context, then greedy decoding):", "",

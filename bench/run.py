@@ -111,10 +111,9 @@ def main(argv=None) -> int:
     results["tokenizer"] = synth.check_tokenizer((sources[plan["scale"]] / "tokenizer.json").read_text(encoding="utf-8"))
     results["bandwidth"] = measure_bandwidth()
     arts, written = measure_conversions(results, plan, sources, attempt, snapshot.name if args.reuse else None)
-    results["bytes_per_token"] = {name: {str(ctx): per_token_bytes(p, ctx) for ctx in plan["decode_contexts"]}
-                                  for name, p in arts.items()}
     kernel = plan["kernel"]
     results["load"] = measure_load(plan, arts, attempt)
+    results["bytes_per_token"] = per_token_bytes_of(arts, plan, results["load"])
     results["prefill"] = measure_prefill(plan, arts, attempt)
     results["decode"] = measure_decode(plan, arts, attempt)
     results["decode_kernels"] = measure_reference_kernels(plan, arts["dense"], attempt)
@@ -479,11 +478,23 @@ def code_info() -> dict:
             "product_code_digest": h.hexdigest()}
 
 
-def per_token_bytes(path: Path, context: int) -> dict:
+def per_token_bytes_of(arts: dict, plan: dict, load: dict) -> dict:
+    """per_token_bytes of every artifact at every decode context, its head read as the kernel that loaded
+    it reads it (the load worker records which ran)."""
+    return {name: {str(ctx): per_token_bytes(p, ctx, load.get(name, {}).get("kernel", "numpy"))
+                   for ctx in plan["decode_contexts"]} for name, p in arts.items()}
+
+
+def per_token_bytes(path: Path, context: int, kernel: str) -> dict:
     """Bytes one decode step reads: every weight tensor a step touches (one row of the embedding tables),
-    the int8/tied head, MoE experts in proportion top_k/experts, and the K/V cache at `context`."""
+    the tied head as `kernel` reads it, MoE experts in proportion top_k/experts, and the K/V cache at
+    `context`."""
     from ferrisres.format import Artifact
     from ferrisres.format.tables import GROUPED_TABLES, table_bits
+
+    packed = ()  # the table encodings this kernel's head reads as stored
+    if kernel == "int8":
+        from ferrisres.runtime.fast_kernels import INT8_TABLES as packed
 
     with Artifact.open(path) as a:
         c = a.config
@@ -493,8 +504,9 @@ def per_token_bytes(path: Path, context: int) -> dict:
             table = name.removesuffix(".weight_scale")  # a quantized table's scales are read as the table is
             if table in ("embed_tokens", "embed_tokens_per_layer"):
                 if table == "embed_tokens" and "lm_head" not in a.tensors:
-                    kind = "head (tied embedding)"  # the whole table is the output projection,
-                    if info.encoding in GROUPED_TABLES:  # read as the int8 values it is unpacked to at load
+                    kind = "head (tied embedding)"  # the whole table is the output projection, read as
+                    # stored by the int8 kernel, else as the int8 values it is unpacked to at load
+                    if info.encoding in GROUPED_TABLES and info.encoding not in packed:
                         n = n * 8 // table_bits(info.encoding)
                 else:
                     n = n // info.shape[0]  # one row
