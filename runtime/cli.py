@@ -49,7 +49,7 @@ class Args:
     max_context: Optional[int] = field(default=None, metadata={"help": "context limit in tokens (default: the model's)"})
     draft: Optional[str] = field(default=None, metadata={"choices": ["ngram"], "help": "speculative decoding: 'ngram' drafts tokens by prompt lookup and verifies them in one pass (greedy only; same text, faster on text that repeats)"})
     threads: int = field(default=1, metadata={"help": "threads that split each matrix's rows (default 1)"})
-    cache: Optional[str] = field(default=None, metadata={"choices": ["int8"], "help": "int8: unpack the ternary weights once into RAM (4x their size) for faster decoding"})
+    cache: Optional[str] = field(default=None, metadata={"choices": ["int8"], "help": "int8: unpack the ternary weights once into RAM (4x their size) for faster decoding with --kernel numpy"})
     kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy (the reference), fast (fused compiled kernels: pip install 'ferrisres[fast]'), int8 (fast, with the ternary products' inputs rounded to int8 as llama.cpp does: faster, not equal to the reference; x86-64 with AVX2), auto (default: int8 where the fast extra and the CPU allow it, else fast; numpy without the extra or for a tiny model)"})
     verbose: bool = field(default=False, metadata={"args": ["-v", "--verbose"], "help": "per-token log and memory diagnostic on stderr"})
 
@@ -69,6 +69,9 @@ def _run(args: Args, stops: list[str]) -> int:
         notes.append(f"compiled the fast kernels in {model.compile_seconds:.1f} s (kept in numba's cache for the next runs)")
     if args.cache and not any(info.encoding.startswith("ternary") for info in model.artifact.tensors.values()):
         notes.append(f"--cache {args.cache} changes nothing: {model.artifact.path.name} has no ternary weights to unpack")
+    elif args.cache and model.kernel == "int8":
+        notes.append(f"--cache {args.cache} sends the ternary weights through the float32 kernel, slower than the int8 "
+                     "kernel over the packed ones: leave it out, or use it with --kernel numpy")
     if args.verbose:
         _print_memory(model)
     if args.interactive:

@@ -293,6 +293,18 @@ def test_run_says_which_kernel_ran(converted):
 
 
 @needs_numba
+def test_run_says_that_the_int8_cache_slows_the_int8_kernel(converted):
+    path = str(converted("tiny_gemma4", "ternary"))
+    notes = {}
+    for kernel in ("numpy", "int8"):
+        result = run_tool("ferrisres-run", path, "-p", "Hello", "--raw", "--greedy", "-n", "2", "--kernel", kernel,
+                          "--cache", "int8")
+        assert result.returncode == 0, result.stderr
+        notes[kernel] = "--cache int8 sends the ternary weights through the float32 kernel" in result.stderr
+    assert notes == {"numpy": False, "int8": True}
+
+
+@needs_numba
 def test_auto_takes_the_int8_kernel_for_a_model_that_is_not_tiny(converted, monkeypatch):
     from ferrisres.runtime import fast_kernels
 
