@@ -197,12 +197,12 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
         raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
     if cache not in (None, "int8"):
         raise ValueError(f"unknown cache {cache!r} (known: int8)")
-    attach = _fast_kernels(required=True) if kernel in ("fast", "int8") else None  # refused before any work
+    if kernel in ("fast", "int8"):
+        _fast_kernels(required=True)  # refused before any work
     model = Model(Artifact.open(path))
     weights = model.weights
     if kernel == "auto":
         kernel = _auto_kernel([*weights.linears(), weights.head])
-        attach = _fast_kernels(required=False) if kernel != "numpy" else None
     if weights.head.encoding in GROUPED_TABLES and not (kernel == "int8" and weights.head.encoding in _int8_tables()):
         weights.head.keep_int8()  # once: its int8 products beat decoding 4 or 6 bits a weight every token
         model.artifact.release_pages()  # the packed table's pages just read are not read again
@@ -210,9 +210,9 @@ def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy
     if cache == "int8":
         for linear in weights.linears():
             linear.keep_int8()
-    if attach is not None:
-        model.compile_seconds = attach(linears, int8=kernel == "int8")
-        model.kernel = "int8" if kernel == "int8" else "fast"
+    if kernel != "numpy":
+        model.compile_seconds = _fast_kernels(required=True)(linears, int8=kernel == "int8")
+        model.kernel = kernel
     return model
 
 
