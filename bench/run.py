@@ -38,7 +38,10 @@ converter's command line entry point (`ferrisres.convert.cli.main`), from a snap
 taken at the start (bench/.cache/snapshot/<digest>), so that edits made during a run cannot mix versions.
 OPENBLAS_* variables are left as the environment has them and recorded. A failed measurement is recorded
 and the run goes on. Artifacts are deleted at the end unless --keep; --reuse takes kept artifacts (and
-their conversion measurements, from bench/.cache/logs/workers.jsonl) of the same product code.
+their conversion measurements, from bench/.cache/logs/workers.jsonl) made by the same conversion code: the
+same files of what a conversion imports (`conversion_digest`: convert/, format/ and the runtime's numpy path,
+which calibration runs), so that a change to the fused kernels, the server or a CLI is measured without
+converting again.
 """
 
 from __future__ import annotations
@@ -110,7 +113,9 @@ def main(argv=None) -> int:
     results["checkpoints"] = {s: json.loads((p / "SYNTHETIC.json").read_text()) for s, p in sources.items()}
     results["tokenizer"] = synth.check_tokenizer((sources[plan["scale"]] / "tokenizer.json").read_text(encoding="utf-8"))
     results["bandwidth"] = measure_bandwidth()
-    arts, written = measure_conversions(results, plan, sources, attempt, snapshot.name if args.reuse else None)
+    results["code"]["conversion_digest"] = conversion_digest(snapshot)
+    arts, written = measure_conversions(results, plan, sources, attempt,
+                                        results["code"]["conversion_digest"] if args.reuse else None)
     kernel = plan["kernel"]
     results["load"] = measure_load(plan, arts, attempt)
     results["bytes_per_token"] = per_token_bytes_of(arts, plan, results["load"])
@@ -267,8 +272,8 @@ def measure_bandwidth() -> dict:
 def measure_conversions(results: dict, plan: dict, sources: dict, attempt: Attempts, reuse: str | None) -> dict:
     """Converts the main checkpoint into every variant and the other scales dense (results["convert"],
     results["scaling_convert"]); the artifacts of the main scale that converted, by variant, and the paths of
-    all the run's artifacts. `reuse`: the code digest whose kept artifacts and measurements may be taken
-    instead."""
+    all the run's artifacts. `reuse`: a conversion digest (`conversion_digest`): kept artifacts, and their
+    measurements, of conversion code with this digest are taken instead of converting."""
     main_scale = plan["scale"]
     # The dense student is converted with the default (calibrated) options: its time and memory are the
     # conversion targets. The MoE student is rounded to nearest (--method rtn): the same encodings, so the
@@ -286,7 +291,8 @@ def measure_conversions(results: dict, plan: dict, sources: dict, attempt: Attem
         wargs = {"source": str(sources[scale]), "out": str(out), "extra": extra}
         earlier = _earlier_conversion(wargs, reuse) if reuse else None
         if earlier is not None:
-            print(f"  convert   {scale} {name}: reusing {out.name} and its measurement", file=sys.stderr)
+            print(f"  convert   {scale} {name}: reusing {out.name} and its measurement (code {earlier['code_digest']})",
+                  file=sys.stderr)
             runs = [earlier]
         else:
             runs = [attempt("convert", wargs, label=f"{scale} {name}") for _ in range(repeats)]
@@ -568,18 +574,50 @@ def _summ_decode(runs: list[dict]) -> dict:
             "failed_runs": len(runs) - len(ok), "runs": runs}
 
 
-def _earlier_conversion(wargs: dict, digest: str) -> dict | None:
-    """With --reuse: the last successful conversion record (workers.jsonl) of this exact job by the same
-    product code, if its artifact is still there."""
+def _earlier_conversion(wargs: dict, conversion: str) -> dict | None:
+    """With --reuse: the last successful conversion record (workers.jsonl) of this exact job by code whose
+    conversion digest is `conversion`, if its artifact is still there; its result, with the product code
+    digest that made it under "code_digest"."""
     if not Path(wargs["out"]).exists() or not (LOGS / "workers.jsonl").exists():
         return None
     found = None
     for line in (LOGS / "workers.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if rec["kind"] == "convert" and rec["args"] == wargs and rec.get("code_digest") == digest \
-                and rec["result"].get("rc") == 0:
-            found = rec["result"]
+        if rec["kind"] == "convert" and rec["args"] == wargs and rec["result"].get("rc") == 0 \
+                and _snapshot_conversion_digest(rec.get("code_digest")) == conversion:
+            found = {**rec["result"], "code_digest": rec["code_digest"]}
     return found
+
+
+# What a conversion imports: the converter, and the runtime's package (load, the numpy path) for calibration
+CONVERSION_IMPORTS = ("ferrisres.convert.cli", "ferrisres.convert.build", "ferrisres.convert.calibrate", "ferrisres.runtime")
+_conversion_digests: dict[str, str | None] = {}
+
+
+def _snapshot_conversion_digest(code_digest: str | None) -> str | None:
+    if code_digest not in _conversion_digests:
+        root = CACHE / "snapshot" / str(code_digest)
+        _conversion_digests[code_digest] = conversion_digest(root) if (root / "ferrisres").is_dir() else None
+    return _conversion_digests[code_digest]
+
+
+def conversion_digest(snapshot: Path) -> str:
+    """The digest of the product files an artifact depends on, in a code snapshot: every file of convert/
+    and format/, and every other ferrisres module that importing CONVERSION_IMPORTS loads (lazy imports
+    inside the converter are of its own package, already counted). The fused kernels, the server and the
+    CLIs are not among them: calibration runs the numpy path (`load`'s default kernel)."""
+    listing = ("import importlib, sys\n"
+               f"for name in {CONVERSION_IMPORTS!r}: importlib.import_module(name)\n"
+               "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith('ferrisres') and getattr(m, '__file__', None)))")
+    imported = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, check=True, cwd=snapshot,
+                              env={**os.environ, "PYTHONPATH": str(snapshot)}).stdout.split()
+    files = {Path(f).resolve() for f in imported}
+    files |= {f.resolve() for sub in ("convert", "format") for f in (snapshot / "ferrisres" / sub).glob("*.py")}
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(files):
+        relative = f.relative_to(snapshot.resolve())  # raises if the import came from elsewhere than the snapshot
+        h.update(str(relative).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def snapshot_code(digest: str) -> Path:
