@@ -92,6 +92,9 @@ class ModelConfig:
             raise ArtifactError("model config: the MoE block needs 0 < top_k_experts <= num_experts and moe_intermediate_size")
         if self.mlp_experts and not (self.mlp_experts >= 2 and 0 < self.mlp_top_k <= self.mlp_experts):
             raise ArtifactError("model config: an expert MLP needs mlp_experts >= 2 and 0 < mlp_top_k <= mlp_experts")
+        if self.ple_dim and self.ple_vocab_size < self.vocab_size:  # every token id looks up its own row
+            raise ArtifactError(f"model config: ple_vocab_size {self.ple_vocab_size} is less than vocab_size "
+                                f"{self.vocab_size}: a token's per-layer embedding would be read past the table")
         if self.architecture not in ARCHITECTURES or self.activation != "gelu_pytorch_tanh":
             raise ArtifactError(f"model config: unsupported architecture {self.architecture}/{self.activation}")
 

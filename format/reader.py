@@ -127,11 +127,17 @@ class Artifact:
         map: each scattered row of a lookup table would otherwise fault in ~64 KB of pages that stay
         resident, so memory would grow with every distinct token seen."""
         info = self.tensors[name]
-        row_bytes = info.nbytes // info.stored_shape[0]
+        rows = info.stored_shape[0]
+        row_bytes = info.nbytes // rows
         out = np.empty((len(ids), *info.stored_shape[1:]), dtype=ENCODINGS[info.encoding])
         buffer = memoryview(out).cast("B")
         for k, row in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
-            os.preadv(self._fd, [buffer[k * row_bytes : (k + 1) * row_bytes]], info.offset + row * row_bytes)
+            # the model config bounds every id; this is the last guard against reading another tensor's bytes
+            if not 0 <= row < rows:
+                raise ArtifactError(f"{self.path}: row {row} of tensor {name}, which has {rows}")
+            read = os.preadv(self._fd, [buffer[k * row_bytes : (k + 1) * row_bytes]], info.offset + row * row_bytes)
+            if read != row_bytes:
+                raise ArtifactError(f"{self.path}: tensor {name} row {row}: the file ends inside it")
         return out
 
     def _view(self, info: TensorInfo) -> np.ndarray:

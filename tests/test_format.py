@@ -514,3 +514,14 @@ def test_a_compressed_bomb_is_refused_without_inflating_it(written, tmp_path):
     with Artifact.open(path, check_model=False) as a:
         with pytest.raises(ArtifactError, match=f"{re.escape(str(path))}: document config.json inflates to more than"):
             a.document("config.json")
+
+
+def test_rows_refuse_an_id_outside_the_table(converted):
+    """The model config bounds every token id (and the per-layer table's rows by vocab_size); `rows`, which
+    reads by file offset, refuses anything else rather than return another tensor's bytes."""
+    with Artifact.open(converted("tiny_gemma4")) as a:
+        rows = a.tensors["embed_tokens_per_layer"].stored_shape[0]
+        assert a.rows("embed_tokens_per_layer", np.array([0, rows - 1])).shape[0] == 2
+        for bad in (rows, -1):
+            with pytest.raises(ArtifactError, match=f"row {bad} of tensor embed_tokens_per_layer, which has {rows}"):
+                a.rows("embed_tokens_per_layer", np.array([0, bad]))

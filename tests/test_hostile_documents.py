@@ -77,6 +77,7 @@ def _config(**changes):
     (_config(max_position_embeddings=10**25), "max_position_embeddings must be"),
     (_config(sliding_window=0), "sliding_window must be"),
     (_config(bos_token_id=512), "bos_token_id 512 is not below vocab_size 512"),
+    (_config(ple_vocab_size=1), "ple_vocab_size 1 is less than vocab_size 512"),  # rows read past the table
     (_config(eos_token_ids=[2**40]), "eos_token_ids must be"),
     (_config(head_dims=[16.0] * 10), "head_dims must be"),
     (_config(kv_sources=[{}] * 10), "kv_sources must be"),
