@@ -175,7 +175,8 @@ _TOKEN_IDS = lambda v: None if isinstance(v, int) and not isinstance(v, bool) an
     else list_of(integer(0, MAX_TOKEN_ID), 64)(v)  # noqa: E731
 GENERATION_CONFIG_FIELDS: dict[str, Check] = {
     "do_sample": optional(boolean),
-    "temperature": optional(number(0, 1e6)),
+    "temperature": optional(lambda v: None if v == 0 and not isinstance(v, bool) else  # 0: greedy
+                            number(1e-6, 1e6)(v) and "0 or a finite number in [1e-06, 1000000.0]"),
     "top_k": optional(integer(0, MAX_TOKEN_ID)),
     "top_p": optional(number(0, 1, low_open=True)),
     "min_p": optional(number(0, 1, high_open=True)),

@@ -26,7 +26,8 @@ class SamplingParams:
     def __post_init__(self):
         # Upper bounds too: a top_k or seed of 10^23 is no int64, and 1e300 overflows the arithmetic.
         checks = (
-            ("temperature", lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
+            # below 1e-6 (but 0: greedy), logits / temperature overflow to infinity and the draw is NaN
+            ("temperature", lambda v: v == 0 or 1e-6 <= v <= 1e6, "0 or in [1e-6, 1e6]"),
             ("top_k", lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer in [0, 2^31)"),
             ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
             ("min_p", lambda v: 0 <= v < 1, "in [0, 1)"),

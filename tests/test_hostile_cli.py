@@ -22,12 +22,13 @@ def base(converted):
     (["--seed", HUGE], "--seed must be an integer in [0, 2^64)"),
     (["--threads", "1000000000"], "--threads must be in [1, 256]"),
     (["--threads", "0"], "--threads must be in [1, 256]"),
-    (["--temperature", "1e300"], "--temperature must be in [0, 1e6]"),
+    (["--temperature", "1e300"], "--temperature must be 0 or in [1e-6, 1e6]"),
+    (["--temperature", "5e-324"], "--temperature must be 0 or in [1e-6, 1e6]"),  # NaN probabilities
     (["--repetition-penalty", "1e-300", "--temperature", "1"], "--repetition-penalty must be"),
     (["--min-p", "nan", "--temperature", "1"], "--min-p must be"),
     ([b"--stop", b"\xff"], "--stop is not valid UTF-8"),
     ([b"--system", b"\xfe\xff"], "--system is not valid UTF-8"),
-], ids=["top-k", "seed", "threads-huge", "threads-0", "temperature", "repetition-penalty", "min-p-nan", "stop",
+], ids=["top-k", "seed", "threads-huge", "threads-0", "temperature", "temperature-tiny", "repetition-penalty", "min-p-nan", "stop",
         "system"])
 def test_out_of_range_flags_are_refused_naming_the_flag(base, flags, fragment):
     refused(run_boxed("ferrisres-run", str(base), "-p", "Hi", "-n", "2", *flags), fragment)

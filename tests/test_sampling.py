@@ -252,8 +252,8 @@ def test_invalid_parameter_raises_value_error_naming_it(name, value):
 
 # flag, value, the range the message must state
 INVALID_FLAGS = [
-    ("--temperature", "-1", "[0, 1e6]"),
-    ("--temperature", "nan", "[0, 1e6]"),
+    ("--temperature", "-1", "0 or in [1e-6, 1e6]"),
+    ("--temperature", "nan", "0 or in [1e-6, 1e6]"),
     ("--top-p", "0", "(0, 1]"),
     ("--top-p", "1.5", "(0, 1]"),
     ("--min-p", "1", "[0, 1)"),
