@@ -204,6 +204,57 @@ def check_tokenizer_config(value: dict) -> None:
 # ---- tokenizer.json: what the tokenizers library would trust ----
 
 _ADDED_TOKEN = obj({"id": integer(0, MAX_TOKEN_ID), "content": text(MAX_ADDED_TOKEN)}, required=("id", "content"))
+
+# The text pipeline runs in Rust on every prompt and every token printed, with no bound of its own: a Replace
+# of "a" by "aa" repeated 32 times turns "a" into 2^32 characters (the library aborts), a malformed
+# Precompiled map panics. Only components Gemma's tokenizers and the GGUF conversion's use are accepted, in
+# one Sequence at most, none of which makes a text more than a few characters longer.
+MAX_PIPELINE = 16  # components of a Sequence (Gemma's decoder: 3)
+MAX_PREPEND = 64  # characters a Prepend adds (Gemma's GGUF tokenizer: 1)
+
+
+def _no_longer_replace(v: dict) -> str | None:
+    pattern, content = v.get("pattern"), v.get("content")
+    s = pattern.get("String") if isinstance(pattern, dict) else None
+    if not (isinstance(s, str) and s and isinstance(content, str) and len(content) <= len(s)):
+        return "a Replace of a non-empty string by one no longer"
+    return None
+
+
+def _string_split(v: dict) -> str | None:
+    pattern = v.get("pattern")
+    if not (isinstance(pattern, dict) and isinstance(pattern.get("String"), str)):
+        return "a Split on a string (a regular expression can exhaust its engine on a crafted text)"
+    return None
+
+
+def _prepend(v: dict) -> str | None:
+    if not (isinstance(v.get("prepend"), str) and len(v["prepend"]) <= MAX_PREPEND):
+        return f"a Prepend of at most {MAX_PREPEND} characters"
+    return None
+
+
+def pipeline(sequence_field: str, components: dict[str, Callable[[dict], str | None] | None]) -> Check:
+    """A tokenizer component (normalizer, pre_tokenizer, decoder): null, one of `components` (a type and the
+    check of its fields, None when it has none to check), or a Sequence of them under `sequence_field`."""
+    kinds = ", ".join(components)
+
+    def component(v):
+        if not isinstance(v, dict) or v.get("type") not in components:
+            return f"one of {kinds}"
+        check = components[v["type"]]
+        return check(v) if check else None
+
+    def check(v):
+        if v is None:
+            return None
+        if isinstance(v, dict) and v.get("type") == "Sequence":
+            problem = list_of(component, MAX_PIPELINE)(v.get(sequence_field))
+            return problem and f"a Sequence whose {sequence_field} are {problem}"
+        return component(v)
+    return check
+
+
 TOKENIZER_FIELDS: dict[str, Check] = {
     # The runtime encodes one text at a time: it never pads, and never cuts a prompt short. The
     # tokenizers library allocates a fixed padding length up front (10^12 aborts it), so these must be off.
@@ -211,6 +262,12 @@ TOKENIZER_FIELDS: dict[str, Check] = {
     "truncation": lambda v: None if v is None else "null (the runtime never truncates a prompt)",
     "added_tokens": list_of(_ADDED_TOKEN, MAX_VOCAB),
     "model": obj({"type": one_of("BPE", "Unigram", "WordLevel", "WordPiece")}, required=("type",)),
+    "normalizer": pipeline("normalizers", {"Replace": _no_longer_replace, "Prepend": _prepend, "NFC": None, "NFD": None,
+                                           "Lowercase": None, "Strip": None}),
+    "pre_tokenizer": pipeline("pretokenizers", {"Split": _string_split, "Metaspace": None, "Whitespace": None,
+                                                "WhitespaceSplit": None, "Punctuation": None, "Digits": None}),
+    "decoder": pipeline("decoders", {"Replace": _no_longer_replace, "ByteFallback": None, "Fuse": None, "Strip": None,
+                                     "Metaspace": None}),
 }
 
 
@@ -222,9 +279,11 @@ def check_loaded_tokenizer(tokenizer) -> None:
     """TOKENIZER_FIELDS checked on what the tokenizers library read from tokenizer.json (a `Tokenizer`):
     the same rules as check_tokenizer without parsing the document's tens of MB a second time in Python.
     Reading the settings is safe; a padding length is only allocated when a text is encoded."""
+    pipeline = {name: json.loads(part.__getstate__()) for name in ("normalizer", "pre_tokenizer", "decoder")
+                if (part := getattr(tokenizer, name)) is not None}
     check_tokenizer({"padding": tokenizer.padding, "truncation": tokenizer.truncation,
                      "added_tokens": [{"id": i, "content": t.content} for i, t in tokenizer.get_added_tokens_decoder().items()],
-                     "model": {"type": type(tokenizer.model).__name__}})
+                     "model": {"type": type(tokenizer.model).__name__}, **pipeline})
 
 
 def check_chat_template(template: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
+import tempfile
 from functools import cached_property
 
 import numpy as np
@@ -46,10 +48,12 @@ class Model:
         text = self.artifact.document("tokenizer.json")
         try:
             try:
-                tokenizer = Tokenizer.from_str(text)
+                tokenizer = _tokenizer_from_str(text)
             except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
                 check_document("tokenizer.json", text)  # a message naming the field, when one is wrong
                 raise ArtifactError(f"tokenizer.json cannot be loaded ({e})") from None
+            except BaseException as e:
+                raise ArtifactError(f"tokenizer.json cannot be loaded ({_panic_message(e)})") from None
             check_loaded_tokenizer(tokenizer)  # its settings, before it encodes anything
         except ArtifactError as e:
             raise ArtifactError(f"{self.artifact.path}: {e}") from None
@@ -87,13 +91,19 @@ class Model:
         context = self.config.max_position_embeddings
         if len(text) > context * self._longest_token:  # cannot fit: refused before tokenizing it all
             raise ValueError(f"the prompt has {len(text)} characters, more than {context} tokens of context can hold")
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # the tokenizers library would raise a TypeError
+                raise ValueError(f"the text is not valid Unicode: a lone surrogate at character {e.start}") from None
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        except BaseException as e:  # (a pattern past its regex engine's retry limit, with a hostile tokenizer)
+            raise ValueError(f"the tokenizer failed on this text ({_panic_message(e)})") from None
         bos = self.config.bos_token_id
         if add_bos:
-            while ids[:2] == [bos, bos]:
-                ids = ids[1:]
-            if ids[:1] != [bos]:
-                ids = [bos, *ids]
+            leading = next((k for k, t in enumerate(ids) if t != bos), len(ids))  # BOS tokens it starts with
+            ids = ids[leading - 1 :] if leading else [bos, *ids]
         return ids
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_options) -> str:
@@ -177,6 +187,37 @@ def release_freed_heap() -> None:
     except (OSError, AttributeError, TypeError):
         return
     trim(0)
+
+
+def _tokenizer_from_str(text: str) -> Tokenizer:
+    """Tokenizer.from_str with the process's stderr held meanwhile, and written out after unless the library
+    panicked: a panic (a malformed component, e.g. a Precompiled map) prints a Rust backtrace note there
+    before it reaches Python, and the caller says what failed in one line instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    panicked = False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            return Tokenizer.from_str(text)
+        except BaseException as e:
+            panicked = type(e).__name__ == "PanicException"
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not panicked:
+                held.seek(0)
+                os.write(2, held.read())
+
+
+def _panic_message(e: BaseException) -> str:
+    """The first line of a Rust panic inside the tokenizers library, which reaches Python as pyo3's
+    PanicException: a BaseException, not an Exception. Anything else (KeyboardInterrupt, ...) is re-raised."""
+    if type(e).__name__ != "PanicException":
+        raise e
+    return f"the tokenizers library failed: {str(e).splitlines()[0][:200] if str(e) else 'a panic'}"
 
 
 def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy") -> Model:

@@ -31,6 +31,7 @@ def _both_tools(path, *fragments):
 _PADDING = {"strategy": {"Fixed": 10**12}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
             "pad_type_id": 0, "pad_token": "<pad>"}
 _TRUNCATION = {"direction": "Right", "max_length": 10, "strategy": "LongestFirst", "stride": 100}
+_DOUBLING = {"type": "Replace", "pattern": {"String": "a"}, "content": "aa"}
 _ADDED = {"id": 10**12, "content": "x", "single_word": False, "lstrip": False, "rstrip": False,
           "normalized": False, "special": True}
 
@@ -45,8 +46,20 @@ _ADDED = {"id": 10**12, "content": "x", "single_word": False, "lstrip": False, "
     (lambda t: {**t, "added_tokens": [{"content": 5}]}, "added_tokens"),
     (lambda t: {**t, "model": {**t["model"], "type": "Fancy"}}, "model must be"),
     (lambda t: {**t, "model": 3}, "model must be"),
+    # the text pipeline: a doubling Replace chained 8 times is 256x per pass (32 times: 2^32, an abort), in the
+    # normalizer or the decoder; a Precompiled map the library panics on; a regular expression that exhausts
+    # its engine on a crafted prompt
+    (lambda t: {**t, "normalizer": {"type": "Sequence", "normalizers": [_DOUBLING] * 8}}, "normalizer must be"),
+    (lambda t: {**t, "decoder": {"type": "Sequence", "decoders": [*t["decoder"]["decoders"], _DOUBLING]}},
+     "decoder must be"),
+    (lambda t: {**t, "normalizer": {"type": "Precompiled", "precompiled_charsmap": ""}}, "cannot be loaded"),
+    (lambda t: {**t, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated",
+                                       "invert": False}}, "pre_tokenizer must be"),
+    (lambda t: {**t, "normalizer": {"type": "Sequence", "normalizers": [{"type": "Sequence", "normalizers": []}]}},
+     "normalizer must be"),
 ], ids=["padding-1e12", "padding-5e7", "pad-multiple", "truncation", "added-id-huge", "added-malformed",
-        "model-type", "model-not-object"])
+        "model-type", "model-not-object", "normalizer-doubling", "decoder-doubling", "precompiled-panic", "split-regex",
+        "nested-sequence"])
 def test_tokenizer_settings_are_refused_before_the_library_uses_them(base, tmp_path, change, fragment):
     bad = with_documents(base, tmp_path / "bad.tern", tokenizer_json=change(document(base, "tokenizer.json")))
     line = refused(run_boxed("ferrisres-run", str(bad), *RUN_ARGS), str(bad), "tokenizer.json", fragment)

@@ -8,6 +8,7 @@ import random
 import re
 
 import numpy as np
+import pytest
 
 from ferrisres.runtime import gemma4
 from hostile import ran, run_boxed
@@ -56,3 +57,43 @@ def test_running_out_of_memory_is_one_line(converted, monkeypatch, capsys):
     assert main([str(base), "-p", "Hi there", "--raw", "-n", "1"]) == 1
     err = capsys.readouterr().err
     assert err == f"ferrisres-run: error: {base}: out of memory with a prompt of 6 tokens (a shorter prompt needs less)\n"
+
+
+def test_leading_bos_tokens_become_one_in_a_single_pass(converted):
+    # 200,000 BOS: stripped one slice at a time, as before, this took minutes (quadratic); a server request
+    # of that many kept a worker busy after its client left
+    from ferrisres.runtime import load
+
+    model = load(converted("tiny_gemma4"))
+    bos, hi = model.config.bos_token_id, model.encode("Hi", add_bos=False)
+    assert model.encode("<bos>" * 3 + "Hi") == [bos, *hi]
+    assert model.encode("Hi") == [bos, *hi]
+    assert model.encode("<bos>" * 200_000) == [bos]
+    assert model.encode("<bos><bos>Hi", add_bos=False) == [bos, bos, *hi]  # without add_bos: as written
+
+
+def test_text_the_tokenizer_cannot_take_is_a_value_error(converted, monkeypatch):
+    from ferrisres.runtime import load
+
+    model = load(converted("tiny_gemma4"))
+    with pytest.raises(ValueError, match="not valid Unicode: a lone surrogate at character 3"):
+        model.encode("Hi \udcff")
+
+    class PanicException(BaseException):  # how a Rust panic inside the tokenizers library reaches Python
+        pass
+
+    class Panicking:
+        def encode(self, text, add_special_tokens):
+            raise PanicException("Onig: Regex search error: retry-limit-in-match over\nbacktrace")
+
+    monkeypatch.setitem(model.__dict__, "tokenizer", Panicking())
+    with pytest.raises(ValueError, match="the tokenizer failed on this text .*retry-limit-in-match over\\)$"):
+        model.encode("Hi")
+
+    class Interrupting:
+        def encode(self, text, add_special_tokens):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(model.__dict__, "tokenizer", Interrupting())
+    with pytest.raises(KeyboardInterrupt):  # not taken for a panic
+        model.encode("Hi")

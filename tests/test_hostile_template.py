@@ -86,3 +86,9 @@ def test_a_prompt_longer_than_the_context_is_refused_before_tokenizing(base, tmp
     run = run_boxed("ferrisres-run", str(bad), "-p", "Hi", "-n", "2")
     refused(run, "the prompt has 10000000 characters, more than 131072 tokens of context can hold")
     assert run.seconds < 20
+
+
+def test_a_template_that_renders_a_lone_surrogate_is_one_line(base, tmp_path):
+    bad = with_documents(base, tmp_path / "surrogate.tern", chat_template_jinja='{{ "\\udcff" }}{{ messages[0]["content"] }}')
+    refused(run_boxed("ferrisres-run", str(bad), "-p", "Hi", "-n", "2"),
+            "the text is not valid Unicode: a lone surrogate at character 0")

@@ -216,6 +216,8 @@ TOO_LONG = "word " * 600  # more tokens than the server's --max-context 512
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**6}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "Hi", "temperature": 5e-324}, 400, "temperature"),  # NaN probabilities
+    ("/v1/completions", {"prompt": "Hi \udcff"}, 400, "prompt"),  # a lone surrogate: no UTF-8 for the tokenizer
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages"),
     ("/v1/completions", {"prompt": "Hi", "top_p": 5}, 400, "top_p"),
     ("/v1/completions", {"prompt": "Hi", "top_k": 1.5}, 400, "top_k"),
     ("/v1/completions", {"prompt": "Hi", "seed": -1}, 400, "seed"),
