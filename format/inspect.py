@@ -93,7 +93,8 @@ def _quantization(s: dict) -> str:
         text += f" ({s['down_planes']} in the MLP down projections)"
     text += f", group {s.get('group')}, rotate {s.get('rotate') or 'none'}"
     if s.get("packing"):  # recorded since format 1.2
-        text += f", {_PACKINGS.get(s['packing'], s['packing'])}"
+        packing = s["packing"]  # shown as recorded when it is not one we know (a list: not a key)
+        text += ", " + (_PACKINGS.get(packing, packing) if isinstance(packing, str) else repr(packing))
     calibration = s.get("calibration")
     if isinstance(calibration, dict):
         text += f", calibrated on {calibration.get('source')} ({calibration.get('tokens')} tokens)"

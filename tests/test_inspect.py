@@ -206,3 +206,14 @@ def test_without_verify_a_corrupt_copy_is_still_described(corrupted):
     result = run_tool(INSPECT, str(corrupted))
     assert result.returncode == 0, result.stderr
     assert "bytes by kind:" in result.stdout
+
+
+def test_a_student_config_field_of_another_type_is_shown_as_recorded(converted, tmp_path):
+    from hostile import document, with_documents
+
+    base = converted("tiny_gemma4")
+    odd = with_documents(base, tmp_path / "odd.tern", student_config_json={**document(base, "student_config.json"),
+                                                                            "packing": [1]})
+    result = run_tool(INSPECT, str(odd))
+    assert result.returncode == 0 and not result.stderr, result.stderr  # was: TypeError, unhashable type 'list'
+    assert ", [1]," in result.stdout
