@@ -27,6 +27,9 @@ MAX_TOKEN_ID = (1 << 31) - 1  # what every tokenizer and numpy index type holds
 MAX_TEMPLATE = 1 << 20  # bytes of a chat template (Gemma 4's is ~15 KB)
 MAX_DOCUMENT = 1 << 27  # bytes a compressed document may inflate to (Gemma's largest tokenizer.json: 33 MB)
 MAX_ADDED_TOKEN = 1 << 10  # characters of an added token's text
+# characters of all added tokens together: the tokenizers library builds a matcher over them at ~70 bytes a
+# character (20 million of them took 1.4 GB, measured)
+MAX_ADDED_TEXT = 1 << 22
 
 Check = Callable[[object], str | None]  # a value's problem in a few words, or None if it is fine
 
@@ -260,7 +263,9 @@ TOKENIZER_FIELDS: dict[str, Check] = {
     # tokenizers library allocates a fixed padding length up front (10^12 aborts it), so these must be off.
     "padding": lambda v: None if v is None else "null (the runtime never pads)",
     "truncation": lambda v: None if v is None else "null (the runtime never truncates a prompt)",
-    "added_tokens": list_of(_ADDED_TOKEN, MAX_VOCAB),
+    "added_tokens": lambda v: list_of(_ADDED_TOKEN, MAX_VOCAB)(v) or (
+        sum(len(t["content"]) for t in v) > MAX_ADDED_TEXT and f"tokens of at most {MAX_ADDED_TEXT} characters in all"
+        or None),
     "model": obj({"type": one_of("BPE", "Unigram", "WordLevel", "WordPiece")}, required=("type",)),
     "normalizer": pipeline("normalizers", {"Replace": _no_longer_replace, "Prepend": _prepend, "NFC": None, "NFD": None,
                                            "Lowercase": None, "Strip": None}),

@@ -18,6 +18,7 @@ import resource
 import select
 import signal
 import time
+import weakref
 from collections.abc import Callable
 
 _MAX_REPLY = 1 << 28  # bytes of a result
@@ -28,42 +29,76 @@ def run_isolated(work: Callable[[], object], *, seconds: float, memory: int, err
     """`work()` run in a child allowed `memory` more bytes of address space and `seconds` of time: its
     result (JSON-serializable). An `error` it raises is raised here with the same message; any other
     failure (another exception, a timeout, a crash) raises `error` saying that `what` failed."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            _limit_address_space(memory)
+    return Isolated(work, seconds=seconds, memory=memory, error=error, what=what).result()
+
+
+class Isolated:
+    """`run_isolated` started now and collected later (`result`), so that the caller works meanwhile; a
+    child never collected is killed and reaped when this is closed or collected by the garbage collector."""
+
+    def __init__(self, work: Callable[[], object], *, seconds: float, memory: int, error: type[Exception], what: str):
+        self.seconds, self.error, self.what = seconds, error, what
+        self.deadline = time.monotonic() + seconds
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
             try:
-                reply = {"result": work()}
-            except error as e:
-                reply = {"error": str(e)}
-            except Exception as e:  # noqa: BLE001 - every failure of the work is the parent's to report
-                reply = {"error": f"{what} failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"}
-            reply = json.dumps(reply).encode()
-            with os.fdopen(write_end, "wb") as out:
-                out.write(reply)
+                os.close(read_end)
+                _limit_address_space(memory)
+                try:
+                    reply = {"result": work()}
+                except error as e:
+                    reply = {"error": str(e)}
+                except Exception as e:  # noqa: BLE001 - every failure of the work is the parent's to report
+                    reply = {"error": f"{what} failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"}
+                reply = json.dumps(reply).encode()
+                with os.fdopen(write_end, "wb") as out:
+                    out.write(reply)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        self.pid, self.read_end = pid, read_end
+        # at exit too (atexit, while os is still there), unlike __del__
+        self._finalizer = weakref.finalize(self, _kill_and_reap, pid, read_end)
+
+    def result(self) -> object:
+        reply, status = self._collect()
+        if reply is None:
+            raise self.error(f"{self.what} did not finish in {self.seconds:.0f} s")
+        if reply is _TOO_LARGE:
+            raise self.error(f"{self.what} gave a result larger than {_MAX_REPLY >> 20} MiB")
+        if not reply:
+            raise self.error(f"{self.what} ended abnormally ({_describe(status)})")
+        reply = json.loads(reply)
+        if "error" in reply:
+            raise self.error(reply["error"])
+        return reply["result"]
+
+    def close(self) -> None:
+        """Kill the child if it is still at work, and reap it."""
+        self._finalizer()
+        self.pid = None
+
+    def _collect(self):
+        if self.pid is None:
+            raise RuntimeError(f"{self.what}: the result was already taken or closed")
+        self._finalizer.detach()
+        reply = None
+        try:
+            reply = _read(self.read_end, self.deadline)
         finally:
-            os._exit(0)
-    os.close(write_end)
-    reply = None
-    try:
-        reply = _read(read_end, time.monotonic() + seconds)
-    finally:
-        os.close(read_end)
-        if not isinstance(reply, bytes):
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-    if reply is None:
-        raise error(f"{what} did not finish in {seconds:.0f} s")
-    if reply is _TOO_LARGE:
-        raise error(f"{what} gave a result larger than {_MAX_REPLY >> 20} MiB")
-    if not reply:
-        raise error(f"{what} ended abnormally ({_describe(status)})")
-    reply = json.loads(reply)
-    if "error" in reply:
-        raise error(reply["error"])
-    return reply["result"]
+            os.close(self.read_end)
+            if not isinstance(reply, bytes):
+                os.kill(self.pid, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+            self.pid = None
+        return reply, status
+
+
+def _kill_and_reap(pid: int, read_end: int) -> None:
+    os.close(read_end)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 _TOO_LARGE = object()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
-import tempfile
 from functools import cached_property
 
 import numpy as np
@@ -13,6 +11,7 @@ from tokenizers import Tokenizer
 
 from ferrisres.format import Artifact, ArtifactError
 from ferrisres.format.documents import check_document, check_loaded_tokenizer
+from ferrisres.format.isolated import Isolated
 from ferrisres.format.tables import GROUPED_TABLES
 
 from .chat_template import render_chat, special_token_variables, template_of
@@ -23,6 +22,9 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .weights import Weights
 
+# The check of tokenizer.json in a child (Model._check_tokenizer_document): E2B's 13 MB took 0.8 s and 0.25 GB
+# (measured); a document of the largest size allowed (MAX_DOCUMENT) that needs more is refused
+TOKENIZER_CHECK_SECONDS, TOKENIZER_CHECK_MEMORY = 60.0, 2 << 30
 # Sampling fields a generation_config.json may set, and the names SamplingParams gives them.
 _GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                         "repetition_penalty": "repetition_penalty"}
@@ -41,25 +43,42 @@ class Model:
         self.decoder = Gemma4(artifact.config, self.weights)
         self.kernel = "numpy"  # which products run: "numpy", "fast" or "int8" (fused kernels attached by `load`)
         self.compile_seconds = 0.0  # spent compiling (or loading from numba's cache) the fast kernels
+        self._tokenizer_problem: str | None = None
+        self._tokenizer_check: Isolated | None = Isolated(
+            lambda: check_document("tokenizer.json", artifact.document("tokenizer.json")) and None,
+            seconds=TOKENIZER_CHECK_SECONDS, memory=TOKENIZER_CHECK_MEMORY, error=ArtifactError,
+            what="checking tokenizer.json")
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
         """The checkpoint's `tokenizers` tokenizer (parsed on first use: it is tens of MB for Gemma)."""
-        text = self.artifact.document("tokenizer.json")
         try:
+            self._check_tokenizer_document()
             try:
-                tokenizer = _tokenizer_from_str(text)
+                tokenizer = Tokenizer.from_str(self.artifact.document("tokenizer.json"))
             except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
-                check_document("tokenizer.json", text)  # a message naming the field, when one is wrong
                 raise ArtifactError(f"tokenizer.json cannot be loaded ({e})") from None
             except BaseException as e:
                 raise ArtifactError(f"tokenizer.json cannot be loaded ({_panic_message(e)})") from None
-            check_loaded_tokenizer(tokenizer)  # its settings, before it encodes anything
+            check_loaded_tokenizer(tokenizer)  # what the library made of it, before it encodes anything
         except ArtifactError as e:
             raise ArtifactError(f"{self.artifact.path}: {e}") from None
-        del text
         release_freed_heap()
         return tokenizer
+
+    def _check_tokenizer_document(self) -> None:
+        """The fields of tokenizer.json checked (documents.py) before the tokenizers library reads it: a
+        library that builds whatever the document declares (a matcher over megabytes of added tokens takes
+        gigabytes) is only handed what passed. Its tens of MB of JSON are parsed in a child, bounded, which
+        `__init__` starts so that it runs while the weights load; the outcome is kept for later calls."""
+        if self._tokenizer_check is not None:
+            check, self._tokenizer_check = self._tokenizer_check, None
+            try:
+                check.result()
+            except ArtifactError as e:
+                self._tokenizer_problem = str(e)
+        if self._tokenizer_problem is not None:
+            raise ArtifactError(self._tokenizer_problem)
 
     @cached_property
     def _longest_token(self) -> int:
@@ -187,29 +206,6 @@ def release_freed_heap() -> None:
     except (OSError, AttributeError, TypeError):
         return
     trim(0)
-
-
-def _tokenizer_from_str(text: str) -> Tokenizer:
-    """Tokenizer.from_str with the process's stderr held meanwhile, and written out after unless the library
-    panicked: a panic (a malformed component, e.g. a Precompiled map) prints a Rust backtrace note there
-    before it reaches Python, and the caller says what failed in one line instead."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    panicked = False
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            return Tokenizer.from_str(text)
-        except BaseException as e:
-            panicked = type(e).__name__ == "PanicException"
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not panicked:
-                held.seek(0)
-                os.write(2, held.read())
 
 
 def _panic_message(e: BaseException) -> str:

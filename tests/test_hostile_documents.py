@@ -52,13 +52,17 @@ _ADDED = {"id": 10**12, "content": "x", "single_word": False, "lstrip": False, "
     (lambda t: {**t, "normalizer": {"type": "Sequence", "normalizers": [_DOUBLING] * 8}}, "normalizer must be"),
     (lambda t: {**t, "decoder": {"type": "Sequence", "decoders": [*t["decoder"]["decoders"], _DOUBLING]}},
      "decoder must be"),
-    (lambda t: {**t, "normalizer": {"type": "Precompiled", "precompiled_charsmap": ""}}, "cannot be loaded"),
+    (lambda t: {**t, "normalizer": {"type": "Precompiled", "precompiled_charsmap": ""}}, "normalizer must be"),
+    # 4 MiB of added-token text besides the fixture's own: the library's matcher over them takes ~70 bytes a character
+    (lambda t: {**t, "added_tokens": [*t["added_tokens"], *({**_ADDED, "id": 1000 + i, "content": f"{i:0>1024}"}
+                                                           for i in range(4096))]}, "characters in all"),
     (lambda t: {**t, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated",
                                        "invert": False}}, "pre_tokenizer must be"),
     (lambda t: {**t, "normalizer": {"type": "Sequence", "normalizers": [{"type": "Sequence", "normalizers": []}]}},
      "normalizer must be"),
 ], ids=["padding-1e12", "padding-5e7", "pad-multiple", "truncation", "added-id-huge", "added-malformed",
-        "model-type", "model-not-object", "normalizer-doubling", "decoder-doubling", "precompiled-panic", "split-regex",
+        "model-type", "model-not-object", "normalizer-doubling", "decoder-doubling", "precompiled-panic", "added-text",
+        "split-regex",
         "nested-sequence"])
 def test_tokenizer_settings_are_refused_before_the_library_uses_them(base, tmp_path, change, fragment):
     bad = with_documents(base, tmp_path / "bad.tern", tokenizer_json=change(document(base, "tokenizer.json")))
