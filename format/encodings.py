@@ -160,4 +160,4 @@ def rotate_blocks(x: np.ndarray, block: int) -> np.ndarray:
     """x [..., n] with each run of `block` consecutive entries of the last axis multiplied by
     `hadamard(block)` (n a multiple of block)."""
     shape = x.shape
-    return (x.reshape(*shape[:-1], shape[-1] // block, block) @ hadamard(block).astype(x.dtype)).reshape(shape)
+    return (x.reshape(*shape[:-1], shape[-1] // block, block) @ np.asarray(hadamard(block), dtype=x.dtype)).reshape(shape)

@@ -27,6 +27,7 @@ per 4 weights they cost what one lane of vpdpbusd does.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import llvmlite.binding
@@ -50,6 +51,7 @@ _ONE = np.float32(1)  # a float32 constant: numba makes float32 - 1 a float64
 _THREE, _THIRD = np.float32(3), np.float32(1 / 3)
 # float16 bit pattern -> float32 (numba has no float16 on the CPU): group scales and f16 weights
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+_this_thread = threading.local()  # each thread's numba thread count (`_use_threads`) and last int8 input
 # Group sizes the kernels know at compile time. A row is then one long vectorized sum, each product
 # multiplied by its group's scale (looked up by index from the row's scales, in L1): a sum per group is too
 # short for LLVM's vector loop and a group size only known at run time defeats it too (2-3x slower, measured
@@ -755,11 +757,17 @@ def _table_input(x, xq, xsum, xscale):
 
 
 def _int8_inputs(x: np.ndarray, quantized_input, lane_inputs: int):
-    """(xq, xsum, xscale) of x [T, width] for a kernel: `_ternary_input` (16 inputs a lane) or `_table_input` (4)."""
+    """(xq, xsum, xscale) of x [T, width] for a kernel: `_ternary_input` (16 inputs a lane) or `_table_input` (4).
+    q/k/v (and gate/up) are called with the same rotated input (`kernels.rotated_input`): the last one
+    quantized is kept, so it is quantized once for all of them."""
+    last = getattr(_this_thread, "int8_input", None)
+    if last is not None and last[0] is x and last[1] is quantized_input:
+        return last[2]
     lanes = x.shape[1] // lane_inputs
     xq = np.empty(x.shape, dtype=np.int8)
     xsum, xscale = np.empty((len(x), lanes), dtype=np.int32), np.empty((len(x), lanes), dtype=np.float32)
     quantized_input(x, xq, xsum, xscale)
+    _this_thread.int8_input = (x, quantized_input, (xq, xsum, xscale))  # holds x: its id cannot be reused meanwhile
     return xq, xsum, xscale
 
 
@@ -856,8 +864,10 @@ FAST_ENCODINGS = ("ternary", *GROUPED_TERNARY, "int8", *INT8_TABLES, "bf16", "f1
 
 
 def _use_threads(n: int) -> None:
-    if numba.get_num_threads() != min(n, numba.config.NUMBA_NUM_THREADS):
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    if getattr(_this_thread, "numba_threads", None) != n:  # asking numba costs more than a small product
+        numba.set_num_threads(n)  # numba keeps the count per calling thread, as _this_thread does
+        _this_thread.numba_threads = n
 
 
 def attach(linears, int8: bool = False) -> float:
