@@ -237,6 +237,12 @@ def _prepend(v: dict) -> str | None:
     return None
 
 
+def _leading_strip(v: dict) -> str | None:
+    if v.get("stop") != 0:  # the library's Strip indexes past the start of a token shorter than `stop`: a panic
+        return "a Strip of leading characters only (stop 0)"
+    return None
+
+
 def pipeline(sequence_field: str, components: dict[str, Callable[[dict], str | None] | None]) -> Check:
     """A tokenizer component (normalizer, pre_tokenizer, decoder): null, one of `components` (a type and the
     check of its fields, None when it has none to check), or a Sequence of them under `sequence_field`."""
@@ -271,7 +277,7 @@ TOKENIZER_FIELDS: dict[str, Check] = {
                                            "Lowercase": None, "Strip": None}),
     "pre_tokenizer": pipeline("pretokenizers", {"Split": _string_split, "Metaspace": None, "Whitespace": None,
                                                 "WhitespaceSplit": None, "Punctuation": None, "Digits": None}),
-    "decoder": pipeline("decoders", {"Replace": _no_longer_replace, "ByteFallback": None, "Fuse": None, "Strip": None,
+    "decoder": pipeline("decoders", {"Replace": _no_longer_replace, "ByteFallback": None, "Fuse": None, "Strip": _leading_strip,
                                      "Metaspace": None}),
 }
 

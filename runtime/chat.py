@@ -48,6 +48,6 @@ class ChatSession:
         self.context = generation.context
         if len(self.context) >= prompt_length:
             fed = self.context[prompt_length:]
-            self.cached_text = prompt + self.model.tokenizer.decode(fed, skip_special_tokens=False)
+            self.cached_text = prompt + self.model.decode(fed, skip_special_tokens=False)
         # else: interrupted before the prompt was in the cache, which still holds the earlier turns
         self._turn = None

@@ -172,7 +172,7 @@ class Generation:
         return self.accepted / self.drafted if self.drafted else None
 
     def _update_text(self) -> None:
-        text = self.model.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self.model.decode(self.tokens)
         found = [at for stop in self.stop_strings if (at := text.find(stop, max(0, self._shown - len(stop) + 1))) >= 0]
         if found:  # the earliest stop string wins, whatever the order they were given in
             text = text[: min(found)]

@@ -125,6 +125,13 @@ class Model:
             ids = ids[leading - 1 :] if leading else [bos, *ids]
         return ids
 
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of token ids (special tokens left out unless `skip_special_tokens` is False)."""
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        except BaseException as e:  # (a decoder the checks did not foresee, with a hostile tokenizer)
+            raise ValueError(f"the tokenizer failed to decode the reply ({_panic_message(e)})") from None
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_options) -> str:
         """The prompt text for `messages` by the artifact's chat template; `template_options` are passed
         to the template (Gemma 4's read e.g. `enable_thinking`, `tools`)."""

@@ -32,6 +32,7 @@ _PADDING = {"strategy": {"Fixed": 10**12}, "direction": "Right", "pad_to_multipl
             "pad_type_id": 0, "pad_token": "<pad>"}
 _TRUNCATION = {"direction": "Right", "max_length": 10, "strategy": "LongestFirst", "stride": 100}
 _DOUBLING = {"type": "Replace", "pattern": {"String": "a"}, "content": "aa"}
+_STRIP_BOTH = {"type": "Strip", "content": " ", "start": 1, "stop": 3}
 _ADDED = {"id": 10**12, "content": "x", "single_word": False, "lstrip": False, "rstrip": False,
           "normalized": False, "special": True}
 
@@ -60,10 +61,13 @@ _ADDED = {"id": 10**12, "content": "x", "single_word": False, "lstrip": False, "
                                        "invert": False}}, "pre_tokenizer must be"),
     (lambda t: {**t, "normalizer": {"type": "Sequence", "normalizers": [{"type": "Sequence", "normalizers": []}]}},
      "normalizer must be"),
+    # the library's Strip decoder panics on any token shorter than its `stop` (an empty reply's text included)
+    (lambda t: {**t, "decoder": {"type": "Sequence", "decoders": [*t["decoder"]["decoders"], _STRIP_BOTH]}},
+     "decoder must be"),
 ], ids=["padding-1e12", "padding-5e7", "pad-multiple", "truncation", "added-id-huge", "added-malformed",
         "model-type", "model-not-object", "normalizer-doubling", "decoder-doubling", "precompiled-panic", "added-text",
         "split-regex",
-        "nested-sequence"])
+        "nested-sequence", "strip-stop"])
 def test_tokenizer_settings_are_refused_before_the_library_uses_them(base, tmp_path, change, fragment):
     bad = with_documents(base, tmp_path / "bad.tern", tokenizer_json=change(document(base, "tokenizer.json")))
     line = refused(run_boxed("ferrisres-run", str(bad), *RUN_ARGS), str(bad), "tokenizer.json", fragment)

@@ -97,3 +97,18 @@ def test_text_the_tokenizer_cannot_take_is_a_value_error(converted, monkeypatch)
     monkeypatch.setitem(model.__dict__, "tokenizer", Interrupting())
     with pytest.raises(KeyboardInterrupt):  # not taken for a panic
         model.encode("Hi")
+
+
+def test_a_decoder_that_panics_is_a_value_error(converted):
+    # the tokenizers library's Strip decoder indexes past the start of a token shorter than its `stop`; the
+    # artifact checks refuse such a decoder (test_hostile_documents), and what the checks did not foresee
+    # still ends a reply with one line, not a panic through Python
+    from tokenizers import decoders
+
+    from ferrisres.runtime import load
+
+    model = load(converted("tiny_gemma4"))
+    model.tokenizer.decoder = decoders.Sequence([model.tokenizer.decoder, decoders.Strip(" ", 0, 3)])
+    with pytest.raises(ValueError, match="^the tokenizer failed to decode the reply \\(the tokenizers library failed: "
+                                         "index out of bounds"):
+        model.decode([])  # an empty reply: Fuse makes it one empty token
