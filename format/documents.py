@@ -232,8 +232,9 @@ def _string_split(v: dict) -> str | None:
 
 
 def _prepend(v: dict) -> str | None:
-    if not (isinstance(v.get("prepend"), str) and len(v["prepend"]) <= MAX_PREPEND):
-        return f"a Prepend of at most {MAX_PREPEND} characters"
+    # an empty one leaves alignments that the next normalizer (Lowercase, NFD) indexes past: a panic
+    if not (isinstance(v.get("prepend"), str) and 1 <= len(v["prepend"]) <= MAX_PREPEND):
+        return f"a Prepend of 1 to {MAX_PREPEND} characters"
     return None
 
 

@@ -61,13 +61,16 @@ _ADDED = {"id": 10**12, "content": "x", "single_word": False, "lstrip": False, "
                                        "invert": False}}, "pre_tokenizer must be"),
     (lambda t: {**t, "normalizer": {"type": "Sequence", "normalizers": [{"type": "Sequence", "normalizers": []}]}},
      "normalizer must be"),
+    # an empty Prepend followed by another normalizer makes the library panic on every text
+    (lambda t: {**t, "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": ""},
+                                                                        {"type": "Lowercase"}]}}, "normalizer must be"),
     # the library's Strip decoder panics on any token shorter than its `stop` (an empty reply's text included)
     (lambda t: {**t, "decoder": {"type": "Sequence", "decoders": [*t["decoder"]["decoders"], _STRIP_BOTH]}},
      "decoder must be"),
 ], ids=["padding-1e12", "padding-5e7", "pad-multiple", "truncation", "added-id-huge", "added-malformed",
         "model-type", "model-not-object", "normalizer-doubling", "decoder-doubling", "precompiled-panic", "added-text",
         "split-regex",
-        "nested-sequence", "strip-stop"])
+        "nested-sequence", "empty-prepend", "strip-stop"])
 def test_tokenizer_settings_are_refused_before_the_library_uses_them(base, tmp_path, change, fragment):
     bad = with_documents(base, tmp_path / "bad.tern", tokenizer_json=change(document(base, "tokenizer.json")))
     line = refused(run_boxed("ferrisres-run", str(bad), *RUN_ARGS), str(bad), "tokenizer.json", fragment)
@@ -143,3 +146,65 @@ def test_tokenizer_config_fields_are_typed_and_ranged_at_open(base, tmp_path, ch
 def test_chat_template_file_size_is_bounded_at_open(base, tmp_path):
     bad = with_documents(base, tmp_path / "bad.tern", chat_template_jinja="{{ 'x' }}" + " " * (1 << 20))
     _both_tools(bad, "chat_template.jinja", "more than a chat template may have")
+
+
+# ---- the text pipelines the checks accept never panic ----
+
+_PIECES = ["a", "aa", " ", "▁", "日", "\u0301", "xxxxx"]
+_BEHAVIORS = ["Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"]
+_METASPACE = lambda r: {"type": "Metaspace", "replacement": r.choice(["▁", " ", "日"]),  # noqa: E731
+                        "prepend_scheme": r.choice(["always", "never", "first"]), "split": r.random() < 0.5}
+
+
+def _replace(r):
+    pattern = r.choice(_PIECES)
+    return {"type": "Replace", "pattern": {"String": pattern},
+            "content": r.choice([p for p in ["", *_PIECES] if len(p) <= len(pattern)])}
+
+
+_NORMALIZERS = [_replace, lambda r: {"type": "Prepend", "prepend": r.choice(["", *_PIECES])},
+                lambda r: {"type": r.choice(["NFC", "NFD", "Lowercase"])},
+                lambda r: {"type": "Strip", "strip_left": r.random() < 0.5, "strip_right": r.random() < 0.5}]
+_PRE_TOKENIZERS = [lambda r: {"type": "Split", "pattern": {"String": r.choice(_PIECES)}, "behavior": r.choice(_BEHAVIORS),
+                              "invert": r.random() < 0.5},
+                   _METASPACE, lambda r: {"type": r.choice(["Whitespace", "WhitespaceSplit"])},
+                   lambda r: {"type": "Punctuation", "behavior": r.choice(_BEHAVIORS)},
+                   lambda r: {"type": "Digits", "individual_digits": r.random() < 0.5}]
+_DECODERS = [_replace, lambda r: {"type": r.choice(["ByteFallback", "Fuse"])}, _METASPACE,
+             lambda r: {"type": "Strip", "content": r.choice([" ", "▁"]), "start": r.choice([0, 1, 3]), "stop": r.choice([0, 0, 2])}]
+
+
+def _pipeline(r, makers, field):
+    parts = [r.choice(makers)(r) for _ in range(r.randint(0, 5))]
+    return parts[0] if len(parts) == 1 else {"type": "Sequence", field: parts}
+
+
+def test_every_text_pipeline_the_checks_accept_encodes_and_decodes_without_a_panic(base):
+    # Seeded random pipelines of the components the checks allow, with the parameters they allow and some
+    # they refuse (an empty Prepend, a Strip decoder's `stop`): those the checks accept must encode and
+    # decode any text without the library panicking (it found both of those refused here).
+    import random
+
+    from tokenizers import Tokenizer
+
+    from ferrisres.format.documents import check_tokenizer
+    from ferrisres.format.errors import ArtifactError
+
+    r, tokenizer, texts = random.Random(0), document(base, "tokenizer.json"), ["", " ", "Hi there", "  x  ", "▁▁a",
+                                                                               "日本語 テキスト", "é\u0301 12 345", "a" * 40]
+    accepted = 0
+    for _ in range(400):
+        candidate = {**tokenizer, "normalizer": _pipeline(r, _NORMALIZERS, "normalizers"),
+                     "pre_tokenizer": _pipeline(r, _PRE_TOKENIZERS, "pretokenizers"),
+                     "decoder": _pipeline(r, _DECODERS, "decoders")}
+        try:
+            check_tokenizer(candidate)
+        except ArtifactError:
+            continue
+        accepted += 1
+        library = Tokenizer.from_str(json.dumps(candidate))
+        for text in texts:
+            ids = library.encode(text, add_special_tokens=False).ids  # a panic fails the test
+            for some in (ids, ids[:1], [], [r.randrange(500) for _ in range(5)]):
+                library.decode(some, skip_special_tokens=False)
+    assert accepted > 100
