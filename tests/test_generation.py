@@ -223,12 +223,13 @@ def test_run_stop_flag(stop_case, converted, how):
 
 
 class ScriptedModel:
-    """What Generation needs of a model: the real config and tokenizer, and a forward pass whose logits make
-    greedy decoding pick `script[k]` at the k-th call."""
+    """What Generation needs of a model: the real config, tokenizer and decoding of ids to text, and a forward
+    pass whose logits make greedy decoding pick `script[k]` at the k-th call."""
 
     def __init__(self, real, script: list[int]):
         self.config = real.config
         self.tokenizer = real.tokenizer
+        self.decode = real.decode
         self.script = list(script)
         self.calls = 0
 
