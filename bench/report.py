@@ -290,9 +290,9 @@ def peers_section(p: dict | None) -> list[str]:
     setup = [f"build {b['build_s'] / 60:.1f} min", f"GGUF conversion {g['convert_s'] / 60:.1f} min + quantization "
              f"{g['quantize_s'] / 60:.1f} min"]
     reused = [what for what, rec in (("build", b), ("GGUF", g)) if rec.get("reused")]
-    lines += ["", f"Cost of the peer, once: {'; '.join(setup)}"
-              + (f" (the {' and '.join(reused)} made by an earlier run and reused here" if reused else " (")
-              + f"; this run's setup {p['setup_s'] / 60:.1f} min, "
+    lines += ["", f"Cost of the peer, once: {'; '.join(setup)} ("
+              + (f"the {' and '.join(reused)} made by an earlier run and reused here; " if reused else "")
+              + f"this run's setup {p['setup_s'] / 60:.1f} min, "
               f"the whole peer comparison {p['total_s'] / 60:.1f} min); on disk (bench/.cache/peers/) the sdist "
               f"{b['sdist_bytes'] / GB:.2f} GB, its tree {b['source_bytes'] / GB:.2f} GB, the build {b['build_bytes'] / GB:.2f} GB, "
               f"the GGUF {g['bytes'] / GB:.2f} GB (the f16 intermediate, {g['f16_bytes'] / GB:.2f} GB, is deleted), "
