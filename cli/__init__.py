@@ -1,8 +1,9 @@
-"""What every ferrisres command-line tool shares (convert, run, inspect, eval): bad input ends in one line
-on stderr, never a traceback.
+"""What every ferrisres command-line tool shares (convert, run, inspect, eval, serve): bad input ends in one
+line on stderr, never a traceback.
 
 It imports nothing of ferrisres: each tool names the errors that are its user's.
-Exit codes: 0 success, 1 bad input or a failed check, 130 interrupted (Ctrl-C), 141 output pipe closed.
+Exit codes: 0 success, 1 bad input or a failed check, 2 a flag the parser refuses, 130 interrupted
+(Ctrl-C), 141 output pipe closed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def parse_args(options_class, prog: str, description: str, argv: list[str] | Non
         i += 1
     parser = ArgumentParser(options_class, prog=prog, description=description,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(fail(prog, message) + 1)  # argparse's usage block above it hid it
     args = parser.parse_args(rest)
     return (args, values) if repeatable else args
 

@@ -4,7 +4,8 @@ The artifact is written to `.OUT.tern.<random>.partial` beside OUT.tern and rena
 so OUT.tern is either the old file or the new, whole one. A failure (bad input, disk full, Ctrl-C
 or SIGTERM) removes the partial file; a SIGKILL or power loss cannot, so each run first removes
 the partial files of the same output that no running conversion holds (see format/writer.py).
-Exit codes: 0 done, 1 bad input or a failed write, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+Exit codes: 0 done, 1 bad input or a failed write, 2 a flag refused, 130 interrupted (SIGINT), 143 terminated
+(SIGTERM).
 """
 
 

@@ -86,3 +86,20 @@ def test_out_of_range_converter_flags_write_nothing(tmp_path, flags, fragment):
 ])
 def test_evaluation_inputs_are_checked(base, flags, fragment):
     refused(run_boxed("ferrisres-eval", str(base), str(base), *flags), fragment)
+
+
+@pytest.mark.parametrize("tool, flags, fragment", [
+    ("ferrisres-run", ["--promt", "Hi"], "unrecognized arguments: --promt Hi"),
+    ("ferrisres-run", ["-p"], "argument -p/--prompt: expected one argument"),
+    ("ferrisres-run", ["-p", "Hi", "--kernel", "cuda"], "argument --kernel: invalid choice: 'cuda'"),
+    ("ferrisres-serve", ["--prot", "9000"], "unrecognized arguments: --prot 9000"),
+    ("ferrisres-inspect", ["--verfy"], "unrecognized arguments: --verfy"),
+    ("ferrisres-eval", ["--text"], "argument --text: expected one argument"),
+    ("ferrisres-convert", ["-o", "x.tern", "--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
+])
+def test_a_flag_the_parser_refuses_is_one_line(base, tool, flags, fragment):
+    # argparse would print its usage block first, a dozen lines above the one that says what is wrong
+    run = run_boxed(tool, str(base), *flags)
+    lines = run.stderr.splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}: error: ") and fragment in lines[0], run.stderr
