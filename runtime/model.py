@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 from functools import cached_property
 
 import numpy as np
@@ -54,12 +55,11 @@ class Model:
         """The checkpoint's `tokenizers` tokenizer (parsed on first use: it is tens of MB for Gemma)."""
         try:
             self._check_tokenizer_document()
-            try:
-                tokenizer = Tokenizer.from_str(self.artifact.document("tokenizer.json"))
-            except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
-                raise ArtifactError(f"tokenizer.json cannot be loaded ({e})") from None
-            except BaseException as e:
-                raise ArtifactError(f"tokenizer.json cannot be loaded ({_panic_message(e)})") from None
+            with _library_panics(ArtifactError, "tokenizer.json cannot be loaded"):
+                try:
+                    tokenizer = Tokenizer.from_str(self.artifact.document("tokenizer.json"))
+                except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+                    raise ArtifactError(f"tokenizer.json cannot be loaded ({e})") from None
             check_loaded_tokenizer(tokenizer)  # what the library made of it, before it encodes anything
         except ArtifactError as e:
             raise ArtifactError(f"{self.artifact.path}: {e}") from None
@@ -115,10 +115,9 @@ class Model:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:  # the tokenizers library would raise a TypeError
                 raise ValueError(f"the text is not valid Unicode: a lone surrogate at character {e.start}") from None
-        try:
+        # (a panic: a pattern past its regex engine's retry limit, with a hostile tokenizer)
+        with _library_panics(ValueError, "the tokenizer failed on this text"):
             ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        except BaseException as e:  # (a pattern past its regex engine's retry limit, with a hostile tokenizer)
-            raise ValueError(f"the tokenizer failed on this text ({_panic_message(e)})") from None
         bos = self.config.bos_token_id
         if add_bos:
             leading = next((k for k, t in enumerate(ids) if t != bos), len(ids))  # BOS tokens it starts with
@@ -127,10 +126,8 @@ class Model:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """The text of token ids (special tokens left out unless `skip_special_tokens` is False)."""
-        try:
+        with _library_panics(ValueError, "the tokenizer failed to decode the reply"):  # (a decoder the checks did not foresee)
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        except BaseException as e:  # (a decoder the checks did not foresee, with a hostile tokenizer)
-            raise ValueError(f"the tokenizer failed to decode the reply ({_panic_message(e)})") from None
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_options) -> str:
         """The prompt text for `messages` by the artifact's chat template; `template_options` are passed
@@ -215,12 +212,18 @@ def release_freed_heap() -> None:
     trim(0)
 
 
-def _panic_message(e: BaseException) -> str:
-    """The first line of a Rust panic inside the tokenizers library, which reaches Python as pyo3's
-    PanicException: a BaseException, not an Exception. Anything else (KeyboardInterrupt, ...) is re-raised."""
-    if type(e).__name__ != "PanicException":
-        raise e
-    return f"the tokenizers library failed: {str(e).splitlines()[0][:200] if str(e) else 'a panic'}"
+@contextmanager
+def _library_panics(error: type[Exception], what: str):
+    """A Rust panic inside the tokenizers library, which reaches Python as pyo3's PanicException (a
+    BaseException, not an Exception), raised as `error`: `what`, with the panic's first line. Anything else
+    (KeyboardInterrupt, ...) passes through."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        line = str(e).splitlines()[0][:200] if str(e) else "a panic"
+        raise error(f"{what} (the tokenizers library failed: {line})") from None
 
 
 def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy") -> Model:
