@@ -141,7 +141,7 @@ def worker_load(args: dict) -> None:
 
 
 def _load(args: dict):
-    """The artifact loaded as a user would run it: `threads` (default 1, the runtime's own default) and
+    """The artifact loaded as a user would run it: `threads` (default 1) and
     `kernel` ("numpy", the reference path, unless named), tokenizer parsed."""
     from ferrisres.runtime import load, set_threads
 
@@ -301,11 +301,13 @@ def worker_profile(args: dict) -> None:
 def worker_serve(args: dict) -> None:
     """ferrisres-serve on the artifact, in its own process: N streaming clients at once (N = 1, 2, 4, 8),
     each a random prompt and `new` greedy tokens; aggregate tokens/s and each stream's time to first
-    token; then the time to first token of one request joining `max(streams) - 1` streams mid-decode."""
+    token; then the time to first token of one request joining `max(streams) - 1` streams mid-decode. The
+    server runs `threads` threads (default 1, as every measurement of the run unless named)."""
     import subprocess
 
     server = subprocess.Popen([sys.executable, "-m", "ferrisres.runtime.serve", args["path"], "--port", "0",
-                               "--max-batch", str(max(args["streams"])), "--kernel", args.get("kernel", "numpy")],
+                               "--max-batch", str(max(args["streams"])), "--kernel", args.get("kernel", "numpy"),
+                               "--threads", str(args.get("threads", 1))],
                               stderr=subprocess.PIPE, text=True)
     try:
         line = server.stderr.readline()

@@ -5,7 +5,6 @@ Sampling defaults come from the artifact's generation config; flags override the
 `--interactive` chats turn by turn, keeping the KV cache between turns.
 """
 
-import os
 import resource
 import sys
 import time
@@ -19,7 +18,7 @@ from ferrisres.format.sizes import size_summary
 from .chat import ChatSession
 from .chat_template import ChatTemplateError
 from .generate import Generation
-from .kernels import set_threads
+from .kernels import physical_cores, set_threads, threads, usable_cpus
 from .model import KERNELS, Model, load
 from .sampling import SamplingParams
 
@@ -48,7 +47,7 @@ class Args:
     stop: Optional[str] = field(default=None, metadata={"help": "stop when this text appears (not printed); repeatable"})
     max_context: Optional[int] = field(default=None, metadata={"help": "context limit in tokens (default: the model's)"})
     draft: Optional[str] = field(default=None, metadata={"choices": ["ngram"], "help": "speculative decoding: 'ngram' drafts tokens by prompt lookup and verifies them in one pass (greedy only; same text, faster on text that repeats)"})
-    threads: int = field(default=1, metadata={"help": "threads that split each matrix's rows (default 1)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "threads that split each matrix's rows (default: the physical cores this process may use; on a machine busy with other work, fewer can be faster)"})
     cache: Optional[str] = field(default=None, metadata={"choices": ["int8"], "help": "int8: unpack the ternary weights once into RAM (4x their size) for faster decoding with --kernel numpy"})
     kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy (the reference), fast (fused compiled kernels: pip install 'ferrisres[fast]'), int8 (fast, with the ternary products' inputs rounded to int8 as llama.cpp does: faster, not equal to the reference; x86-64 with AVX2), auto (default: int8 where the fast extra and the CPU allow it, else fast; numpy without the extra or for a tiny model)"})
     verbose: bool = field(default=False, metadata={"args": ["-v", "--verbose"], "help": "per-token log and memory diagnostic on stderr"})
@@ -112,15 +111,23 @@ def _generation_options(args: Args, stops: list[str], notes: list[str]) -> dict:
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     if args.draft and not args.greedy and args.temperature is None:
         sampling["temperature"] = 0.0  # drafting verifies greedy choices: make greedy the default for it
-    if not 1 <= args.threads <= MAX_THREADS:
-        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {str(args.threads)[:40]}")
     for flag, text in (("--prompt", args.prompt), ("--system", args.system), *(("--stop", t) for t in stops)):
         _check_utf8(flag, text)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if args.threads > cpus:  # more threads than CPUs only adds switching between them
-        notes.append(f"--threads {args.threads} is more than the {cpus} CPUs this process can use: using {cpus}")
-    set_threads(min(args.threads, cpus))
+    set_threads(checked_threads(args.threads, notes))
     return {"stop": tuple(stops), "max_context": args.max_context, "top": args.verbose, "draft": args.draft, **sampling}
+
+
+def checked_threads(threads: int | None, notes: list[str]) -> int:
+    """The thread count of `--threads` (None: the physical cores this process may use), checked, and capped
+    at the CPUs this process may use with a note: more threads than CPUs only adds switching between them."""
+    if threads is None:
+        return physical_cores()
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {str(threads)[:40]}")
+    cpus = usable_cpus()
+    if threads > cpus:
+        notes.append(f"--threads {threads} is more than the {cpus} CPUs this process can use: using {cpus}")
+    return min(threads, cpus)
 
 
 def _check_utf8(flag: str, text: str | None) -> None:
@@ -235,7 +242,7 @@ def _summary(g: Generation, load_seconds: float | None) -> str:
         f"{load}prompt {len(g.prompt_ids)} tokens, {rate(len(g.prompt_ids), g.prefill_seconds)} | "
         f"generated {len(g.tokens)} tokens, {rate(g.decode_tokens, g.decode_seconds)} | "
         + (f"drafts accepted {g.acceptance_rate:.0%} | " if g.acceptance_rate is not None else "")
-        + f"stop: {g.stop_reason or 'interrupted'} | kernel {g.model.kernel} | peak RSS {peak:.0f} MiB"
+        + f"stop: {g.stop_reason or 'interrupted'} | kernel {g.model.kernel} | threads {threads()} | peak RSS {peak:.0f} MiB"
     )
 
 

@@ -9,8 +9,10 @@ numpy unpacking measured on a 2-core machine (docs/kernels.md).
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -57,6 +59,27 @@ def set_threads(n: int) -> None:
 def threads() -> int:
     """The thread count `set_threads` set (the fused kernels split rows over as many)."""
     return _threads
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups' cpusets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def physical_cores(topology: Path = Path("/sys/devices/system/cpu")) -> int:
+    """The physical cores among the CPUs this process may run on: the default thread count. A core's
+    second hardware thread shares its vector units and its path to memory, which is what these products
+    are bound by, so, like llama.cpp's default, it is not counted. Where the topology cannot be read
+    (not Linux), every usable CPU counts."""
+    if not hasattr(os, "sched_getaffinity"):
+        return usable_cpus()
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        try:  # the CPUs sharing this one's core, e.g. "0,64" or "0-1": the same text for each of them
+            cores.add((topology / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
+        except OSError:
+            return usable_cpus()
+    return max(1, len(cores))
 
 
 class Linear:
@@ -239,5 +262,5 @@ def _buffer(width: int, rows: int) -> np.ndarray:
     return buffer
 
 
-set_threads(1)
+set_threads(physical_cores())
 

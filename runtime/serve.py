@@ -17,8 +17,8 @@ from ferrisres.cli import parse_args, run_main
 from ferrisres.format import ArtifactError
 
 from .chat_template import ChatTemplateError
-from .cli import MAX_THREADS
-from .kernels import set_threads
+from .cli import checked_threads
+from .kernels import set_threads, threads
 from .model import KERNELS, load
 from .scheduler import Scheduler
 
@@ -39,7 +39,7 @@ class Args:
     max_context: Optional[int] = field(default=None, metadata={"help": "context limit per request in tokens (default: the model's)"})
     timeout: float = field(default=600.0, metadata={"help": "seconds a request may take, waiting included; then its reply ends with finish_reason length (default 600)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: the FERRISRES_API_KEY variable, else none)"})
-    threads: int = field(default=1, metadata={"help": "threads that split each matrix's rows (default 1)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "threads that split each matrix's rows (default: the physical cores this process may use; on a machine busy with other work, fewer can be faster)"})
     kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy, fast (pip install 'ferrisres[fast]'), int8 (fast with int8 inputs: faster, not equal to numpy), auto (default: int8 where it can run, else fast, else numpy)"})
     grace: float = field(default=10.0, metadata={"help": "on SIGTERM or Ctrl-C, seconds the replies still generating get to finish; then each ends with finish_reason length (default 10)"})
 
@@ -57,7 +57,8 @@ def _serve(args: Args) -> int:
         from .server import Limits, Shutdown, create_app
     except ImportError as e:
         raise ValueError(f"ferrisres-serve needs uvicorn and starlette ({e}): {SERVE_EXTRA}") from None
-    set_threads(min(args.threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    notes = []
+    set_threads(checked_threads(args.threads, notes))
     model = load(args.model, kernel=args.kernel)
     model.tokenizer  # parsed now, not in the first request
     limits = Limits(args.max_tokens, min(args.max_context or model.config.max_position_embeddings,
@@ -68,8 +69,10 @@ def _serve(args: Args) -> int:
     shutdown = Shutdown()
     app = create_app(model, scheduler, limits, args.api_key or os.environ.get("FERRISRES_API_KEY") or None, shutdown)
     host, port = listener.getsockname()[:2]
+    for note in notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     print(f"{PROG}: serving {model.artifact.path.name} on http://{host}:{port} (kernel {model.kernel}, "
-          f"max batch {args.max_batch})", file=sys.stderr, flush=True)
+          f"{threads()} threads, max batch {args.max_batch})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
                             timeout_graceful_shutdown=args.grace + SHUTDOWN_MARGIN)
 
@@ -87,11 +90,10 @@ def _serve(args: Args) -> int:
 
 def _check(args: Args) -> None:
     for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--max-tokens", args.max_tokens, 1), ("--threads", args.threads, 1)):
+                             ("--max-tokens", args.max_tokens, 1)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    if args.threads > MAX_THREADS:
-        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {str(args.threads)[:40]}")
+    checked_threads(args.threads, [])
     if args.max_context is not None and args.max_context < 1:
         raise ValueError(f"--max-context must be >= 1, got {args.max_context}")
     if not 0 <= args.port <= 65535:

@@ -424,10 +424,34 @@ def test_options_that_cannot_apply_are_said(plain, converted):
     cpus = len(os.sched_getaffinity(0))
     result = run_tool(RUN, plain, "-p", "Hello", "-n", "2", "--raw", "--threads", str(cpus + 62))
     assert result.returncode == 0 and f"--threads {cpus + 62} is more than the {cpus} CPUs" in result.stderr
+    assert f"| threads {cpus} |" in result.stderr.splitlines()[-1]
     teacher = str(converted("tiny_gemma4", "f32"))
     result = run_tool(RUN, teacher, "-p", "Hello", "-n", "2", "--raw", "--cache", "int8")
     assert result.returncode == 0 and "--cache int8 changes nothing" in result.stderr
     assert "note:" not in run_tool(RUN, plain, "-p", "Hello", "-n", "2", "--raw", "--cache", "int8").stderr
+
+
+def test_threads_default_to_the_physical_cores_and_the_summary_says_how_many(plain):
+    from ferrisres.runtime.kernels import physical_cores
+
+    for flags, threads in (((), physical_cores()), (("--threads", "1"), 1)):
+        result = run_tool(RUN, plain, "-p", "Hello", "-n", "2", "--raw", *flags)
+        assert result.returncode == 0 and f"| threads {threads} |" in result.stderr.splitlines()[-1], result.stderr
+
+
+def test_physical_cores_count_each_core_once_among_the_usable_cpus(tmp_path, monkeypatch):
+    """Hardware threads of one core list the same siblings; CPUs outside the affinity mask do not count,
+    and without a topology to read every usable CPU counts."""
+    from ferrisres.runtime.kernels import physical_cores
+
+    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3", "4"]):
+        (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(siblings + "\n")
+    for usable, cores in (({0, 1, 2, 3, 4}, 3), ({0, 2}, 1), ({1, 2, 4}, 3)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, usable=usable: usable)
+        assert physical_cores(tmp_path) == cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 7})
+    assert physical_cores(tmp_path) == 3  # cpu7 has no topology here
 
 
 def test_long_prefill_reports_progress(converted):
