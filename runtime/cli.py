@@ -18,7 +18,7 @@ from ferrisres.format.sizes import size_summary
 from .chat import ChatSession
 from .chat_template import ChatTemplateError
 from .generate import Generation
-from .kernels import physical_cores, set_threads, threads, usable_cpus
+from .kernels import default_threads, set_threads, threads, usable_cpus
 from .model import KERNELS, Model, load
 from .sampling import SamplingParams
 
@@ -47,7 +47,7 @@ class Args:
     stop: Optional[str] = field(default=None, metadata={"help": "stop when this text appears (not printed); repeatable"})
     max_context: Optional[int] = field(default=None, metadata={"help": "context limit in tokens (default: the model's)"})
     draft: Optional[str] = field(default=None, metadata={"choices": ["ngram"], "help": "speculative decoding: 'ngram' drafts tokens by prompt lookup and verifies them in one pass (greedy only; same text, faster on text that repeats)"})
-    threads: Optional[int] = field(default=None, metadata={"help": "threads that split each matrix's rows (default: the physical cores this process may use; on a machine busy with other work, fewer can be faster)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "threads that split each matrix's rows (default: the physical cores this process may use, within its CPU quota; on a machine busy with other work, fewer can be faster)"})
     cache: Optional[str] = field(default=None, metadata={"choices": ["int8"], "help": "int8: unpack the ternary weights once into RAM (4x their size) for faster decoding with --kernel numpy"})
     kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy (the reference), fast (fused compiled kernels: pip install 'ferrisres[fast]'), int8 (fast, with the ternary products' inputs rounded to int8 as llama.cpp does: faster, not equal to the reference; x86-64 with AVX2), auto (default: int8 where the fast extra and the CPU allow it, else fast; numpy without the extra or for a tiny model)"})
     verbose: bool = field(default=False, metadata={"args": ["-v", "--verbose"], "help": "per-token log and memory diagnostic on stderr"})
@@ -118,10 +118,10 @@ def _generation_options(args: Args, stops: list[str], notes: list[str]) -> dict:
 
 
 def checked_threads(threads: int | None, notes: list[str]) -> int:
-    """The thread count of `--threads` (None: the physical cores this process may use), checked, and capped
+    """The thread count of `--threads` (None: `default_threads()`), checked, and capped
     at the CPUs this process may use with a note: more threads than CPUs only adds switching between them."""
     if threads is None:
-        return physical_cores()
+        return default_threads()
     if not 1 <= threads <= MAX_THREADS:
         raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {str(threads)[:40]}")
     cpus = usable_cpus()

@@ -9,6 +9,7 @@ numpy unpacking measured on a 2-core machine (docs/kernels.md).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -66,11 +67,16 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def physical_cores(topology: Path = Path("/sys/devices/system/cpu")) -> int:
-    """The physical cores among the CPUs this process may run on: the default thread count. A core's
-    second hardware thread shares its vector units and its path to memory, which is what these products
-    are bound by, so, like llama.cpp's default, it is not counted. Where the topology cannot be read
-    (not Linux), every usable CPU counts."""
+def default_threads(sysfs: Path = Path("/sys")) -> int:
+    """The thread count used unless told: the physical cores among the CPUs this process may run on, and
+    no more than the CPU time its cgroup allows (a container's `--cpus`), rounded up. A core's second
+    hardware thread shares its vector units and its path to memory, which is what these products are
+    bound by, so, like llama.cpp's default, it is not counted; threads beyond a CPU quota wait for each
+    other's time slices. Where the topology cannot be read (not Linux), every usable CPU counts."""
+    return max(1, min(_physical_cores(sysfs / "devices/system/cpu"), _cpu_quota(sysfs / "fs/cgroup")))
+
+
+def _physical_cores(topology: Path) -> int:
     if not hasattr(os, "sched_getaffinity"):
         return usable_cpus()
     cores = set()
@@ -79,7 +85,24 @@ def physical_cores(topology: Path = Path("/sys/devices/system/cpu")) -> int:
             cores.add((topology / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
         except OSError:
             return usable_cpus()
-    return max(1, len(cores))
+    return len(cores)
+
+
+def _cpu_quota(cgroup: Path) -> int | float:
+    """CPUs' worth of time per period the cgroup allows (cgroup v2's cpu.max, v1's cfs quota), rounded up;
+    infinity when unlimited or unreadable."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota, period = ((cgroup / "cpu" / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        except OSError:
+            return math.inf
+    try:
+        quota, period = int(quota), int(period)
+    except ValueError:  # "max": no limit
+        return math.inf
+    return -(-quota // period) if quota > 0 and period > 0 else math.inf
 
 
 class Linear:
@@ -262,5 +285,5 @@ def _buffer(width: int, rows: int) -> np.ndarray:
     return buffer
 
 
-set_threads(physical_cores())
+set_threads(default_threads())
 

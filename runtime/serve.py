@@ -39,7 +39,7 @@ class Args:
     max_context: Optional[int] = field(default=None, metadata={"help": "context limit per request in tokens (default: the model's)"})
     timeout: float = field(default=600.0, metadata={"help": "seconds a request may take, waiting included; then its reply ends with finish_reason length (default 600)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: the FERRISRES_API_KEY variable, else none)"})
-    threads: Optional[int] = field(default=None, metadata={"help": "threads that split each matrix's rows (default: the physical cores this process may use; on a machine busy with other work, fewer can be faster)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "threads that split each matrix's rows (default: the physical cores this process may use, within its CPU quota; on a machine busy with other work, fewer can be faster)"})
     kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy, fast (pip install 'ferrisres[fast]'), int8 (fast with int8 inputs: faster, not equal to numpy), auto (default: int8 where it can run, else fast, else numpy)"})
     grace: float = field(default=10.0, metadata={"help": "on SIGTERM or Ctrl-C, seconds the replies still generating get to finish; then each ends with finish_reason length (default 10)"})
 

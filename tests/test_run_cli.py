@@ -432,26 +432,36 @@ def test_options_that_cannot_apply_are_said(plain, converted):
 
 
 def test_threads_default_to_the_physical_cores_and_the_summary_says_how_many(plain):
-    from ferrisres.runtime.kernels import physical_cores
+    from ferrisres.runtime.kernels import default_threads
 
-    for flags, threads in (((), physical_cores()), (("--threads", "1"), 1)):
+    for flags, threads in (((), default_threads()), (("--threads", "1"), 1)):
         result = run_tool(RUN, plain, "-p", "Hello", "-n", "2", "--raw", *flags)
         assert result.returncode == 0 and f"| threads {threads} |" in result.stderr.splitlines()[-1], result.stderr
 
 
-def test_physical_cores_count_each_core_once_among_the_usable_cpus(tmp_path, monkeypatch):
-    """Hardware threads of one core list the same siblings; CPUs outside the affinity mask do not count,
-    and without a topology to read every usable CPU counts."""
-    from ferrisres.runtime.kernels import physical_cores
+def test_default_threads_count_each_core_once_within_the_cpu_quota(tmp_path, monkeypatch):
+    """Hardware threads of one core list the same siblings; CPUs outside the affinity mask do not count;
+    without a topology to read every usable CPU counts; a cgroup's CPU quota (v2 or v1) caps the count,
+    rounded up."""
+    from ferrisres.runtime.kernels import default_threads
 
+    cpus = tmp_path / "devices" / "system" / "cpu"
     for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3", "4"]):
-        (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
-        (tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(siblings + "\n")
-    for usable, cores in (({0, 1, 2, 3, 4}, 3), ({0, 2}, 1), ({1, 2, 4}, 3)):
+        (cpus / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (cpus / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(siblings + "\n")
+    for usable, cores in (({0, 1, 2, 3, 4}, 3), ({0, 2}, 1), ({1, 2, 4}, 3), ({0, 1, 7}, 3)):  # cpu7: no topology
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, usable=usable: usable)
-        assert physical_cores(tmp_path) == cores
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 7})
-    assert physical_cores(tmp_path) == 3  # cpu7 has no topology here
+        assert default_threads(tmp_path) == cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    cgroup = tmp_path / "fs" / "cgroup"
+    (cgroup / "cpu").mkdir(parents=True)
+    (cgroup / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, threads in (("-1", 3), ("150000", 2), ("100000", 1), ("20000", 1)):
+        (cgroup / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        assert default_threads(tmp_path) == threads
+    for limit, threads in (("max 100000", 3), ("200000 100000", 2)):  # v2 first
+        (cgroup / "cpu.max").write_text(limit + "\n")
+        assert default_threads(tmp_path) == threads
 
 
 def test_long_prefill_reports_progress(converted):
