@@ -118,8 +118,8 @@ def _generation_options(args: Args, stops: list[str], notes: list[str]) -> dict:
 
 
 def checked_threads(threads: int | None, notes: list[str]) -> int:
-    """The thread count of `--threads` (None: `default_threads()`), checked, and capped
-    at the CPUs this process may use with a note: more threads than CPUs only adds switching between them."""
+    """The thread count of `--threads` (None: `default_threads()`), checked, and capped at the CPUs this
+    process may use, with a note: more threads than CPUs only adds switching between them."""
     if threads is None:
         return default_threads()
     if not 1 <= threads <= MAX_THREADS:
