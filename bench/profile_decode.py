@@ -111,9 +111,10 @@ def _instrument(model, totals: dict) -> list:
     return undo
 
 
-def profile(path: str, context: int = 64, steps: int = 4, top: int = 25, kernel: str = "numpy") -> dict:
-    from ferrisres.runtime import load
+def profile(path: str, context: int = 64, steps: int = 4, top: int = 25, kernel: str = "numpy", threads: int = 1) -> dict:
+    from ferrisres.runtime import load, set_threads
 
+    set_threads(threads)
     model = load(path, kernel=kernel)
     model.tokenizer
     rng = np.random.default_rng([0, context])
@@ -164,7 +165,7 @@ def profile(path: str, context: int = 64, steps: int = 4, top: int = 25, kernel:
         top_rows.append({"function": f"{_short(file)}:{line}({fn})", "calls_per_step": nc / steps,
                          "tottime_ms_per_step": 1000 * tt / steps, "cumtime_ms_per_step": 1000 * ct / steps})
 
-    md = [f"{steps} decode steps after a {context}-token context (`--kernel {model.kernel}`), {step_ms:.0f} ms per step "
+    md = [f"{steps} decode steps after a {context}-token context (`--kernel {model.kernel}`, {_threads(threads)}), {step_ms:.0f} ms per step "
           f"with the timers ({steps / timed_wall:.2f} tok/s), {1000 * profiled_wall / steps:.0f} ms under cProfile.", "",
           "By kernel (wall time inside each group; MB = weight bytes the group reads per step):", "",
           "| what | ms/step | share | calls/step | MB/step | GB/s |", "|---|---|---|---|---|---|"]
@@ -176,10 +177,14 @@ def profile(path: str, context: int = 64, steps: int = 4, top: int = 25, kernel:
            "| function | calls/step | own ms/step | cumulative ms/step |", "|---|---|---|---|"]
     for r in top_rows:
         md.append(f"| `{r['function']}` | {r['calls_per_step']:.0f} | {r['tottime_ms_per_step']:.1f} | {r['cumtime_ms_per_step']:.1f} |")
-    return {"context": context, "steps": steps, "kernel": model.kernel, "step_ms": step_ms,
+    return {"context": context, "steps": steps, "kernel": model.kernel, "threads": threads, "step_ms": step_ms,
             "profiled_step_ms": 1000 * profiled_wall / steps, "kernels": rows, "cprofile_top": top_rows,
             "cprofile_tottime": text_tottime, "cprofile_cumulative": text_cum,
             "markdown": "\n".join(md)}
+
+
+def _threads(n: int) -> str:
+    return "one thread" if n == 1 else f"{n} threads"
 
 
 def _short(file: str) -> str:
@@ -195,9 +200,10 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--kernel", default="numpy", help="numpy (default), fast or int8")
+    ap.add_argument("--threads", type=int, default=1, help="threads that split each product (default 1)")
     ap.add_argument("--json", action="store_true", help="print the whole result as JSON")
     args = ap.parse_args(argv)
-    result = profile(args.artifact, args.context, args.steps, kernel=args.kernel)
+    result = profile(args.artifact, args.context, args.steps, kernel=args.kernel, threads=args.threads)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
