@@ -117,17 +117,17 @@ def _generation_options(args: Args, stops: list[str], notes: list[str]) -> dict:
     return {"stop": tuple(stops), "max_context": args.max_context, "top": args.verbose, "draft": args.draft, **sampling}
 
 
-def checked_threads(threads: int | None, notes: list[str]) -> int:
+def checked_threads(requested: int | None, notes: list[str]) -> int:
     """The thread count of `--threads` (None: `default_threads()`), checked, and capped at the CPUs this
     process may use, with a note: more threads than CPUs only adds switching between them."""
-    if threads is None:
+    if requested is None:
         return default_threads()
-    if not 1 <= threads <= MAX_THREADS:
-        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {str(threads)[:40]}")
+    if not 1 <= requested <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {str(requested)[:40]}")
     cpus = usable_cpus()
-    if threads > cpus:
-        notes.append(f"--threads {threads} is more than the {cpus} CPUs this process can use: using {cpus}")
-    return min(threads, cpus)
+    if requested > cpus:
+        notes.append(f"--threads {requested} is more than the {cpus} CPUs this process can use: using {cpus}")
+    return min(requested, cpus)
 
 
 def _check_utf8(flag: str, text: str | None) -> None:

@@ -69,10 +69,11 @@ def usable_cpus() -> int:
 
 def default_threads(sysfs: Path = Path("/sys")) -> int:
     """The thread count used unless told: the physical cores among the CPUs this process may run on, and
-    no more than the CPU time its cgroup allows (a container's `--cpus`), rounded up. A core's second
+    no more than the CPU time its cgroup allows (a container's `--cpus`), rounded down. A core's second
     hardware thread shares its vector units and its path to memory, which is what these products are
     bound by, so, like llama.cpp's default, it is not counted; threads beyond a CPU quota wait for each
-    other's time slices. Where the topology cannot be read (not Linux), every usable CPU counts."""
+    other's time slices (a thread sharing its core ran a step at less than half speed). Where the topology
+    cannot be read (not Linux), every usable CPU counts, hardware threads included."""
     return max(1, min(_physical_cores(sysfs / "devices/system/cpu"), _cpu_quota(sysfs / "fs/cgroup")))
 
 
@@ -83,26 +84,26 @@ def _physical_cores(topology: Path) -> int:
     for cpu in os.sched_getaffinity(0):
         try:  # the CPUs sharing this one's core, e.g. "0,64" or "0-1": the same text for each of them
             cores.add((topology / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
-        except OSError:
+        except (OSError, ValueError):
             return usable_cpus()
     return len(cores)
 
 
 def _cpu_quota(cgroup: Path) -> int | float:
-    """CPUs' worth of time per period the cgroup allows (cgroup v2's cpu.max, v1's cfs quota), rounded up;
-    infinity when unlimited or unreadable."""
+    """Whole CPUs' worth of time per period the cgroup allows (cgroup v2's cpu.max, v1's cfs quota), at least
+    one; infinity when unlimited or unreadable."""
     try:
         quota, period = (cgroup / "cpu.max").read_text().split()[:2]
     except (OSError, ValueError):
         try:
             quota, period = ((cgroup / "cpu" / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
-        except OSError:
+        except (OSError, ValueError):
             return math.inf
     try:
         quota, period = int(quota), int(period)
     except ValueError:  # "max": no limit
         return math.inf
-    return -(-quota // period) if quota > 0 and period > 0 else math.inf
+    return max(1, quota // period) if quota > 0 and period > 0 else math.inf
 
 
 class Linear:

@@ -69,10 +69,10 @@ def _serve(args: Args) -> int:
     shutdown = Shutdown()
     app = create_app(model, scheduler, limits, args.api_key or os.environ.get("FERRISRES_API_KEY") or None, shutdown)
     host, port = listener.getsockname()[:2]
-    for note in notes:
-        print(f"{PROG}: note: {note}", file=sys.stderr)
     print(f"{PROG}: serving {model.artifact.path.name} on http://{host}:{port} (kernel {model.kernel}, "
-          f"{threads()} threads, max batch {args.max_batch})", file=sys.stderr, flush=True)
+          f"threads {threads()}, max batch {args.max_batch})", file=sys.stderr, flush=True)
+    for note in notes:  # after the line that says where it listens, which scripts read first
+        print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
                             timeout_graceful_shutdown=args.grace + SHUTDOWN_MARGIN)
 

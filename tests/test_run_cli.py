@@ -442,7 +442,7 @@ def test_threads_default_to_the_physical_cores_and_the_summary_says_how_many(pla
 def test_default_threads_count_each_core_once_within_the_cpu_quota(tmp_path, monkeypatch):
     """Hardware threads of one core list the same siblings; CPUs outside the affinity mask do not count;
     without a topology to read every usable CPU counts; a cgroup's CPU quota (v2 or v1) caps the count,
-    rounded up."""
+    rounded down."""
     from ferrisres.runtime.kernels import default_threads
 
     cpus = tmp_path / "devices" / "system" / "cpu"
@@ -456,10 +456,10 @@ def test_default_threads_count_each_core_once_within_the_cpu_quota(tmp_path, mon
     cgroup = tmp_path / "fs" / "cgroup"
     (cgroup / "cpu").mkdir(parents=True)
     (cgroup / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    for quota, threads in (("-1", 3), ("150000", 2), ("100000", 1), ("20000", 1)):
+    for quota, threads in (("-1", 3), ("250000", 2), ("150000", 1), ("100000", 1), ("20000", 1)):
         (cgroup / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
         assert default_threads(tmp_path) == threads
-    for limit, threads in (("max 100000", 3), ("200000 100000", 2)):  # v2 first
+    for limit, threads in (("max 100000", 3), ("290000 100000", 2)):  # v2 first
         (cgroup / "cpu.max").write_text(limit + "\n")
         assert default_threads(tmp_path) == threads
 
