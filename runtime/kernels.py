@@ -67,14 +67,15 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_threads(sysfs: Path = Path("/sys")) -> int:
+def default_threads(sysfs: Path = Path("/sys"), cgroups: Path = Path("/proc/self/cgroup")) -> int:
     """The thread count used unless told: the physical cores among the CPUs this process may run on, and
-    no more than the CPU time its cgroup allows (a container's `--cpus`), rounded down. A core's second
-    hardware thread shares its vector units and its path to memory, which is what these products are
-    bound by, so, like llama.cpp's default, it is not counted; threads beyond a CPU quota wait for each
-    other's time slices (a thread sharing its core ran a step at less than half speed). Where the topology
-    cannot be read (not Linux), every usable CPU counts, hardware threads included."""
-    return max(1, min(_physical_cores(sysfs / "devices/system/cpu"), _cpu_quota(sysfs / "fs/cgroup")))
+    no more than the CPU time its cgroups allow (a container's `--cpus`, systemd's CPUQuota), rounded
+    down. A core's second hardware thread shares its vector units and its path to memory, which is what
+    these products are bound by, so, like llama.cpp's default, it is not counted; threads beyond a CPU
+    quota wait for each other's time slices (a thread sharing its core ran a step at less than half
+    speed). Where the topology cannot be read (not Linux), every usable CPU counts, hardware threads
+    included. `cgroups`: the process's cgroup membership (/proc/self/cgroup)."""
+    return max(1, min(_physical_cores(sysfs / "devices/system/cpu"), _cpu_quota(sysfs / "fs/cgroup", cgroups)))
 
 
 def _physical_cores(topology: Path) -> int:
@@ -89,19 +90,40 @@ def _physical_cores(topology: Path) -> int:
     return len(cores)
 
 
-def _cpu_quota(cgroup: Path) -> int | float:
-    """Whole CPUs' worth of time per period the cgroup allows (cgroup v2's cpu.max, v1's cfs quota), at least
-    one; infinity when unlimited or unreadable."""
+def _cpu_quota(root: Path, cgroups: Path) -> int | float:
+    """Whole CPUs' worth of time per period that the process's cgroup and its ancestors allow, the
+    smallest of their limits (cgroup v2's cpu.max, v1's cfs quota under cpu/), at least one; infinity
+    when none is set or readable. Each limit file is looked for from the process's own cgroup up to the
+    mount's root, which in a container with its own cgroup namespace is the container's cgroup."""
     try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        lines = cgroups.read_text().splitlines()
     except (OSError, ValueError):
-        try:
-            quota, period = ((cgroup / "cpu" / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
-        except (OSError, ValueError):
-            return math.inf
+        lines = []
+    places = []  # (directory of the hierarchy's root, the process's cgroup within it, v2?)
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            places.append((root, path, True))
+        elif "cpu" in controllers.split(","):
+            places.append((root / "cpu", path, False))
+    places = places or [(root, "/", True), (root / "cpu", "/", False)]
+    limit = math.inf
+    for base, path, v2 in places:
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            limit = min(limit, _cpu_limit(base.joinpath(*parts[:depth]), v2))
+    return limit
+
+
+def _cpu_limit(directory: Path, v2: bool) -> int | float:
+    """One cgroup's CPU limit in whole CPUs (at least one), infinity when it has none or it cannot be read."""
     try:
+        if v2:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+        else:
+            quota, period = ((directory / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
         quota, period = int(quota), int(period)
-    except ValueError:  # "max": no limit
+    except (OSError, ValueError):  # no such cgroup here, or "max": no limit
         return math.inf
     return max(1, quota // period) if quota > 0 and period > 0 else math.inf
 

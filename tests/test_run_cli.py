@@ -441,27 +441,39 @@ def test_threads_default_to_the_physical_cores_and_the_summary_says_how_many(pla
 
 def test_default_threads_count_each_core_once_within_the_cpu_quota(tmp_path, monkeypatch):
     """Hardware threads of one core list the same siblings; CPUs outside the affinity mask do not count;
-    without a topology to read every usable CPU counts; a cgroup's CPU quota (v2 or v1) caps the count,
-    rounded down."""
+    without a topology to read every usable CPU counts. The smallest CPU quota (v1 or v2) of the process's
+    cgroup and its ancestors caps the count, rounded down."""
     from ferrisres.runtime.kernels import default_threads
 
     cpus = tmp_path / "devices" / "system" / "cpu"
     for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3", "4"]):
         (cpus / f"cpu{cpu}" / "topology").mkdir(parents=True)
         (cpus / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(siblings + "\n")
+    membership = tmp_path / "cgroup-of-the-process"
+    membership.write_text("4:memory:/x\n1:cpu,cpuacct:/\n0::/\n")
     for usable, cores in (({0, 1, 2, 3, 4}, 3), ({0, 2}, 1), ({1, 2, 4}, 3), ({0, 1, 7}, 3)):  # cpu7: no topology
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, usable=usable: usable)
-        assert default_threads(tmp_path) == cores
+        assert default_threads(tmp_path, membership) == cores
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
     cgroup = tmp_path / "fs" / "cgroup"
     (cgroup / "cpu").mkdir(parents=True)
     (cgroup / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     for quota, threads in (("-1", 3), ("250000", 2), ("150000", 1), ("100000", 1), ("20000", 1)):
         (cgroup / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
-        assert default_threads(tmp_path) == threads
-    for limit, threads in (("max 100000", 3), ("290000 100000", 2)):  # v2 first
+        assert default_threads(tmp_path, membership) == threads
+    (cgroup / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    for limit, threads in (("max 100000", 3), ("290000 100000", 2)):
         (cgroup / "cpu.max").write_text(limit + "\n")
-        assert default_threads(tmp_path) == threads
+        assert default_threads(tmp_path, membership) == threads
+    # a systemd unit's quota, seen from the host: the process's own cgroup and its parents are searched
+    membership.write_text("0::/system.slice/app.service\n")
+    (cgroup / "cpu.max").write_text("max 100000\n")
+    (cgroup / "system.slice" / "app.service").mkdir(parents=True)
+    (cgroup / "system.slice" / "cpu.max").write_text("200000 100000\n")
+    assert default_threads(tmp_path, membership) == 2
+    (cgroup / "system.slice" / "app.service" / "cpu.max").write_text("100000 100000\n")
+    assert default_threads(tmp_path, membership) == 1
+    assert default_threads(tmp_path, tmp_path / "no-such-file") == 3  # the roots' limits: none
 
 
 def test_long_prefill_reports_progress(converted):
