@@ -51,14 +51,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: Args) -> int:
     _check(args)
+    notes = []
+    thread_count = checked_threads(args.threads, notes)
     try:
         import uvicorn
 
         from .server import Limits, Shutdown, create_app
     except ImportError as e:
         raise ValueError(f"ferrisres-serve needs uvicorn and starlette ({e}): {SERVE_EXTRA}") from None
-    notes = []
-    set_threads(checked_threads(args.threads, notes))
+    set_threads(thread_count)
     model = load(args.model, kernel=args.kernel)
     model.tokenizer  # parsed now, not in the first request
     limits = Limits(args.max_tokens, min(args.max_context or model.config.max_position_embeddings,
@@ -93,7 +94,6 @@ def _check(args: Args) -> None:
                              ("--max-tokens", args.max_tokens, 1)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    checked_threads(args.threads, [])
     if args.max_context is not None and args.max_context < 1:
         raise ValueError(f"--max-context must be >= 1, got {args.max_context}")
     if not 0 <= args.port <= 65535:
