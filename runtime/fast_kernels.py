@@ -780,10 +780,11 @@ class FastMatmul:
             raise ValueError(f"no fast kernel for encoding {linear.encoding!r}")
         self.encoding, self.in_features = linear.encoding, linear.in_features
         self.width, self.positions = linear.width, linear.positions
-        self.data = linear.data.view(np.uint16) if linear.encoding in ("bf16", "f16") else linear.data
+        data = np.ascontiguousarray(linear.data)  # (a mapped tensor already is) the int8 kernel reads it by pointer
+        self.data = data.view(np.uint16) if linear.encoding in ("bf16", "f16") else data
         self.scales, self.group_bytes = None, 0
         if linear.group_scale is not None:  # [out, planes, groups]: grouped ternary, or int8 codes with group scales
-            self.scales = linear.group_scale.view(np.uint16)
+            self.scales = np.ascontiguousarray(linear.group_scale).view(np.uint16)  # the int8 kernel reads it by pointer
             self.group_bytes = linear.data.shape[-1] // self.scales.shape[-1]  # bytes (int8 codes: columns) per group
         # int8 inputs: 2-bit grouped ternary in groups of DEFAULT_GROUP, and an int6 table's packed rows (other
         # encodings keep float32 inputs)

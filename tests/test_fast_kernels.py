@@ -225,6 +225,22 @@ def test_int8_inputs_give_the_product_of_the_inputs_rounded_per_group(isa, encod
 
 
 @needs_numba
+def test_the_int8_kernel_takes_strided_weights_and_scales_as_their_values():
+    """A Linear whose codes and scales are views with other strides than their shape's (not what an artifact
+    maps, but what a caller may build) multiplies the same values: the kernel reads arrays by pointer."""
+    from ferrisres.runtime.fast_kernels import attach
+
+    rng = np.random.default_rng(5)
+    linear, _ = weights("ternary-g2", 20, 512, rng)
+    strided = Linear(np.swapaxes(np.swapaxes(linear.data, 0, 1).copy(), 0, 1), "ternary-g2", (20, 512),
+                     group_scale=np.moveaxis(np.moveaxis(linear.group_scale, 2, 0).copy(), 0, 2))
+    assert not strided.data.flags.c_contiguous and not strided.group_scale.flags.c_contiguous
+    attach([linear, strided], int8=True)
+    x = rng.standard_normal((3, 512))
+    np.testing.assert_array_equal(strided(x), linear(x))
+
+
+@needs_numba
 def test_every_int8_product_of_a_generation_is_the_product_of_its_rounded_inputs(converted):
     """The int8 kernel on the default student: every 2-bit ternary product in groups of 64 columns takes it, and so
     does the tied head over the int6 table, read packed; each call while generating gives the product of its
