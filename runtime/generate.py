@@ -7,7 +7,6 @@ text that could be the start of a stop string is held back until it is clear tha
 
 from __future__ import annotations
 
-import codecs
 import re
 import time
 from typing import NamedTuple
@@ -183,24 +182,19 @@ class Generation:
         """The part of the text that can be shown now."""
         end = len(self._text)
         if not final:
-            if self._ends_in_partial_character():
+            if self._ends_in_byte_token():
                 return ""
             end -= max((_overlap(self._text, s) for s in self.stop_strings), default=0)
         piece = self._text[self._shown : max(end, self._shown)]
         self._shown += len(piece)
         return piece
 
-    def _ends_in_partial_character(self) -> bool:
-        """Do the last tokens end in bytes that start a valid UTF-8 character (byte fallback) but not all of it?"""
-        tail = b""
-        for token in reversed(self.tokens[-4:]):
-            byte = _BYTE_TOKEN.fullmatch(self.model.tokenizer.id_to_token(token) or "")
-            if byte is None:
-                break
-            tail = bytes([int(byte.group(1), 16)]) + tail
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(tail, final=False)
-        return bool(decoder.getstate()[0])  # bytes held back, waiting for the rest of a character
+    def _ends_in_byte_token(self) -> bool:
+        """Does the text end in a run of byte tokens (byte fallback) that may go on? The tokenizer decodes a
+        run at once: its bytes as UTF-8 if they are valid, else each byte as U+FFFD, so a byte to come can
+        change how the ones before it read (a carriage return then a stray continuation byte read as two
+        U+FFFD; an emoji then one, as five). A run is shown when a piece or the end follows it."""
+        return bool(self.tokens) and _BYTE_TOKEN.fullmatch(self.model.tokenizer.id_to_token(self.tokens[-1]) or "") is not None
 
     def _top(self, logits: np.ndarray) -> tuple[tuple[int, float], ...]:
         """The 5 likeliest tokens at the sampling temperature (the model's own distribution when greedy)."""

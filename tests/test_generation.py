@@ -272,7 +272,7 @@ def test_characters_split_over_byte_tokens_stream_whole(real):
     assert g.stop_reason == "eos"
     assert "".join(texts) == "a😊b東" == g.text
     assert not any("\ufffd" in t for t in texts), texts
-    assert texts == ["a", "", "", "", "😊", "b", "", "", "東", ""], "mid-character steps show nothing"
+    assert texts == ["a", "", "", "", "", "😊b", "", "", "", "東"], "a run of byte tokens is shown when it ends"
     assert g.tokens == script[:-1]
     assert [s.token for s in steps] == script  # the last step is the EOS token's, with nothing left to show
 
@@ -285,12 +285,23 @@ def test_character_completed_by_the_last_token_allowed(real):
     assert [s.text for s in steps] == ["a", "", "", "東"]
 
 
-def test_stray_continuation_byte_is_shown_as_replacement_at_once(real):
+def test_stray_continuation_byte_is_shown_as_replacement_when_its_run_ends(real):
     script = [piece(real, "a"), *byte_tokens(real, b"\xb8"), piece(real, "a"), EOS]
     g, steps = scripted(real, script)
     texts = [s.text for s in steps]
-    assert texts == ["a", "\ufffd", "a", ""], texts
+    assert texts == ["a", "", "\ufffda", ""], texts
     assert g.text == "a\ufffda"
+
+
+@pytest.mark.parametrize("run", [b"\r\x9c", "😊".encode() + b"\x9c", b"\xe6\x9d\xb1\xe6"])
+def test_a_byte_that_spoils_its_run_never_contradicts_what_was_streamed(real, run):
+    """The tokenizer reads a whole run of byte tokens as U+FFFD when it is not valid UTF-8, a carriage return
+    or a whole emoji included: nothing of a run is shown before it ends, so the stream is the final text."""
+    script = [piece(real, "a"), *byte_tokens(real, run), piece(real, "b"), EOS]
+    g, steps = scripted(real, script)
+    streamed = "".join(s.text for s in steps)
+    assert streamed == g.text == real.decode(script[:-1]) and g.text.startswith("a\ufffd") and g.text.endswith("b")
+    assert [s.text for s in steps[1 : 1 + len(run)]] == [""] * len(run)
 
 
 def test_unfinished_character_before_ordinary_piece_becomes_replacement(real):
