@@ -36,6 +36,7 @@ TINY = ROOT / "tests/fixtures/tiny_gemma4"
 CONVERT = Path(sys.executable).parent / "ferrisres-convert"
 STUDENTS = {  # name -> ferrisres-convert flags
     "gptq, 2 planes, 3 in the down projections (default)": [],
+    "gptq, 2 planes, 3 in the down projections, free plane scales (--plane-scales free)": ["--plane-scales", "free"],
     "gptq, 2 planes everywhere (--down-planes 2)": ["--down-planes", "2"],
     "rtn, 2 planes, 3 in the down projections": ["--method", "rtn"],
     "gptq, 1 plane": ["--planes", "1"],

@@ -163,7 +163,8 @@ def _calibration(source: _Input, out: Path, options: Options):
             sequences = calibration_sequences(model, options.calibration, options.calibration_tokens, options.seed)
             log.info("calibration: %d sequences of %d tokens", len(sequences), len(sequences[0]))
             ternary = {name for name, tensor in tensor_table(source.config).items() if tensor.ternary}
-            yield Calibration(model, source.weights, ternary, sequences, options.planes_of, options.group, options.rotate)
+            yield Calibration(model, source.weights, ternary, sequences, options.planes_of, options.group, options.rotate,
+                              options.plane_scales == "tied")
         finally:
             model.artifact.close()
 
@@ -186,7 +187,8 @@ def _write_projection(writer: ArtifactWriter, name: str, shape: tuple[int, ...],
     else:
         w = weights.read(name, shape)
         group, rotation = group_size_for(n_in, options.group or n_in), rotation_for(n_in, options.rotate)
-        parts = [round_to_planes(m, options.planes_of(name), group, rotation) for m in (w if w.ndim == 3 else w[None])]
+        tied = options.plane_scales == "tied"
+        parts = [round_to_planes(m, options.planes_of(name), group, rotation, tied) for m in (w if w.ndim == 3 else w[None])]
     planes = options.planes_of(name)
     codes = np.stack([p.codes for p in parts]).reshape(-1, n_in)
     scales = np.stack([p.scales for p in parts]).reshape(*shape[:-1], planes, -1)

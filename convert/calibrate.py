@@ -91,9 +91,10 @@ class Calibration:
     `quantized(name)` returns a ternary linear's trit-planes, running the layers up to its own."""
 
     def __init__(self, model: Model, weights, ternary_names: set[str], sequences: list[np.ndarray],
-                 planes_of, group: int, rotate: int):
+                 planes_of, group: int, rotate: int, tied: bool):
         self.model, self.weights, self.ternary_names = model, weights, ternary_names
         self.planes_of, self.group, self.rotate = planes_of, group, rotate  # planes_of(name): a linear's planes
+        self.tied = tied  # the planes' scales tied (quantize.fit_plane_scales)
         caches = [KVCache(model.config) for _ in sequences]
         self.tokens = model.decoder.embed(list(zip(sequences, caches)))
         self.hessians = HessianCache()
@@ -120,7 +121,7 @@ class Calibration:
                 continue
             source = self.weights.read(name, self.model.artifact.tensors[name].shape)
             matrices = source if source.ndim == 3 else source[None]
-            calibrating = [CalibratingLinear(m, self.planes_of(name), self.group, self.rotate, self.hessians)
+            calibrating = [CalibratingLinear(m, self.planes_of(name), self.group, self.rotate, self.tied, self.hessians)
                            for m in matrices]
             weights[key] = calibrating if source.ndim == 3 else calibrating[0]
             pending.append((name, calibrating))
@@ -145,10 +146,10 @@ class CalibratingLinear:
     its input's Hessian, quantizes its weight with GPTQ and returns the quantized weight's output.
     Linears that share their input (`share_input`) are quantized together on the first one's call."""
 
-    def __init__(self, w: np.ndarray, planes: int, group: int, rotate: int, hessians: "HessianCache"):
+    def __init__(self, w: np.ndarray, planes: int, group: int, rotate: int, tied: bool, hessians: "HessianCache"):
         self.w = w
         self.hessians = hessians
-        self.planes = planes
+        self.planes, self.tied = planes, tied
         self.group = group_size_for(w.shape[1], group or w.shape[1])
         self.rotation = rotation_for(w.shape[1], rotate) if rotate else 0
         self.planes_result: TritPlanes | None = None
@@ -166,7 +167,8 @@ class CalibratingLinear:
             h = self.hessians.of(x)
             if self.quantized_for is not h:  # a sibling called with another input is quantized on its own
                 together = [s for s in self.siblings if s.quantized_for is None] if self.quantized_for is None else [self]
-                stacked = gptq_planes(np.concatenate([s.w for s in together]), h, self.planes, self.group, self.rotation)
+                stacked = gptq_planes(np.concatenate([s.w for s in together]), h, self.planes, self.group, self.rotation,
+                                      tied=self.tied)
                 ends = np.cumsum([len(s.w) for s in together])[:-1]
                 for s, codes, scales in zip(together, np.split(stacked.codes, ends), np.split(stacked.scales, ends)):
                     s.planes_result = TritPlanes(codes, scales, stacked.rotation)
@@ -189,7 +191,7 @@ class CalibratingLinear:
         if self.planes_result is None:
             with threadpool_limits(os.cpu_count(), user_api="blas"):
                 self.planes_result = gptq_planes(self.w, np.eye(self.w.shape[1]), self.planes, self.group,
-                                                 self.rotation)
+                                                 self.rotation, tied=self.tied)
         self.w = self.quantized_for = self.hessians = None
         self.siblings = []
         return self.planes_result

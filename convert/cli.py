@@ -43,6 +43,7 @@ class Args:
     method: str = field(default="gptq", metadata={"choices": ["gptq", "rtn"], "help": "gptq: calibrated, each column's rounding error compensated in the others (default); rtn: round to nearest, no calibration"})
     planes: int = field(default=2, metadata={"choices": [1, 2], "help": "ternary planes per weight: 2 (default; 4.5 bits/weight, and see --down-planes) or 1 (the strict 1.58-bit student, ~2.25)"})
     down_planes: Optional[int] = field(default=None, metadata={"choices": [1, 2, 3], "help": "ternary planes of the MLP down projections, which carry the most error per weight (default: 3 with --planes 2, ~5 bits/weight overall; 1 with --planes 1)"})
+    plane_scales: str = field(default="tied", metadata={"choices": ["tied", "free"], "help": "tied (default): each plane's scales are 3 times the next one's, so a weight's planes form one uniform grid of 9 or 27 levels, multiplied at once by --kernel int8; free: each plane its own scales, fit to its group (what earlier versions wrote)"})
     group: Optional[str] = field(default=None, metadata={"help": "input columns per scale (default 64; with --scheme: row), or 'row' for one scale per row"})
     rotate: Optional[str] = field(default=None, metadata={"help": "rotate each linear's input by block Hadamard matrices of this order (default 64; with --scheme: none), or 'none'"})
     packing: str = field(default="2bit", metadata={"choices": PACKINGS, "help": "how grouped ternary codes are packed: 2bit (4 per byte, default) or base3 (5 per byte, 19%% smaller weights)"})
@@ -122,7 +123,7 @@ def _convert(args: Args) -> int:
     per_row = args.scheme is not None  # the original student: one scale per row, by this scheme
     convert(
         Path(args.model_path), out, Options(
-            quant=args.quant, method=args.method, planes=args.planes, down_planes=args.down_planes, group=_size_flag("--group", args.group, "row", per_row),
+            quant=args.quant, method=args.method, planes=args.planes, down_planes=args.down_planes, plane_scales=args.plane_scales, group=_size_flag("--group", args.group, "row", per_row),
             rotate=_size_flag("--rotate", args.rotate, "none", per_row), packing=args.packing,
             calibration=args.calibration,
             calibration_tokens=args.calibration_tokens, scheme=args.scheme or DEFAULT_SCHEME, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,

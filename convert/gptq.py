@@ -27,17 +27,18 @@ import numpy as np
 
 from ferrisres.format.encodings import rotate_blocks
 
-from .quantize import Levels, TritPlanes, _as_f16, fit_plane_scales
+from .quantize import Levels, TritPlanes, _as_f16, fit_plane_scales, tied_scales
 
 DAMPING = 0.01  # x mean(diag H), added to the diagonal: keeps H invertible, as the reference code does
 BLOCK_COLUMNS = 128
 
 
 def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rotation: int = 0,
-                damping: float = DAMPING) -> TritPlanes:
+                damping: float = DAMPING, tied: bool = False) -> TritPlanes:
     """Trit-planes of w [out, in] that keep (W - Q) X small for inputs whose X^T X is `hessian` [in, in].
 
-    With `rotation` b, W is quantized in the basis of the rotated input R x: W R against R H R."""
+    With `rotation` b, W is quantized in the basis of the rotated input R x: W R against R H R. With `tied`,
+    the planes' scales are tied (`quantize.fit_plane_scales`), the refit too."""
     w = np.array(w, dtype=np.float64)
     if rotation:  # in H's own dtype (float32 from calibration): it is widened only to be factored
         w = rotate_blocks(w, rotation)
@@ -67,7 +68,7 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
                 cols = slice(k, k + group)
                 # the group as GPTQ has updated it: the continuous d that zeroes its error columns
                 compensated = (wt[cols] + _solve_upper_left(v[cols, cols], carried[k - b0 : k - b0 + group])).T
-                scales[:, :, k // group] = fit_plane_scales(compensated, planes, importance[cols])
+                scales[:, :, k // group] = fit_plane_scales(compensated, planes, importance[cols], tied=tied)
                 levels = Levels(scales[:, :, k // group])
             c, q = levels.nearest((wt[k] + carried[k - b0] / v[k, k])[:, None])
             codes[k] = c[:, :, 0].T
@@ -75,15 +76,20 @@ def gptq_planes(w: np.ndarray, hessian: np.ndarray, planes: int, group: int, rot
             carried[k - b0 + 1 :] += np.outer(v[k, k + 1 : b1], errors[k])
     del v, errors, carried  # the factor of H (1.2 GB for a 12288-wide input) is not needed by the refit
     codes = np.ascontiguousarray(codes.transpose(2, 1, 0))
-    return TritPlanes(codes, refit_scales(wt.T, h, codes, scales), rotation)
+    return TritPlanes(codes, refit_scales(wt.T, h, codes, scales, tied), rotation)
 
 
-def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray, tied: bool = False) -> np.ndarray:
     """With the codes fixed, the scales (one per row, plane and group) that minimize the output error
     trace((W - Q) H (W - Q)ᵀ): Q is linear in them, so per row it is a least-squares problem of
     planes x groups unknowns. GPTQ chose each group's scales before its columns' codes; this refits
-    them to the codes chosen. float16, as stored."""
+    them to the codes chosen. float16, as stored. `tied`: one step per group, that of each weight's level
+    sum_p 3^(planes-1-p) t_p."""
     out, planes, n = codes.shape
+    if tied and planes > 1:
+        levels = sum(codes[:, p] * np.int8(3 ** (planes - 1 - p)) for p in range(planes))  # at most 13: int8
+        step = refit_scales(w, h, levels[:, None], scales[:, -1:])[:, 0]
+        return np.ascontiguousarray(tied_scales(step, planes).transpose(0, 2, 1))
     groups = scales.shape[-1]
     width = n // groups
     h32 = h.astype(np.float32, copy=False)  # products in float32: the refit scales are stored in float16

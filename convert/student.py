@@ -43,6 +43,7 @@ class Options:
     method: str = "gptq"  # "gptq": calibrated (calibrate.py); "rtn": round to nearest, no calibration
     planes: int = 2  # ternary planes per weight (1: the strict 1.58-bit student)
     down_planes: int | None = None  # the MLP down projections' planes (None: DOWN_PLANES_DEFAULT[planes])
+    plane_scales: str = "tied"  # "tied": each plane's scales 3x the next one's (a uniform grid); "free": each its own
     group: int = 64  # columns per scale (0: one scale per row)
     rotate: int = 64  # block Hadamard order of each linear's input rotation (0: none)
     packing: str = "2bit"  # grouped ternary codes: "2bit" (4 per byte) or "base3" (5 per byte)
@@ -104,6 +105,7 @@ class Options:
             "method": self.method if ternary else None,
             "planes": self.planes if ternary else None,
             "down_planes": self.planes_of("down_proj") if ternary else None,
+            "plane_scales": self.plane_scales if ternary and not self.per_row else None,
             "group": (self.group or "row") if ternary else None,
             "rotate": self.rotate if ternary else None,
             "packing": self.packing if ternary and not self.per_row else None,
@@ -200,7 +202,8 @@ def student_config(base: ModelConfig, options: Options) -> ModelConfig:
 def _check_quantization(options: Options, defaults: Options) -> None:
     """The quantization flags make sense together (each refused with the flag that does not)."""
     if options.quant != "ternary":
-        for flag in ("method", "planes", "down_planes", "group", "rotate", "calibration", "calibration_tokens", "scheme"):
+        for flag in ("method", "planes", "down_planes", "plane_scales", "group", "rotate", "calibration", "calibration_tokens",
+                     "scheme"):
             if getattr(options, flag) != getattr(defaults, flag):
                 raise ConversionError(f"--{flag.replace('_', '-')} applies to ternary students, not to --quant {options.quant}")
         return
@@ -210,6 +213,8 @@ def _check_quantization(options: Options, defaults: Options) -> None:
         raise ConversionError(f"--planes must be 1 or 2, got {options.planes}")
     if options.down_planes is not None and options.down_planes not in (1, 2, 3):
         raise ConversionError(f"--down-planes must be 1, 2 or 3, got {options.down_planes}")
+    if options.plane_scales not in ("tied", "free"):
+        raise ConversionError(f"--plane-scales must be tied or free, got {options.plane_scales!r}")
     if options.group < 0 or options.group % 4:
         raise ConversionError(f"--group must be a positive multiple of 4 or 'row', got {options.group}")
     if options.rotate < 0 or options.rotate & (options.rotate - 1) or options.rotate == 1:

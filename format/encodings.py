@@ -43,6 +43,15 @@ DOCUMENT_ENCODINGS = ("bytes", "zlib")  # a document's text as is, or compressed
 BASE3_TERNARY = {"ternary5-g1": 1, "ternary5-g2": 2, "ternary5-g3": 3}  # grouped ternary packed 5 codes per byte
 GROUPED_TERNARY = {"ternary-g1": 1, "ternary-g2": 2, "ternary-g3": 3, **BASE3_TERNARY}  # encoding -> planes of codes per row
 
+
+def tied_planes(scales: np.ndarray) -> bool:
+    """Whether grouped ternary scales [out, planes, groups] (float16 or their bit patterns) are tied: every
+    plane's 3 times the next one's. A group's levels are then the uniform grid of 3^planes steps of the last
+    plane's scale, and the codes of a column one number (runtime/fast_kernels.py multiplies it once)."""
+    s = np.asarray(scales).view(np.float16).astype(np.float32)  # x 3 is exact in float32
+    return s.shape[1] > 1 and bool(np.all(s[:, :-1] == 3 * s[:, 1:]))
+
+
 # Base-3 codes: a byte holds 5 codes as the base-3 number sum_k (t_k + 1) 3^k (3^5 = 243 <= 256). A row is
 # cut into blocks of 64 codes, each packed into 13 bytes (65 slots, the last one a zero), so that every
 # group of a multiple of 64 columns starts on a byte. Bytes 243-255 are never written and read as 5 zeros.

@@ -18,14 +18,18 @@ difference from the numpy path is float32 rounding, which the tests bound. `kern
 as llama.cpp does: the inputs of the ternary products are rounded to int8 per group of 64 and multiplied
 in integers by vpdpbusd (or vpmaddubsw), which numba reaches through LLVM intrinsics (below); its codes
 are unpacked by byte lookups (vpshufb), all planes of a row at once, and stay in registers for up to
-TOKEN_BLOCK tokens. The tied head over an int6 table goes the same way, its six-bit values assembled from
+TOKEN_BLOCK tokens; when the planes' scales are tied (each 3 times the next one's, the converter's default),
+a column's codes are added into one number first, so each token takes one vpdpbusd for all planes. The tied
+head over an int6 table goes the same way, its six-bit values assembled from
 the packed row by shifts and masks (`_int6_table`). That moves results by the inputs' rounding, far beyond
-float32's, so it is a choice, not the default. T-MAC's lookups of precomputed input sums are not taken:
+float32's: a kernel of its own (`--kernel auto` takes it where the CPU has the instructions), not the
+reference. T-MAC's lookups of precomputed input sums are not taken:
 per 4 weights they cost what one lane of vpdpbusd does.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -38,7 +42,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY
+from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY, tied_planes
 from ferrisres.format.tables import ZERO_CODE, table_group
 
 from . import kernels
@@ -499,15 +503,29 @@ def _int8_rows(typingctx, row, xq, xsum, xscale, scales, first, out, r, isa):
     return signature, _rows_codegen(next(iter(isa.dtype.fields)), _int8_loop, MAX_PLANES)
 
 
-def _int8_loop(module, isa, n_planes, n_tokens, index):
+@intrinsic
+def _tied_rows(typingctx, row, xq, xsum, xscale, scales, first, out, r, isa):
+    """`_int8_rows` for a row whose planes' scales are tied (`tied_planes`): its planes' codes at a column
+    are one number, multiplied once per token (`_int8_loop`, tied)."""
+    signature = types.void(row, xq, xsum, xscale, scales, first, out, r, isa)
+    return signature, _rows_codegen(next(iter(isa.dtype.fields)), functools.partial(_int8_loop, tied=True), MAX_PLANES)
+
+
+def _int8_loop(module, isa, n_planes, n_tokens, index, tied=False):
     """The LLVM function of `_int8_rows` for `n_planes` planes and `n_tokens` tokens (defined once per module),
-    of `_loop_function`'s arguments."""
-    fn, builder = _loop_function(module, f"ferrisres_int8_rows_{isa}_{n_planes}_{n_tokens}", index)
+    of `_loop_function`'s arguments. `tied`: plane p's scales are 3^(P-1-p) times the last plane's, so the
+    weight at a column is that scale times sum_p 3^(P-1-p) t_p, and the codes sum_p 3^(P-1-p) (t_p + 1), from 0 to
+    3^P - 1 (the last minus the first are (3^P - 1) / 2 times each input's sum), take one vpdpbusd per token
+    for all planes."""
+    tied = tied and n_planes > 1
+    fn, builder = _loop_function(module, f"ferrisres_int8_rows_{isa}_{n_planes}_{n_tokens}" + ("_tied" if tied else ""), index)
     if builder is None:
         return fn
     prow, pxq, pxsum, pxscale, pscales, pout, nbytes, groups, rows, x_stride, lanes = fn.args
     const = lambda value: ir.Constant(index, value)  # noqa: E731
-    low, high, nibble = ir.Constant(_V64, _LOW_CODE), ir.Constant(_V64, _HIGH_CODE), _splat(_V64, 0x0F)
+    weights = [3 ** (n_planes - 1 - p) if tied else 1 for p in range(n_planes)]  # of each plane's codes
+    tables = [(ir.Constant(_V64, [w * c for c in _LOW_CODE]), ir.Constant(_V64, [w * c for c in _HIGH_CODE])) for w in weights]
+    nibble = _splat(_V64, 0x0F)
     spread = ir.Constant(_V16I, [lane // 4 for lane in range(16)])  # a group's scale to its 4 lanes
     totals = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(n_tokens)]
     with cgutils.for_range(builder, builder.udiv(nbytes, const(INT8_CHUNK))) as loop:
@@ -518,8 +536,15 @@ def _int8_loop(module, isa, n_planes, n_tokens, index):
             start = builder.add(builder.mul(nbytes, const(p)), at)
             b = _vector(builder, prow, start, _V64)
             lo, hi = builder.and_(b, nibble), builder.and_(builder.lshr(b, _splat(_V64, 4)), nibble)
-            codes.append([_lookup(builder, isa, low, lo), _lookup(builder, isa, high, lo),
-                          _lookup(builder, isa, low, hi), _lookup(builder, isa, high, hi)])
+            low, high = tables[p]
+            plane = [_lookup(builder, isa, low, lo), _lookup(builder, isa, high, lo),
+                     _lookup(builder, isa, low, hi), _lookup(builder, isa, high, hi)]
+            if tied and codes:
+                codes[0] = [builder.add(a, c) for a, c in zip(codes[0], plane)]
+            else:
+                codes.append(plane)
+            if tied and p < n_planes - 1:
+                continue  # only the last plane's scales are read
             at_scale = builder.add(builder.mul(groups, const(p)), builder.mul(loop.index, const(4)))
             group_scales = builder.fpext(_vector(builder, pscales, at_scale, ir.VectorType(ir.HalfType(), 4)), ir.VectorType(_F32, 4))
             lane_scales.append(builder.shuffle_vector(group_scales, group_scales, spread))
@@ -527,9 +552,10 @@ def _int8_loop(module, isa, n_planes, n_tokens, index):
             x_at = builder.add(builder.mul(x_stride, const(t)), at)
             xs = [_vector(builder, pxq, builder.add(x_at, builder.mul(nbytes, const(k))), _V64) for k in range(4)]
             lane = builder.add(builder.mul(lanes, const(t)), builder.mul(loop.index, const(16)))
-            minus_sums = builder.neg(_vector(builder, pxsum, lane, _V16I))
+            sums = _vector(builder, pxsum, lane, _V16I)
+            minus_sums = builder.mul(sums, _splat(_V16I, -sum(weights))) if tied else builder.neg(sums)
             scaled = None
-            for p in range(n_planes):
+            for p in range(len(codes)):
                 acc = minus_sums
                 for k in range(4):
                     acc = _dot_lanes(builder, isa, acc, codes[p][k], xs[k])
@@ -665,7 +691,7 @@ def _int8_tail(row, xq, xsum, xscale, scales, f16, start):
 
 
 @njit(parallel=True, **_JIT)
-def _ternary_int8(packed, xq, xsum, xscale, scales, f16, isa, out):
+def _ternary_int8(packed, xq, xsum, xscale, scales, f16, isa, tied, out):
     """T tokens through 2-bit grouped ternary (groups of DEFAULT_GROUP) with int8 inputs: out [T, rows].
     xq [T, 4 * nbytes] (deinterleaved), xsum and xscale [T, nbytes / 4] from `_quantized_input`. A row is read
     from memory once per TOKEN_BLOCK tokens. `isa`: an ISA_ARGUMENTS array."""
@@ -674,7 +700,10 @@ def _ternary_int8(packed, xq, xsum, xscale, scales, f16, isa, out):
     tail = nbytes - nbytes % INT8_CHUNK
     for r in prange(rows):
         for first in range(0, tokens, TOKEN_BLOCK):
-            _int8_rows(packed[r], xq, xsum, xscale, scales[r], first, out, r, isa)
+            if tied:
+                _tied_rows(packed[r], xq, xsum, xscale, scales[r], first, out, r, isa)
+            else:
+                _int8_rows(packed[r], xq, xsum, xscale, scales[r], first, out, r, isa)
         if tail < nbytes:
             for p in range(planes):
                 for t in range(tokens):
@@ -791,6 +820,7 @@ class FastMatmul:
         int8_encoding = (linear.encoding in GROUPED_TERNARY and linear.encoding not in BASE3_TERNARY
                          and self.group_bytes == DEFAULT_GROUP_BYTES) or linear.encoding in INT8_TABLES
         self.int8_isa = int8_isa if int8_encoding else None
+        self.tied = self.int8_isa is not None and linear.encoding in GROUPED_TERNARY and tied_planes(linear.group_scale)
         if linear.encoding in INT8_TABLES and self.int8_isa is None:
             raise ValueError(f"packed {linear.encoding} rows take the int8 kernel only: keep_int8() them first")
         # the int8 kernel takes any number of tokens, INT8_TOKENS a call (__call__)
@@ -818,7 +848,8 @@ class FastMatmul:
         if self.encoding in INT8_TABLES:
             _int6_table(data, *_int8_inputs(x, _table_input, 4), scales, _F16, ISA_ARGUMENTS[self.int8_isa], out)
         elif self.int8_isa is not None:
-            _ternary_int8(data, *_int8_inputs(x, _ternary_input, 16), scales, _F16, ISA_ARGUMENTS[self.int8_isa], out)
+            _ternary_int8(data, *_int8_inputs(x, _ternary_input, 16), scales, _F16, ISA_ARGUMENTS[self.int8_isa],
+                          self.tied, out)
         elif self.encoding == "int8" and scales is not None:
             _int8_groups(data, x, scales, self.group_bytes, _F16, out)
         elif self.encoding == "int8":

@@ -14,6 +14,7 @@ import pytest
 from artifact_weights import float32_bound
 from conftest import PER_ROW, reference, run_tool
 
+from ferrisres.convert.quantize import tied_scales
 from ferrisres.format.encodings import BASE3_TERNARY, pack_base3, pack_ternary
 from ferrisres.format.tables import pack_table_rows, table_groups
 from ferrisres.runtime import load, set_threads
@@ -25,9 +26,10 @@ needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                  reason="numba is not installed (pip install 'ferrisres[fast]'): fast kernels untested")
 
 
-def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: int = 0):
+def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: int = 0, tied: bool = False):
     """A Linear in `encoding` with random stored values, and |W| [out, in] in its stored basis, summed
-    over planes as the products are (each plane's |scale x code|)."""
+    over planes as the products are (each plane's |scale x code|). `tied`: grouped ternary planes whose
+    scales are tied (each 3 times the next one's), as the converter writes them by default."""
     if encoding.startswith("ternary"):
         planes = int(encoding[-1]) if encoding != "ternary" else 1
         codes = rng.integers(-1, 2, (out, planes, n_in))
@@ -39,6 +41,8 @@ def weights(encoding: str, out: int, n_in: int, rng, group: int = 64, rotation: 
             scale = rng.random(out, dtype=np.float32)
             return Linear(packed[:, 0], encoding, (out, n_in), scale=scale), np.abs(codes[:, 0]) * scale[:, None]
         scales = (rng.random((out, planes, n_in // group)) + 0.1).astype(np.float16)
+        if tied:
+            scales = np.ascontiguousarray(np.moveaxis(tied_scales(rng.random((out, n_in // group)) + 0.1, planes), -1, 1))
         per_column = np.repeat(scales.astype(np.float32), group, axis=2)
         linear = Linear(packed, encoding, (out, n_in), group_scale=scales, rotation=rotation)
         return linear, (np.abs(codes) * per_column).sum(axis=1)
@@ -192,24 +196,27 @@ def rounded_inputs(x: np.ndarray, width: int, group: int = 64) -> np.ndarray:
     return (np.rint(np.clip(groups / s, -127, 127)) * s.astype(np.float64)).reshape(len(x), width)
 
 
-INT8_CASES = [  # encoding, out, in, rotation: whole 64-byte chunks, chunks and a tail of 2 groups, a tail alone;
-    # an int6 table's rows (W/4 bytes of high bits: 64 a chunk): 2 chunks and a last one overlapping the second by
-    # 32 bytes, one chunk, a row too short for one
-    ("ternary-g1", 40, 512, 64), ("ternary-g2", 33, 640, 0), ("ternary-g3", 24, 64, 64),
-    ("int6-g32", 33, 640, 0), ("int6-g32", 20, 200, 0), ("int6-g32", 30, 70, 0)]
+INT8_CASES = [  # encoding, out, in, rotation, tied: whole 64-byte chunks, chunks and a tail of 2 groups, a tail
+    # alone, with free and tied planes; an int6 table's rows (W/4 bytes of high bits: 64 a chunk): 2 chunks and a
+    # last one overlapping the second by 32 bytes, one chunk, a row too short for one
+    ("ternary-g1", 40, 512, 64, False), ("ternary-g2", 33, 640, 0, False), ("ternary-g3", 24, 64, 64, False),
+    ("ternary-g2", 33, 640, 0, True), ("ternary-g3", 24, 64, 64, True), ("ternary-g3", 17, 1536, 64, True),
+    ("int6-g32", 33, 640, 0, False), ("int6-g32", 20, 200, 0, False), ("int6-g32", 30, 70, 0, False)]
 
 
 @needs_numba
 @pytest.mark.parametrize("isa", available_int8_isas())
-@pytest.mark.parametrize("encoding,out,n_in,rotation", INT8_CASES, ids=[f"{c[0]}-{c[2]}" for c in INT8_CASES])
-def test_int8_inputs_give_the_product_of_the_inputs_rounded_per_group(isa, encoding, out, n_in, rotation):
+@pytest.mark.parametrize("encoding,out,n_in,rotation,tied", INT8_CASES,
+                         ids=[f"{c[0]}-{c[2]}{'-tied' if c[4] else ''}" for c in INT8_CASES])
+def test_int8_inputs_give_the_product_of_the_inputs_rounded_per_group(isa, encoding, out, n_in, rotation, tied):
     from ferrisres.runtime.fast_kernels import INT8_TABLES, TABLE_GROUP, attach
 
     rng = np.random.default_rng(n_in)
-    linear, magnitude = weights(encoding, out, n_in, rng, 64, rotation)
+    linear, magnitude = weights(encoding, out, n_in, rng, 64, rotation, tied)
     plain = Linear(linear.data, encoding, (out, n_in), group_scale=linear.group_scale)  # takes the rotated input
     attach([linear], int8=True)
     linear.fast.int8_isa = isa
+    assert linear.fast.tied == tied  # tied planes' codes are multiplied as one number, once per token
     group = TABLE_GROUP if encoding in INT8_TABLES else 64
     for tokens in (1, 2, 5, 19):  # 19: more than INT8_TOKENS, so a prompt's blocks of 16 and 3 tokens
         x = rng.standard_normal((tokens, n_in)) * 10.0 ** rng.integers(-3, 4, (tokens, 1))
@@ -254,6 +261,7 @@ def test_every_int8_product_of_a_generation_is_the_product_of_its_rounded_inputs
     in_groups_of_64 = [linear for linear in linears if linear.encoding in ("ternary-g1", "ternary-g2", "ternary-g3")
                        and linear.width // linear.group_scale.shape[-1] == 64]  # (narrower inputs have narrower groups)
     assert len(ternary) > 10 and in_groups_of_64 == ternary
+    assert all(linear.fast.tied == (linear.planes > 1) for linear in ternary)  # the default: tied planes
     head = model.weights.head
     assert head.encoding == "int6-g32" and head.fast.int8_isa is not None
     for linear in [*ternary, head]:

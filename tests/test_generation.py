@@ -32,7 +32,7 @@ from ferrisres.runtime.sampling import SamplingParams
 from conftest import FIXTURES, run_tool
 
 PROMPTS = ("a", "Hello world", "When", "dog", "It was", "The quick brown fox", "b", "x y z", "1 2 3", "Hi",
-           "Once upon a time", "cat", "I am")
+           "Once upon a time", "cat", "I am", "my name")
 N = 30
 EOS = 1
 

@@ -9,6 +9,9 @@
   round-to-nearest, for one, two and three planes, with and without the Hadamard rotation.
 - With H = I (no input correlation) there is nothing to compensate: it is round-to-nearest exactly.
 - The planes' values: every weight is one of the 3 (9, 27) levels of its group's float16 scales.
+- Tied planes (the default): each plane's scale is exactly 3 times the next one's in float16, whatever the
+  step, so a group's levels are a uniform grid; the refit step is the least-squares one for the codes, and
+  GPTQ still beats round-to-nearest on it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import pytest
 
 from ferrisres.convert.calibrate import CalibratingLinear, HessianCache
 from ferrisres.convert.gptq import _cholesky_in_place, gptq_planes, output_error
-from ferrisres.convert.quantize import _solve_small_gram, fit_plane_scales, nearest_codes, round_to_planes
-from ferrisres.format.encodings import hadamard, rotate_blocks
+from ferrisres.convert.quantize import (_solve_small_gram, fit_plane_scales, fit_tied_step, nearest_codes,
+                                        round_to_planes, tied_scales)
+from ferrisres.format.encodings import hadamard, rotate_blocks, tied_planes
 
 
 def correlated_inputs(n: int, tokens: int, seed: int) -> np.ndarray:
@@ -72,9 +76,9 @@ def test_lazy_blocks_change_nothing():
     np.testing.assert_array_equal(gptq_planes(w, h, 2, group=64).codes, obq_reference(w, h, 2, group=64, damping=0.01))
 
 
-@pytest.mark.parametrize("planes", [1, 2, 3])
+@pytest.mark.parametrize("planes,tied", [(1, False), (2, False), (3, False), (2, True), (3, True)])
 @pytest.mark.parametrize("rotation", [0, 64])
-def test_output_error_well_below_round_to_nearest(planes, rotation):
+def test_output_error_well_below_round_to_nearest(planes, tied, rotation):
     rng = np.random.default_rng(0)
     n = 256
     w = rng.standard_normal((64, n)) * 0.02
@@ -84,8 +88,8 @@ def test_output_error_well_below_round_to_nearest(planes, rotation):
     def effective(tp):  # the weight that multiplies the unrotated input
         return rotate_blocks(tp.dequantized(), tp.rotation) if tp.rotation else tp.dequantized()
 
-    rtn = output_error(w, effective(round_to_planes(w, planes, 64, rotation)), h)
-    gptq = output_error(w, effective(gptq_planes(w, h, planes, 64, rotation)), h)
+    rtn = output_error(w, effective(round_to_planes(w, planes, 64, rotation, tied)), h)
+    gptq = output_error(w, effective(gptq_planes(w, h, planes, 64, rotation, tied=tied)), h)
     # measured: 0.30-0.51 of round-to-nearest's error on this input; GPTQ must at least clearly win
     assert gptq < 0.7 * rtn, (gptq, rtn)
 
@@ -191,7 +195,7 @@ def test_a_calibrated_layer_lets_go_of_its_weights_and_hessians():
     rng = np.random.default_rng(3)
     x = correlated_inputs(128, 256, seed=3)
     hessians = HessianCache()
-    linears = [CalibratingLinear(rng.standard_normal((n, 128)).astype(np.float32), 2, 64, 64, hessians)
+    linears = [CalibratingLinear(rng.standard_normal((n, 128)).astype(np.float32), 2, 64, 64, False, hessians)
                for n in (8, 4)]
     CalibratingLinear.share_input(linears)
     gc.disable()
@@ -206,3 +210,71 @@ def test_a_calibrated_layer_lets_go_of_its_weights_and_hessians():
     finally:
         gc.enable()
     assert [r.codes.shape for r in results] == [(8, 2, 128), (4, 2, 128)]
+
+
+@pytest.mark.parametrize("planes", [2, 3])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_tied_planes_form_a_uniform_grid(planes, method):
+    """Every plane's scale is 3 times the next one's, exactly in float16, so each weight is a whole number
+    of steps (the last plane's scale) between -(3^planes - 1)/2 and (3^planes - 1)/2: the runtime's tied
+    kernel multiplies that number (format.encodings.tied_planes)."""
+    rng = np.random.default_rng(planes)
+    w = rng.standard_normal((16, 128)) * 0.02
+    x = correlated_inputs(128, 300, seed=2)
+    tp = round_to_planes(w, planes, 32, tied=True) if method == "rtn" else gptq_planes(w, x.T @ x, planes, 32, tied=True)
+    assert tied_planes(tp.scales)
+    s = tp.scales.astype(np.float64)
+    np.testing.assert_array_equal(s[:, :-1], 3 * s[:, 1:])
+    steps = tp.dequantized().reshape(16, 4, 32) / s[:, -1, :, None]
+    np.testing.assert_allclose(steps, np.rint(steps), atol=1e-9)
+    assert np.abs(steps).max() <= (3**planes - 1) // 2 and np.abs(np.rint(steps)).max() > (3 ** (planes - 1) - 1) // 2
+
+
+@pytest.mark.parametrize("planes", [2, 3])
+def test_tied_scales_are_exact_for_any_step(planes):
+    """Zero, float16 subnormals, the largest steps float16 can hold 3^(planes-1) times, negative ones (a
+    refit may give them): tied exactly, finite, within 2^-7 of the step asked for (or 2^-24 below float16's
+    normal range)."""
+    step = np.array([[0.0, 1e-9, 3e-7, 5e-6, 1e-3, 0.1234, 7.0, 300.0, 65504 / 3 ** (planes - 1), -0.02, 1e9]])
+    scales = tied_scales(step, planes)
+    assert scales.shape == (1, 11, planes) and np.isfinite(scales.astype(np.float64)).all()
+    assert tied_planes(np.moveaxis(scales, -1, 1))
+    got = scales[..., -1].astype(np.float64)
+    asked = np.clip(step, -65504 / 3 ** (planes - 1), 65504 / 3 ** (planes - 1))
+    assert (np.abs(got - asked) <= np.maximum(np.abs(asked) * 2**-7, 2**-24)).all(), got
+
+
+def test_the_tied_step_fit_is_near_the_best_step():
+    """The fitted steps' errors are on average within 1% of the least a fine search of steps finds, and no
+    row's 25% above it (with 27 levels the error has many local minima)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((256, 64)) * rng.random((256, 1))
+    w[1:50] *= rng.standard_t(2, (49, 64))  # heavy tails
+    w[0] = 0  # an all-zero row: step 0
+    d = rng.random(64) + 0.5
+    for planes in (2, 3):
+        half = (3**planes - 1) // 2
+        levels = lambda step: np.clip(np.rint(w[1:, None, :] / step[..., None]), -half, half)  # noqa: E731
+        error = lambda step: (d * (w[1:, None, :] - step[..., None] * levels(step)) ** 2).sum(axis=-1)  # noqa: E731
+        fitted = fit_tied_step(w, d, planes)
+        candidates = np.abs(w[1:]).max(axis=1, keepdims=True) / half * np.linspace(0.02, 1.2, 3001)[None, :]
+        ratio = error(fitted[1:, None])[:, 0] / error(candidates).min(axis=1)
+        assert fitted[0] == 0 and ratio.mean() < 1.01 and ratio.max() < 1.25, (ratio.mean(), ratio.max())
+
+
+def test_the_tied_refit_step_is_the_least_squares_optimum_for_the_codes():
+    """Moving a group's step (all its tied planes together) either way raises the output error (up to the
+    step's rounding to 7 significant bits)."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((3, 64))
+    x = correlated_inputs(64, 500, seed=3)
+    h = x.T @ x / len(x)
+    tp = gptq_planes(w, h, 2, group=32, damping=0.0, tied=True)
+    best = output_error(w, tp.dequantized(), h)
+    for row, group in np.ndindex(3, 2):
+        for step in (-0.02, 0.02):
+            moved = tp.scales.astype(np.float64)
+            moved[row, :, group] *= 1 + step
+            worse = output_error(w, type(tp)(tp.codes, moved, 0).dequantized(), h)
+            assert worse >= best * (1 - 1e-3), (row, group, step)
+

@@ -12,7 +12,7 @@ from artifact_weights import base3_codes, dequantized_weights
 from conftest import run_tool
 
 from ferrisres.format import Artifact, ArtifactError, unpack_ternary
-from ferrisres.format.encodings import rotate_blocks
+from ferrisres.format.encodings import GROUPED_TERNARY, rotate_blocks, tied_planes
 from ferrisres.runtime import load
 from ferrisres.runtime import kernels
 from ferrisres.runtime.kernels import GROUPED_MATVEC_TOKENS, Linear, rotated_input
@@ -118,3 +118,17 @@ def test_base3_keeps_2bit_for_groups_that_are_not_whole_blocks(converted):
     artifact = load(converted("tiny_gemma4", method="rtn", group=32, packing="base3")).artifact
     assert artifact.tensors["layers.0.mlp.down_proj"].encoding == "ternary-g3"  # 256 wide: 8 groups of 32
     assert artifact.tensors["layers.0.self_attn.o_proj"].encoding == "ternary5-g2"  # 32 wide: 1 group
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_plane_scales_are_tied_by_default_and_free_on_request(converted, method):
+    """By default every tensor of more than one plane has tied scales (each plane's exactly 3 times the next
+    one's); `--plane-scales free` fits each plane its own, and the student's config says which."""
+    for plane_scales in ("tied", "free"):
+        options = {"method": method} if plane_scales == "tied" else {"method": method, "plane_scales": "free"}
+        artifact = load(converted("tiny_gemma4", **options)).artifact
+        planes = [name for name, info in artifact.tensors.items() if GROUPED_TERNARY.get(info.encoding, 1) > 1]
+        assert len(planes) > 10 and artifact.json("student_config.json")["plane_scales"] == plane_scales
+        tied = [tied_planes(artifact.tensor(name + ".weight_scale")) for name in planes]
+        assert all(tied) if plane_scales == "tied" else not any(tied)
+
