@@ -7,6 +7,7 @@ text that could be the start of a stop string is held back until it is clear tha
 
 from __future__ import annotations
 
+import codecs
 import re
 import time
 from typing import NamedTuple
@@ -19,6 +20,7 @@ from .sampling import SamplingParams, sample, token_probabilities
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
 MAX_NGRAM = 3  # prompt lookup matches the last 3, 2 or 1 tokens
 DRAFT_TOKENS = min(10, SLACK - 1)  # drafts verified per forward pass; the cache can take back SLACK
+HELD_BYTES = 16  # a run of byte tokens waits for its end up to this many bytes (Generation._holds_back_bytes)
 PREFILL_CHUNK = 256  # prompt tokens per pass when prefill progress is reported: ~3 s each at E2B scale
 
 
@@ -182,19 +184,30 @@ class Generation:
         """The part of the text that can be shown now."""
         end = len(self._text)
         if not final:
-            if self._ends_in_byte_token():
+            if self._holds_back_bytes():
                 return ""
             end -= max((_overlap(self._text, s) for s in self.stop_strings), default=0)
         piece = self._text[self._shown : max(end, self._shown)]
         self._shown += len(piece)
         return piece
 
-    def _ends_in_byte_token(self) -> bool:
-        """Does the text end in a run of byte tokens (byte fallback) that may go on? The tokenizer decodes a
+    def _holds_back_bytes(self) -> bool:
+        """Does the text end in a run of byte tokens (byte fallback) that must wait? The tokenizer decodes a
         run at once: its bytes as UTF-8 if they are valid, else each byte as U+FFFD, so a byte to come can
         change how the ones before it read (a carriage return then a stray continuation byte read as two
-        U+FFFD; an emoji then one, as five). A run is shown when a piece or the end follows it."""
-        return bool(self.tokens) and _BYTE_TOKEN.fullmatch(self.model.tokenizer.id_to_token(self.tokens[-1]) or "") is not None
+        U+FFFD; an emoji then one, as five). A run waits for a piece or the end to follow it, but not past
+        HELD_BYTES bytes (a model stuck in bytes would show nothing), and never shows part of a character."""
+        tail = b""
+        for token in reversed(self.tokens[-HELD_BYTES:]):
+            byte = _BYTE_TOKEN.fullmatch(self.model.tokenizer.id_to_token(token) or "")
+            if byte is None:
+                break
+            tail = bytes([int(byte.group(1), 16)]) + tail
+        if 0 < len(tail) < HELD_BYTES:
+            return True
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(tail, final=False)
+        return bool(decoder.getstate()[0])  # bytes held back, waiting for the rest of a character
 
     def _top(self, logits: np.ndarray) -> tuple[tuple[int, float], ...]:
         """The 5 likeliest tokens at the sampling temperature (the model's own distribution when greedy)."""

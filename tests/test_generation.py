@@ -304,6 +304,22 @@ def test_a_byte_that_spoils_its_run_never_contradicts_what_was_streamed(real, ru
     assert [s.text for s in steps[1 : 1 + len(run)]] == [""] * len(run)
 
 
+def test_a_long_run_of_byte_tokens_is_shown_before_it_ends_in_whole_characters(real):
+    """A model may go on in bytes for long: a run waits for its end up to HELD_BYTES bytes, then shows what
+    it has, never part of a character."""
+    from ferrisres.runtime.generate import HELD_BYTES
+
+    text = "東京は日本の首都です"  # 10 characters of 3 bytes
+    script = [piece(real, "a"), *byte_tokens(real, text.encode()), piece(real, "b"), EOS]
+    g, steps = scripted(real, script)
+    texts = [s.text for s in steps]
+    assert "".join(texts) == g.text == "a" + text + "b"
+    first = HELD_BYTES + -HELD_BYTES % 3  # the first whole character boundary at or past HELD_BYTES bytes
+    assert texts[:first] == ["a"] + [""] * (first - 1) and texts[first] == text[: first // 3], texts
+    later = texts[first + 1 : -2]  # the run's last bytes, before "b" and EOS
+    assert all(t == "" or t in text[first // 3 :] for t in later) and "".join(later) + texts[-2] == text[first // 3 :] + "b"
+
+
 def test_unfinished_character_before_ordinary_piece_becomes_replacement(real):
     script = [piece(real, "a"), *byte_tokens(real, b"\xf0\x9f"), piece(real, "b"), piece(real, "c"), EOS]
     g, steps = scripted(real, script)
