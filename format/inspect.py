@@ -83,14 +83,16 @@ _PACKINGS = {"2bit": "2-bit packing (4 codes per byte)", "base3": "base-3 packin
 
 
 def _quantization(s: dict) -> str:
-    """How the ternary weights were made, e.g. "gptq, 2 planes (3 in the MLP down projections), group 64,
-    rotate 64, base-3 packing (5 codes per byte), calibrated on teacher (8192 tokens)" or "scheme
+    """How the ternary weights were made, e.g. "gptq, 2 planes (3 in the MLP down projections), tied scales,
+    group 64, rotate 64, base-3 packing (5 codes per byte), calibrated on teacher (8192 tokens)" or "scheme
     absmean-row" (the original per-row student)."""
     if s.get("scheme") or s.get("method") is None:
         return f"scheme {s.get('scheme')}"
     text = f"{s.get('method')}, {s.get('planes')} planes"
     if s.get("down_planes") not in (None, s.get("planes")):  # recorded since format 1.3
         text += f" ({s['down_planes']} in the MLP down projections)"
+    if isinstance(s.get("plane_scales"), str):  # recorded since commit 3ad4971
+        text += f", {s['plane_scales']} scales"
     text += f", group {s.get('group')}, rotate {s.get('rotate') or 'none'}"
     if s.get("packing"):  # recorded since format 1.2
         packing = s["packing"]  # shown as recorded when it is not one we know (a list: not a key)

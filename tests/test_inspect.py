@@ -32,8 +32,8 @@ def ternary_bytes(path: Path) -> int:
 def test_inspect_shows_base3_packing_and_its_bytes(converted):
     student = converted("tiny_gemma4", method="rtn", packing="base3")
     out = run_tool(INSPECT, str(student)).stdout
-    assert ("rtn, 2 planes (3 in the MLP down projections), group 64, rotate 64, base-3 packing (5 codes per byte)"
-            in out), out
+    assert ("rtn, 2 planes (3 in the MLP down projections), tied scales, group 64, rotate 64, base-3 packing (5 codes "
+            "per byte)" in out), out
     for planes in (2, 3):
         with Artifact.open(student) as a:  # 13 bytes per 64 codes of a row and plane, 5 codes a byte after
             expected = sum(planes * info.shape[0] * (info.shape[1] // 64 * 13 + -(-(info.shape[1] % 64) // 5))
