@@ -80,7 +80,7 @@ def test_text_summary(student):
     assert f"{c['num_kv_shared_layers']} KV-shared layers" in out
     assert f"head dims {sorted({c['head_dim'], c['global_head_dim']})}" in out
     # the quantization scheme
-    assert re.search(r"quant ternary, gptq, 2 planes \(3 in the MLP down projections\), group 64, rotate 64, "
+    assert re.search(r"quant ternary, gptq, 2 planes \(3 in the MLP down projections\), tied scales, group 64, rotate 64, "
                      r"2-bit packing \(4 codes per byte\), "
                      r"calibrated on teacher \(8192 tokens\)", out), out
     assert "head tied, tables embed_tokens int6-g32 / embed_tokens_per_layer int6-g32" in out
