@@ -42,7 +42,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY, tied_planes
+from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY
 from ferrisres.format.tables import ZERO_CODE, table_group
 
 from . import kernels
@@ -820,7 +820,7 @@ class FastMatmul:
         int8_encoding = (linear.encoding in GROUPED_TERNARY and linear.encoding not in BASE3_TERNARY
                          and self.group_bytes == DEFAULT_GROUP_BYTES) or linear.encoding in INT8_TABLES
         self.int8_isa = int8_isa if int8_encoding else None
-        self.tied = self.int8_isa is not None and linear.encoding in GROUPED_TERNARY and tied_planes(linear.group_scale)
+        self.tied = self.int8_isa is not None and linear.tied
         if linear.encoding in INT8_TABLES and self.int8_isa is None:
             raise ValueError(f"packed {linear.encoding} rows take the int8 kernel only: keep_int8() them first")
         # the int8 kernel takes any number of tokens, INT8_TOKENS a call (__call__)

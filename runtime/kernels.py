@@ -19,7 +19,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ferrisres.format import ternary_lut
-from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY, base3_lut, base3_slots, rotate_blocks
+from ferrisres.format.encodings import BASE3_TERNARY, GROUPED_TERNARY, base3_lut, base3_slots, rotate_blocks, tied_planes
 from ferrisres.format.tables import GROUPED_TABLES, table_bits, table_values
 
 CHUNK_BYTES = 2 << 20  # float32 bytes of decoded rows per chunk: 1-4 MiB measured best
@@ -32,10 +32,18 @@ GROUPED_MATVEC_TOKENS = 64
 # at 256 tokens on E2B's 1536 x 12288 three-plane down projection: 349 ms in chunks of 14 rows (2 MiB),
 # 183 ms in chunks of 112, 176 ms in 224; the 6144 x 1536 gate/up (170-row chunks) changes by < 10%.
 PROMPT_CHUNK_ROWS = 128
-_LUT16 = ternary_lut().view(np.complex128).reshape(256)  # 16-byte items: one packed byte -> 4 float32
+_TERNARY = ternary_lut()  # [256, 4] float32: the four codes of a packed byte
+_LUT16 = _TERNARY.view(np.complex128).reshape(256)  # 16-byte items: one packed byte -> 4 float32
 BASE3_SLOTS = 8  # decoded float32 per base-3 byte: its 5 codes, then 3 zeros
 _BASE3_LUT = np.pad(base3_lut(), ((0, 0), (0, BASE3_SLOTS - 5)))  # [256, 8]
 _BASE3_LUT32 = _BASE3_LUT.view("V32").reshape(256)  # 32-byte items: one base-3 byte -> 8 float32
+# Tied planes (format.encodings.tied_planes): a column's codes are the balanced-ternary digits of one level, so
+# numpy decodes the level, not each plane. Two planes' bytes b0, b1 index (b0 << 8 | b1) a table of the four
+# levels 3 t0 + t1 they hold, as int8 (a 256 KB table: float32 items, 1 MB, were slower to gather); a third plane
+# before them adds 9 t through a table of its own. One gather per two planes and one float32 row instead of
+# one per plane: E2B's gate/up 1.45x faster for one token, its three-plane down 1.5x (docs/kernels.md).
+_PAIR_LEVELS = (3 * _TERNARY[:, None] + _TERNARY[None, :]).reshape(65536, 4).astype(np.int8).view(np.int32).ravel()
+_NINE_LEVELS = (9 * _TERNARY).astype(np.int8).view(np.int32).ravel()  # a first plane of three: four levels 9 t
 _local = threading.local()  # each thread's decode buffers, one per row width
 _pool: ThreadPoolExecutor | None = None  # workers that split a matrix's rows; None = one thread
 _threads = 1
@@ -148,6 +156,9 @@ class Linear:
         self.group_scale = group_scale
         self.rotation = rotation
         self.planes = GROUPED_TERNARY.get(encoding, 1)
+        # numpy decodes a tied matrix's rows as one plane of levels, multiplied by the last plane's scales
+        self.tied = (encoding in GROUPED_TERNARY and encoding not in BASE3_TERNARY and self.planes > 1
+                     and tied_planes(group_scale))
         self.positions = None  # where each input column lies in a decoded row, when not at its own index
         if encoding in BASE3_TERNARY:
             self.width = data.shape[-1] * BASE3_SLOTS
@@ -158,8 +169,18 @@ class Linear:
             self.width = data.shape[-1] * 8 // table_bits(encoding)  # padded to whole groups
         else:
             self.width = data.shape[-1]  # the input's width; more when int8 codes are padded to whole groups
-        self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width * self.planes))
+        self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width * self.decoded_planes))
         self.fast = None  # fast_kernels.FastMatmul when attached: the product of a few tokens at a time
+
+    @property
+    def decoded_planes(self) -> int:
+        """Planes of a decoded row (`_decode`): one for tied planes, whose levels are decoded at once."""
+        return 1 if self.tied else self.planes
+
+    @property
+    def decoded_scales(self) -> np.ndarray | None:
+        """The group scales of the decoded planes [out, decoded_planes, groups]."""
+        return self.group_scale[:, -1:] if self.tied else self.group_scale
 
     def __call__(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
         """x [T, in] -> [T, out]: the product is float32 (BLAS), the result float64 so that the model's
@@ -187,17 +208,25 @@ class Linear:
         elif self.encoding in BASE3_TERNARY:  # one base-3 byte -> its 8 decoded slots as int8
             self.data = np.take(_BASE3_LUT.astype(np.int8).view(np.uint64).reshape(256), self.data).view(np.int8)
             self.encoding = "int8"
+        elif self.tied:  # one plane of levels, with the last plane's scales: 1/planes of the codes' RAM
+            levels = np.empty((self.out_features, 1, self.width), dtype=np.int8)
+            for r0 in range(0, self.out_features, self.rows_per_chunk):
+                rows = self.data[r0 : r0 + self.rows_per_chunk]
+                levels[r0 : r0 + len(rows), 0] = self._levels(rows).view(np.int8)
+            self.data = levels
+            self.encoding, self.planes, self.group_scale, self.tied = "int8", 1, self.decoded_scales, False
+            self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width))
         elif self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
-            lut8 = ternary_lut().astype(np.int8).view(np.int32).reshape(256)  # one packed byte -> 4 int8
+            lut8 = _TERNARY.astype(np.int8).view(np.int32).reshape(256)  # one packed byte -> 4 int8
             self.data = np.take(lut8, self.data).view(np.int8)
             self.encoding = "int8"
 
     def dequantize(self) -> np.ndarray:
         """The whole matrix as float32 (scales applied) in the basis of the unrotated input, so that
         y = x @ W.T: for tests and tools, not for inference."""
-        w = np.empty((self.out_features, self.planes * self.width), dtype=np.float32)
+        w = np.empty((self.out_features, self.decoded_planes * self.width), dtype=np.float32)
         self._decode(0, self.out_features, w)
-        w = w.reshape(self.out_features, self.planes, self.width).sum(axis=1)
+        w = w.reshape(self.out_features, self.decoded_planes, self.width).sum(axis=1)
         w = w[:, : self.in_features] if self.positions is None else w[:, self.positions]
         if self.scale is not None:
             w *= self.scale[:, None] if self.scale.size > 1 else self.scale[0]
@@ -226,25 +255,26 @@ class Linear:
         costs as much as the unpacking. For a prompt the single sgemm over the scaled chunk is faster,
         its planes first summed into one matrix: a pass over the chunk that saves the sgemm a product per
         extra plane."""
-        buffer = _buffer(self.planes * self.width, rows)
+        planes = self.decoded_planes
+        buffer = _buffer(planes * self.width, rows)
         grouped = self.group_scale is not None and x.shape[0] <= GROUPED_MATVEC_TOKENS
         if grouped:  # [x | x] [T, planes * width] -> [planes * groups, group, T]: the inputs of each group
-            groups = self.planes * self.group_scale.shape[-1]
-            xg = np.ascontiguousarray(np.tile(x, self.planes).T).reshape(groups, -1, x.shape[0])
+            groups = planes * self.group_scale.shape[-1]
+            xg = np.ascontiguousarray(np.tile(x, planes).T).reshape(groups, -1, x.shape[0])
         for r0 in chunks:
             r1 = min(r0 + rows, self.out_features)
             w = buffer[: r1 - r0]
             self._decode(r0, r1, w, scaled=not grouped)
             if grouped:
                 partial = np.matmul(w.reshape(r1 - r0, groups, -1).transpose(1, 0, 2), xg)  # [groups, rows, T]
-                scales = self.group_scale[r0:r1].reshape(r1 - r0, groups).T.astype(np.float32)
+                scales = self.decoded_scales[r0:r1].reshape(r1 - r0, groups).T.astype(np.float32)
                 np.einsum("grt,gr->rt", partial, scales, out=yt[r0:r1])
                 continue
-            if self.planes > 1:  # plane 1 += the others, in place: a [rows, width] view with the chunk's row stride
-                planes = w.reshape(r1 - r0, self.planes, self.width)
-                w = planes[:, 0]
-                for p in range(1, self.planes):
-                    np.add(w, planes[:, p], out=w)
+            if planes > 1:  # plane 1 += the others, in place: a [rows, width] view with the chunk's row stride
+                decoded = w.reshape(r1 - r0, planes, self.width)
+                w = decoded[:, 0]
+                for p in range(1, planes):
+                    np.add(w, decoded[:, p], out=w)
             if x.shape[0] == 1:
                 np.dot(w, x[0], out=yt[r0:r1, 0])
             else:
@@ -254,7 +284,9 @@ class Linear:
         """Rows r0:r1 as float32 into `out` [rows, planes * width] (without the per-row scale; without
         the group scales too unless `scaled`)."""
         rows = self.data[r0:r1]
-        if self.encoding in BASE3_TERNARY:
+        if self.tied:
+            np.copyto(out, self._levels(rows).view(np.int8), casting="safe")
+        elif self.encoding in BASE3_TERNARY:
             np.take(_BASE3_LUT32, rows.reshape(len(rows), -1), out=out.view("V32"), mode="clip")
         elif self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
             np.take(_LUT16, rows.reshape(len(rows), -1), out=out.view(np.complex128), mode="clip")
@@ -267,9 +299,22 @@ class Linear:
         if scaled and self.group_scale is not None:
             # float16 -> float32 once per chunk (a few KB): broadcast from float16 numpy would convert each
             # scale again for every weight it multiplies, 5x slower than the unpacking itself
-            scales = self.group_scale[r0:r1].astype(np.float32)  # [rows, planes, groups]
-            grouped = out.reshape(len(rows), self.planes, scales.shape[-1], -1)
+            scales = self.decoded_scales[r0:r1].astype(np.float32)  # [rows, planes, groups]
+            grouped = out.reshape(len(rows), self.decoded_planes, scales.shape[-1], -1)
             np.multiply(grouped, scales[..., None], out=grouped)
+
+
+    def _levels(self, rows: np.ndarray) -> np.ndarray:
+        """Tied rows [rows, planes, bytes] -> their levels sum_p 3^(planes-1-p) t_p, four int8 in each int32
+        [rows, bytes] (a reused buffer)."""
+        index = _buffer(rows.shape[-1], len(rows), np.uint16)
+        np.left_shift(rows[:, -2], 8, out=index, dtype=np.uint16)
+        np.bitwise_or(index, rows[:, -1], out=index)
+        levels = np.take(_PAIR_LEVELS, index, mode="clip", out=_buffer(rows.shape[-1], len(rows), np.int32))
+        if self.planes == 3:
+            first = np.take(_NINE_LEVELS, rows[:, 0], mode="clip", out=_buffer(rows.shape[-1], len(rows), np.int32, 1))
+            np.add(levels.view(np.int8), first.view(np.int8), out=levels.view(np.int8))  # |level| <= 13: no carry
+        return levels
 
 
 def base3_positions(n_in: int) -> np.ndarray:
@@ -299,13 +344,15 @@ def rotated_input(x: np.ndarray, block: int) -> np.ndarray:
     return rotated
 
 
-def _buffer(width: int, rows: int) -> np.ndarray:
-    """This thread's reusable float32 buffer for `rows` decoded rows of `width`, one per width."""
+def _buffer(width: int, rows: int, dtype=np.float32, which: int = 0) -> np.ndarray:
+    """This thread's reusable buffer of `rows` rows of `width` (`which`-th of its width and dtype), the first
+    `rows` rows of one kept per width, dtype and `which`."""
     buffers = _local.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(width)
+    key = (width, np.dtype(dtype), which)
+    buffer = buffers.get(key)
     if buffer is None or buffer.shape[0] < rows:
-        buffer = buffers[width] = np.empty((rows, width), dtype=np.float32)
-    return buffer
+        buffer = buffers[key] = np.empty((rows, width), dtype=dtype)
+    return buffer[:rows]
 
 
 set_threads(default_threads())

@@ -61,14 +61,18 @@ def test_reader_refuses_group_scales_whose_groups_do_not_divide_the_row(converte
 
 
 @pytest.mark.parametrize("encoding,options", [("ternary-g3", {}), ("ternary5-g3", {"packing": "base3"}),
+                                              ("ternary-g3", {"plane_scales": "free"}),
                                               ("ternary-g2", {"down_planes": 2}),
+                                              ("ternary-g2", {"down_planes": 2, "plane_scales": "free"}),
                                               ("ternary5-g2", {"down_planes": 2, "packing": "base3"})])
 def test_every_multiplication_path_computes_the_dequantized_weight(converted, encoding, options, monkeypatch):
-    """Chunked numpy decode, the int8 code cache and row-split threads against the independent dequantizer."""
+    """Chunked numpy decode, the int8 code cache and row-split threads against the independent dequantizer;
+    2-bit tied planes (the default) decoded as levels, free ones plane by plane."""
     model = load(converted("tiny_gemma4", **options))
     expected = dequantized_weights(model.artifact)[NAME]
     linear = model.weights.layers[0]["mlp.down_proj"]
     assert linear.encoding == encoding and linear.rotation == 64
+    assert linear.tied == (encoding.startswith("ternary-") and options.get("plane_scales") != "free")
     np.testing.assert_allclose(linear.dequantize(), expected, rtol=0, atol=1e-6)
     # a few tokens (group scales on the partial sums) and a prompt past GROUPED_MATVEC_TOKENS (on the weights)
     for tokens in (5, GROUPED_MATVEC_TOKENS + 1):
