@@ -105,7 +105,8 @@ class Options:
             "method": self.method if ternary else None,
             "planes": self.planes if ternary else None,
             "down_planes": self.planes_of("down_proj") if ternary else None,
-            "plane_scales": self.plane_scales if ternary and not self.per_row else None,
+            # one plane has no scales to tie
+            "plane_scales": self.plane_scales if ternary and max(self.planes, self.planes_of("down_proj")) > 1 else None,
             "group": (self.group or "row") if ternary else None,
             "rotate": self.rotate if ternary else None,
             "packing": self.packing if ternary and not self.per_row else None,

@@ -88,7 +88,7 @@ def _quantization(s: dict) -> str:
     absmean-row" (the original per-row student)."""
     if s.get("scheme") or s.get("method") is None:
         return f"scheme {s.get('scheme')}"
-    text = f"{s.get('method')}, {s.get('planes')} planes"
+    text = f"{s.get('method')}, {s.get('planes')} plane{'' if s.get('planes') == 1 else 's'}"
     if s.get("down_planes") not in (None, s.get("planes")):  # recorded since format 1.3
         text += f" ({s['down_planes']} in the MLP down projections)"
     if isinstance(s.get("plane_scales"), str):  # recorded since commit 3ad4971

@@ -113,6 +113,9 @@ def test_text_summary_follows_the_artifact(converted):
     out = run_tool(INSPECT, str(ferrisres)).stdout
     assert "quant ternary, scheme ferrisres" in out
 
+    one_plane = run_tool(INSPECT, str(converted("tiny_gemma4", method="rtn", planes=1))).stdout
+    assert "quant ternary, rtn, 1 plane, group 64, rotate 64," in one_plane, one_plane  # no plane scales to tie
+
     teacher = converted("tiny_gemma4_bf16", quant="bf16")
     result = run_tool(INSPECT, str(teacher))
     assert result.returncode == 0, result.stderr
