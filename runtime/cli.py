@@ -48,7 +48,7 @@ class Args:
     max_context: Optional[int] = field(default=None, metadata={"help": "context limit in tokens (default: the model's)"})
     draft: Optional[str] = field(default=None, metadata={"choices": ["ngram"], "help": "speculative decoding: 'ngram' drafts tokens by prompt lookup and verifies them in one pass (greedy only; same text, faster on text that repeats)"})
     threads: Optional[int] = field(default=None, metadata={"help": "threads that split each matrix's rows (default: the physical cores this process may use, within its CPU quota; on a machine busy with other work, fewer can be faster)"})
-    cache: Optional[str] = field(default=None, metadata={"choices": ["int8"], "help": "int8: unpack the ternary weights once into RAM (4x their size) for faster decoding with --kernel numpy"})
+    cache: Optional[str] = field(default=None, metadata={"choices": ["int8"], "help": "int8: unpack the ternary weights once into RAM (a byte a weight, a byte a plane for free plane scales) for faster decoding with --kernel numpy"})
     kernel: str = field(default="auto", metadata={"choices": list(KERNELS), "help": "matrix products: numpy (the reference), fast (fused compiled kernels: pip install 'ferrisres[fast]'), int8 (fast, with the ternary products' inputs rounded to int8 as llama.cpp does: faster, not equal to the reference; x86-64 with AVX2), auto (default: int8 where the fast extra and the CPU allow it, else fast; numpy without the extra or for a tiny model)"})
     verbose: bool = field(default=False, metadata={"args": ["-v", "--verbose"], "help": "per-token log and memory diagnostic on stderr"})
 

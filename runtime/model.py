@@ -229,9 +229,9 @@ def _library_panics(error: type[Exception], what: str):
 def load(path: str | os.PathLike, cache: str | None = None, kernel: str = "numpy") -> Model:
     """Open and validate the artifact at `path`; weights stay on disk until used.
 
-    `cache="int8"` unpacks every ternary matrix once into RAM as int8 (4x the packed size: ~1.9 GB for
-    E2B), which makes each token faster through numpy, for users with memory to spare (the fused kernels
-    gain nothing from it, and int8's reads of the packed codes are faster).
+    `cache="int8"` unpacks every ternary matrix once into RAM as int8 (a tied student's levels, a byte a
+    weight: ~1.8 GB more for E2B), which makes each token faster through numpy (2.2x for E2B), for users
+    with memory to spare (the fused kernels gain nothing from it, and int8's reads of the packed codes are faster).
     `kernel="fast"` runs the products of a few tokens at a time (decoding) through fused compiled kernels
     (the `fast` extra: numba); "numpy", the default here, is the reference path. `kernel="int8"` is "fast"
     with the inputs of the ternary products rounded to int8 per group of 64 (as llama.cpp does), and of the
