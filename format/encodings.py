@@ -48,8 +48,9 @@ def tied_planes(scales: np.ndarray) -> bool:
     """Whether grouped ternary scales [out, planes, groups] (float16 or their bit patterns) are tied: every
     plane's 3 times the next one's. A group's levels are then the uniform grid of 3^planes steps of the last
     plane's scale, and the codes of a column one number (runtime/fast_kernels.py multiplies it once)."""
-    s = np.asarray(scales).view(np.float16).astype(np.float32)  # x 3 is exact in float32
-    return s.shape[1] > 1 and bool(np.all(s[:, :-1] == 3 * s[:, 1:]))
+    with np.errstate(invalid="ignore"):  # a damaged scale may be a signaling NaN: not tied, and no warning
+        s = np.asarray(scales).view(np.float16).astype(np.float32)  # x 3 is exact in float32
+        return s.shape[1] > 1 and bool(np.all(s[:, :-1] == 3 * s[:, 1:]))
 
 
 # Base-3 codes: a byte holds 5 codes as the base-3 number sum_k (t_k + 1) 3^k (3^5 = 243 <= 256). A row is

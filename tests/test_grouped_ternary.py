@@ -4,6 +4,7 @@ reader refuses, and that every way the runtime multiplies them computes the same
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import h5py
 import numpy as np
@@ -122,6 +123,19 @@ def test_base3_keeps_2bit_for_groups_that_are_not_whole_blocks(converted):
     artifact = load(converted("tiny_gemma4", method="rtn", group=32, packing="base3")).artifact
     assert artifact.tensors["layers.0.mlp.down_proj"].encoding == "ternary-g3"  # 256 wide: 8 groups of 32
     assert artifact.tensors["layers.0.self_attn.o_proj"].encoding == "ternary5-g2"  # 32 wide: 1 group
+
+
+def test_a_damaged_scale_is_not_tied_and_warns_nothing():
+    """A flipped bit can make a float16 scale a signaling NaN, whose conversion warns (a line on stderr of
+    every command); such planes are simply not tied."""
+    scales = np.array([[[9.0, 3.0], [3.0, 1.0]]], dtype=np.float16).transpose(0, 2, 1).copy()  # [1, 2 planes, 2 groups]
+    assert tied_planes(scales)
+    for bits in (0x7D01, 0x7C00, 0x7E00):  # signaling NaN, infinity, quiet NaN
+        damaged = scales.view(np.uint16).copy()
+        damaged[0, 1, 0] = bits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not tied_planes(damaged)
 
 
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
