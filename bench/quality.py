@@ -90,7 +90,7 @@ def progress(text: str) -> None:
     print(f"quality: {text}", file=sys.stderr, flush=True)
 
 
-def measure(source: Path, ids_of, work: Path, students: list[str]) -> dict[str, dict]:
+def measure(source: Path, ids_of, work: Path, students: list[str], extra_flags: tuple[str, ...] = ()) -> dict[str, dict]:
     progress(f"{source.stem}: converting the f32 teacher")
     teacher_path = work / f"{source.stem}-f32.tern"
     converted(source, teacher_path, ["--quant", "f32"])
@@ -98,7 +98,7 @@ def measure(source: Path, ids_of, work: Path, students: list[str]) -> dict[str, 
     ids = ids_of(teacher)
     results = {}
     for name in students:
-        flags = STUDENTS[name]
+        flags = [*STUDENTS[name], *extra_flags]
         progress(f"{source.stem}: converting the student: {name}")
         path = work / f"{source.stem}-student.tern"
         cost = converted(source, path, [*flags, "--force"])
@@ -130,21 +130,25 @@ def main() -> int:
     parser.add_argument("--update", action="store_true", help="write the committed bench/quality.json and QUALITY.md")
     parser.add_argument("--student", action="append", choices=list(STUDENTS),
                         help="measure only this student (repeatable; not with --update, which writes the whole table)")
+    parser.add_argument("--seed", type=int, help="convert with this seed of the calibration text (the committed "
+                        "table is seed 0's): how much a student's figures owe to the text it was calibrated on")
     args = parser.parse_args()
     update, students = args.update, args.student or list(STUDENTS)
-    if update and args.student:
-        parser.error("--update writes the whole table: measure every student (no --student)")
+    if update and (args.student or args.seed is not None):
+        parser.error("--update writes the whole table with the default seed: no --student, no --seed")
+    extra_flags = ("--seed", str(args.seed)) if args.seed is not None else ()
     json_path, report_path = (ROOT / "bench/quality.json", ROOT / "QUALITY.md") if update else \
         (ROOT / "out/quality/quality.json", ROOT / "out/quality/QUALITY.md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     table = {}
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache" if GGUF.exists() else None) as work:
         if GGUF.is_file():
-            table["Gemma 3 270M (real weights, report_text.txt)"] = measure(GGUF, report_ids, Path(work), students)
-        table["tiny_gemma4 (random weights, 256 random tokens)"] = measure(TINY, tiny_ids, Path(work), students)
+            table["Gemma 3 270M (real weights, report_text.txt)"] = measure(GGUF, report_ids, Path(work), students, extra_flags)
+        table["tiny_gemma4 (random weights, 256 random tokens)"] = measure(TINY, tiny_ids, Path(work), students, extra_flags)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    json_path.write_text(json.dumps({"commit": commit, "machine": machine, "results": table}, indent=2) + "\n")
+    seed = args.seed or 0
+    json_path.write_text(json.dumps({"commit": commit, "machine": machine, "seed": seed, "results": table}, indent=2) + "\n")
     lines = ["| checkpoint | student | bits/weight | perplexity (teacher / student) | KL(teacher‖student) | top-1 agreement "
              "| last-layer cosine | conversion time, peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for checkpoint, students in table.items():
@@ -158,7 +162,7 @@ def main() -> int:
     tables = old[old.index(TABLES_SECTION):] if TABLES_SECTION in old else ""  # written by bench/tables.py
     report_path.write_text(
         "# How much of its teacher a student keeps\n\n"
-        f"Measured by `make quality` (bench/quality.py) at commit {commit} on {machine}. "
+        f"Measured by `make quality` (bench/quality.py) at commit {commit}{f' with --seed {seed}' if seed else ''} on {machine}. "
         + " ".join(__doc__.split("\n\n")[1].split()) + "\n\n" + report + "\n" + ("\n" + tables if tables else ""))
     print(report)
     progress(f"wrote {json_path.relative_to(ROOT)} and {report_path.relative_to(ROOT)}")
