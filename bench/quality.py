@@ -28,6 +28,7 @@ from ferrisres.format.encodings import GROUPED_TERNARY
 from ferrisres.runtime import load
 from ferrisres.runtime.evaluate import compare
 
+from run import machine_info
 from tables import SECTION as TABLES_SECTION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +147,10 @@ def main() -> int:
             table["Gemma 3 270M (real weights, report_text.txt)"] = measure(GGUF, report_ids, Path(work), students, extra_flags)
         table["tiny_gemma4 (random weights, 256 random tokens)"] = measure(TINY, tiny_ids, Path(work), students, extra_flags)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    # the CPU and BLAS kernel too: GPTQ's sequential choices turn their rounding differences into other students
+    info = machine_info()
+    machine = (f"{info['cpu'].get('model name')}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy "
+               f"{info['numpy']}, OpenBLAS kernel {info['blas']['corename']}")
     seed = args.seed or 0
     json_path.write_text(json.dumps({"commit": commit, "machine": machine, "seed": seed, "results": table}, indent=2) + "\n")
     lines = ["| checkpoint | student | bits/weight | perplexity (teacher / student) | KL(teacher‖student) | top-1 agreement "
