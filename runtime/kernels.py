@@ -303,7 +303,6 @@ class Linear:
             grouped = out.reshape(len(rows), self.decoded_planes, scales.shape[-1], -1)
             np.multiply(grouped, scales[..., None], out=grouped)
 
-
     def _levels(self, rows: np.ndarray) -> np.ndarray:
         """Tied rows [rows, planes, bytes] -> their levels sum_p 3^(planes-1-p) t_p, four int8 in each int32
         [rows, bytes] (a reused buffer)."""
@@ -313,7 +312,7 @@ class Linear:
         levels = np.take(_PAIR_LEVELS, index, mode="clip", out=_buffer(rows.shape[-1], len(rows), np.int32))
         if self.planes == 3:
             first = np.take(_NINE_LEVELS, rows[:, 0], mode="clip", out=_buffer(rows.shape[-1], len(rows), np.int32, 1))
-            np.add(levels.view(np.int8), first.view(np.int8), out=levels.view(np.int8))  # |level| <= 13: no carry
+            np.add(levels.view(np.int8), first.view(np.int8), out=levels.view(np.int8))  # |level| <= 13 fits int8
         return levels
 
 
