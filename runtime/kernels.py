@@ -214,8 +214,8 @@ class Linear:
                 rows = self.data[r0 : r0 + self.rows_per_chunk]
                 levels[r0 : r0 + len(rows), 0] = self._levels(rows).view(np.int8)
             self.data = levels
+            # one decoded plane before and after: rows_per_chunk stays
             self.encoding, self.planes, self.group_scale, self.tied = "int8", 1, self.decoded_scales, False
-            self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * self.width))
         elif self.encoding == "ternary" or self.encoding in GROUPED_TERNARY:
             lut8 = _TERNARY.astype(np.int8).view(np.int32).reshape(256)  # one packed byte -> 4 int8
             self.data = np.take(lut8, self.data).view(np.int8)
