@@ -360,9 +360,9 @@ INT8_ISAS = ("avx512vnni", "avx512bw", "avx2")  # best first; the int8 kernel ne
 # parallel loops cannot carry one): an empty array whose record dtype has one field, named after it.
 ISA_ARGUMENTS = {isa: np.empty(0, dtype=[(isa, np.uint8)]) for isa in INT8_ISAS}
 INT8_CHUNK = 64  # packed bytes a vector step reads: 16 int32 lanes of 4 bytes, 4 groups of 16 bytes
-# A row's bytes are asked for this far ahead (`_prefetch`): one core's stream of loads, with the work between
-# them, left DRAM idle (EPYC: 9.2 GB/s over a 150 MB matrix against sgemv's 23.5; 12.4 with it, measured at
-# 512-4096). On the Xeon, 4096 read the three-plane rows 1.2x faster than 2048 and 1024 (11.3 against 9.6 and
+# A row's bytes are asked for at least this far ahead (`_prefetch`): one core's stream of loads, with the work
+# between them, left DRAM idle (EPYC: 9.2 GB/s over a 150 MB matrix against sgemv's 23.5; 12.4 with it, measured
+# at 512-4096). On the Xeon, 4096 read the three-plane rows 1.2x faster than 2048 and 1024 (11.3 against 9.6 and
 # 8.4 GB/s, 1536x6144), the others 1.0-1.2x; 8192 no faster.
 PREFETCH_BYTES = 4096
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -528,10 +528,11 @@ def _int8_loop(module, isa, n_planes, n_tokens, index, tied=False):
     nibble = _splat(_V64, 0x0F)
     spread = ir.Constant(_V16I, [lane // 4 for lane in range(16)])  # a group's scale to its 4 lanes
     totals = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(n_tokens)]
+    row_bytes = builder.mul(nbytes, const(n_planes))
     with cgutils.for_range(builder, builder.udiv(nbytes, const(INT8_CHUNK))) as loop:
         at = builder.mul(loop.index, const(INT8_CHUNK))
         codes, lane_scales = [], []
-        _prefetch(builder, prow, builder.mul(at, const(n_planes)), n_planes)
+        _prefetch(builder, prow, row_bytes, [builder.add(builder.mul(nbytes, const(p)), at) for p in range(n_planes)])
         for p in range(n_planes):
             start = builder.add(builder.mul(nbytes, const(p)), at)
             b = _vector(builder, prow, start, _V64)
@@ -582,13 +583,23 @@ def _loop_function(module, name: str, index):
     return fn, ir.IRBuilder(fn.append_basic_block("entry"))
 
 
-def _prefetch(builder, row, done, lines: int) -> None:
-    """Ask for `lines` cache lines PREFETCH_BYTES past the first `done` bytes of a row: a chunk's loads spread
-    over its row's planes (or runs), so the bytes are asked for in memory order, at the rate they are read,
-    from within the row into the next ones (past the end of the matrix: no fault)."""
-    for line in range(lines):
-        ahead = builder.gep(row, [builder.add(done, ir.Constant(done.type, PREFETCH_BYTES + 64 * line))])
-        _call(builder, "llvm.prefetch.p0", ir.VoidType(), ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1))
+def _prefetch(builder, row, row_bytes, offsets) -> None:
+    """Ask for one cache line per stream of `offsets` (where a chunk reads each plane, or run, of its row of
+    `row_bytes`; past the end of the matrix: no fault). A row of PREFETCH_BYTES or more: each stream's line
+    in the next row, so each plane is asked for a row ahead of its loads. (Asked for in memory order instead,
+    from the chunk's place in the row, the last plane of a 3 x 3072-byte row came too late, after its first
+    third was read: E2B's 1536x12288 down projections took 1.1-1.2x as long, one thread, from DRAM.) A
+    shorter row: as many lines PREFETCH_BYTES past the bytes of the row read so far, in memory order, which
+    carries them into the next rows (each stream's lines some rows on were 1.05-1.15x slower there for E2B's
+    12288x1536 gate/up and the head)."""
+    n = ir.Constant(row_bytes.type, len(offsets))
+    done = builder.mul(offsets[0], n)  # the row's bytes before this chunk: the first stream's offset, times the streams
+    long = builder.icmp_unsigned(">=", row_bytes, ir.Constant(row_bytes.type, PREFETCH_BYTES))
+    for line, offset in enumerate(offsets):
+        in_order = builder.add(done, ir.Constant(done.type, PREFETCH_BYTES + 64 * line))
+        ahead = builder.select(long, builder.add(row_bytes, offset), in_order)
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(), builder.gep(row, [ahead]), ir.Constant(_I32, 0),
+              ir.Constant(_I32, 3), ir.Constant(_I32, 1))
 
 
 def _fma(builder, a, b, c):
@@ -635,9 +646,9 @@ def _int6_loop(module, isa, n_planes, n_tokens, index):
 
     def chunk(at, keep=None):
         """The products of the chunk at byte `at` of each run added to the totals; `keep`: lanes' 0/1 factors."""
-        _prefetch(builder, prow, builder.mul(at, const(3)), 3)
-        runs = [_vector(builder, prow, start, _V64)
-                for start in (at, builder.add(quarter, at), builder.add(builder.mul(quarter, const(2)), at))]
+        starts = [at, builder.add(quarter, at), builder.add(builder.mul(quarter, const(2)), at)]
+        _prefetch(builder, prow, nbytes, starts)
+        runs = [_vector(builder, prow, start, _V64) for start in starts]
         low, high = runs[:2], runs[2]
         four, two = _splat(_V64, 4), _splat(_V64, 2)
         # quarter k: the low nibbles of run k (k < 2) or the high ones of run k - 2, with bits 2k..2k+1 of `high`
