@@ -532,9 +532,9 @@ def _int8_loop(module, isa, n_planes, n_tokens, index, tied=False):
     with cgutils.for_range(builder, builder.udiv(nbytes, const(INT8_CHUNK))) as loop:
         at = builder.mul(loop.index, const(INT8_CHUNK))
         codes, lane_scales = [], []
-        _prefetch(builder, prow, row_bytes, [builder.add(builder.mul(nbytes, const(p)), at) for p in range(n_planes)])
-        for p in range(n_planes):
-            start = builder.add(builder.mul(nbytes, const(p)), at)
+        starts = [builder.add(builder.mul(nbytes, const(p)), at) for p in range(n_planes)]  # each plane's chunk
+        _prefetch(builder, prow, row_bytes, starts)
+        for p, start in enumerate(starts):
             b = _vector(builder, prow, start, _V64)
             lo, hi = builder.and_(b, nibble), builder.and_(builder.lshr(b, _splat(_V64, 4)), nibble)
             low, high = tables[p]
