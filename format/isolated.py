@@ -105,11 +105,13 @@ _TOO_LARGE = object()
 
 
 def _read(fd: int, deadline: float):
-    """What the child writes until it closes the pipe; None when the deadline passes first."""
+    """What the child writes until it closes the pipe; None when the deadline passes before its reply
+    begins. The deadline bounds the work, which ends before the child writes a byte; so a reply already
+    waiting when the caller collects late (after a long prefill, say) is the child's in time, and once it
+    has begun the rest is read to the end."""
     chunks, size = [], 0
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if not chunks and not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
             return None
         chunk = os.read(fd, 1 << 20)
         if not chunk:

@@ -42,6 +42,15 @@ def test_work_started_now_is_collected_later_and_a_child_never_collected_is_reap
     with pytest.raises(RuntimeError, match="already taken"):
         pending.result()
 
+    # collected after its deadline: work done in time counts, however late the caller asks for it
+    pending = Isolated(lambda: "done", seconds=1, memory=1 << 30, error=Refused, what="work")
+    time.sleep(1.5)
+    assert pending.result() == "done"
+    pending = Isolated(lambda: time.sleep(30), seconds=1, memory=1 << 30, error=Refused, what="work")
+    time.sleep(1.5)
+    with pytest.raises(Refused, match="work did not finish in 1 s"):
+        pending.result()
+
     for forget in (lambda p: p.close(), lambda p: None):  # closed, or dropped and garbage-collected
         pending = Isolated(lambda: time.sleep(30), seconds=60, memory=1 << 30, error=Refused, what="work")
         child = pending.pid
