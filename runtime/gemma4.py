@@ -71,13 +71,23 @@ def attention(q, keys, values, q_positions, k_positions, window: int | None, sca
 
     q [T, nH, hd]; keys/values [S, kvh, hd]; query head j reads kv head j // (nH // kvh). Returns [T, nH*hd].
     The queries are taken in chunks of rows (each row's softmax is its own, so the result is the same):
-    all scores of a long prompt at once would grow with its square (14k tokens: gigabytes).
+    all scores of a long prompt at once would grow with its square (14k tokens: gigabytes). On a sliding
+    layer whose keys are mostly out of every query's window (a long prompt), a chunk of at most `window`
+    queries reads only the keys its window reaches: the work grows with the prompt times the window, not
+    with its square (the keys left out would have had weight exactly 0).
     """
-    rows = max(1, SCORES_BYTES // (q.itemsize * q.shape[1] * len(keys)))
-    if len(q) <= rows:
+    windowed = window is not None and len(keys) > 2 * window
+    seen = 2 * window if windowed else len(keys)  # keys a chunk of queries reads, at most
+    rows = max(1, SCORES_BYTES // (8 * q.shape[1] * seen))  # float64 scores
+    rows = min(rows, window) if windowed else rows
+    if len(q) <= rows and not windowed:
         return _attention(q, keys, values, q_positions, k_positions, window, scale, softcap)
-    return np.concatenate([_attention(q[r : r + rows], keys, values, q_positions[r : r + rows], k_positions, window,
-                                      scale, softcap) for r in range(0, len(q), rows)])
+    parts = []
+    for r in range(0, len(q), rows):
+        qp = q_positions[r : r + rows]
+        near = (k_positions > qp.min() - window) & (k_positions <= qp.max()) if windowed else slice(None)
+        parts.append(_attention(q[r : r + rows], keys[near], values[near], qp, k_positions[near], window, scale, softcap))
+    return np.concatenate(parts)
 
 
 def _attention(q, keys, values, q_positions, k_positions, window, scale, softcap) -> np.ndarray:

@@ -29,12 +29,32 @@ def test_chunked_attention_is_exactly_the_whole_attention(monkeypatch):
     T, S, heads, kv_heads, hd = 37, 50, 4, 2, 8
     q, k, v = rng.normal(size=(T, heads, hd)), rng.normal(size=(S, kv_heads, hd)), rng.normal(size=(S, kv_heads, hd))
     q_pos, k_pos = np.arange(S - T, S), np.arange(S)
-    for window, softcap in ((None, None), (8, 50.0)):
+    for window, softcap in ((None, None), (30, 50.0)):  # a window of 30: most keys seen, all of them read
         whole = gemma4.attention(q, k, v, q_pos, k_pos, window, 0.5, softcap)
         monkeypatch.setattr(gemma4, "SCORES_BYTES", 8 * heads * S * 5)  # chunks of 5 rows, the last of 2
         chunked = gemma4.attention(q, k, v, q_pos, k_pos, window, 0.5, softcap)
         monkeypatch.undo()
         assert np.array_equal(whole, chunked)
+
+
+def test_a_sliding_window_reads_only_the_keys_it_reaches_and_computes_the_same():
+    """Keys out of every query's window have weight exactly 0, so leaving them out changes only the float32
+    rounding of the sums over keys. Integer q, k, v (|.| <= 2, 8-dim heads) make every score exact in float32, so
+    what is left is out = sum_s p_s v_s over at most S keys: (S + 3) u max|v| (sum_s p_s = 1) for each of the two."""
+    rng = np.random.default_rng(1)
+    T, S, heads, kv_heads, hd, window = 37, 50, 4, 2, 8, 8
+    q, k, v = (rng.integers(-2, 3, size=shape).astype(np.float64) for shape in ((T, heads, hd), (S, kv_heads, hd), (S, kv_heads, hd)))
+    q_pos, k_pos = np.arange(S - T, S), np.arange(S)
+    v[3:6], k_pos[3:6] = np.nan, -1  # slots no query's window reaches: read, 0 x NaN would make the outputs NaN
+    read = []
+    real = gemma4._attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gemma4, "_attention", lambda q, keys, *a: read.append(len(keys)) or real(q, keys, *a))
+        windowed = gemma4.attention(q, k, v, q_pos, k_pos, window, 0.5, 50.0)
+    assert max(read) <= 2 * window  # each chunk of at most `window` queries reads at most 2 x window keys
+    visible = k_pos >= 0
+    whole = real(q, k[visible], v[visible], q_pos, k_pos[visible], window, 0.5, 50.0)
+    np.testing.assert_allclose(windowed, whole, rtol=0, atol=2 * (S + 3) * 2.0**-24 * 2)
 
 
 def test_a_long_prompt_runs_in_memory_linear_in_its_length(converted, tmp_path):
