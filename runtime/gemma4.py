@@ -98,17 +98,21 @@ def _attention(q, keys, values, q_positions, k_positions, window, scale, softcap
     # float64 query times float32 keys left BLAS for numpy's own loop (E2B at 4096 tokens: 10 ms a full
     # layer, more than its projections). The softmax between them stays float64.
     qg = q.reshape(T, kv_heads, group, hd).transpose(1, 2, 0, 3).reshape(kv_heads, group * T, hd).astype(np.float32)
-    scores = (qg @ keys.transpose(1, 2, 0)).astype(np.float64) * scale  # [kvh, group*T, S]
+    scores = np.multiply(qg @ keys.transpose(1, 2, 0), scale, dtype=np.float64)  # [kvh, group*T, S]
+    # in place from here: a long prompt's scores are the largest arrays of a forward (SCORES_BYTES a chunk)
     if softcap:
-        scores = softcap * np.tanh(scores / softcap)
+        scores /= softcap
+        np.tanh(scores, out=scores)
+        scores *= softcap
     visible = (k_positions[None, :] <= q_positions[:, None]) & (k_positions[None, :] >= 0)
     if window is not None:
         visible &= k_positions[None, :] > q_positions[:, None] - window
-    scores = np.where(np.tile(visible, (group, 1)), scores, -np.inf)
+    if not visible.all():  # [T, S], for every head of the query: scores as [kvh, group, T, S]
+        np.copyto(scores.reshape(kv_heads, group, T, -1), -np.inf, where=~visible)
     scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    out = probs.astype(np.float32) @ values.transpose(1, 0, 2)  # [kvh, group*T, hd]
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = scores.astype(np.float32) @ values.transpose(1, 0, 2)  # [kvh, group*T, hd]
     return out.reshape(kv_heads, group, T, hd).transpose(2, 0, 1, 3).reshape(T, n_heads * hd).astype(np.float64)
 
 
