@@ -77,17 +77,14 @@ def attention(q, keys, values, q_positions, k_positions, window: int | None, sca
     with its square (the keys left out would have had weight exactly 0).
     """
     windowed = window is not None and len(keys) > 2 * window
-    seen = 2 * window if windowed else len(keys)  # keys a chunk of queries reads, at most
-    rows = max(1, SCORES_BYTES // (8 * q.shape[1] * seen))  # float64 scores
+    rows = max(1, SCORES_BYTES // (8 * q.shape[1] * (2 * window if windowed else len(keys))))  # float64 scores
     rows = min(rows, window) if windowed else rows
-    if len(q) <= rows and not windowed:
-        return _attention(q, keys, values, q_positions, k_positions, window, scale, softcap)
     parts = []
     for r in range(0, len(q), rows):
         qp = q_positions[r : r + rows]
         near = (k_positions > qp.min() - window) & (k_positions <= qp.max()) if windowed else slice(None)
         parts.append(_attention(q[r : r + rows], keys[near], values[near], qp, k_positions[near], window, scale, softcap))
-    return np.concatenate(parts)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _attention(q, keys, values, q_positions, k_positions, window, scale, softcap) -> np.ndarray:
