@@ -125,10 +125,12 @@ class Gemma4:
         # Layers from here to the last only read earlier layers' keys/values (None: no such tail).
         tail = [i for i in range(c.num_layers) if all(not c.has_own_kv(j) for j in range(i, c.num_layers))]
         self.first_shared_layer = tail[0] if tail else None
-        # The last layer that reads each layer's keys/values in a step: after it, they can be let go.
-        self.last_reader = {source: i for i, source in enumerate(c.kv_sources)}
         # Block AttnRes with every gate 0 adds exactly nothing: skip it then.
         self.attnres = weights.attnres_gates is not None and bool(np.any(weights.attnres_gates))
+        # The layers a step must run to extend the caches: AttnRes's running sums take every layer's output.
+        self.cache_layers = len(self.layers) if self.attnres or not tail else tail[0]
+        # The last layer that reads each layer's keys/values in a step: after it, they can be let go.
+        self.last_reader = {source: i for i, source in enumerate(c.kv_sources)}
 
     def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False,
                 hidden_states: list | None = None) -> np.ndarray:
@@ -156,6 +158,15 @@ class Gemma4:
                 tokens.keep_last()
             logits = self.logits_of(tokens.x)
         return [logits[s.start : s.stop] for s in tokens.segments]
+
+    def prefill_batch(self, sequences: list[tuple[np.ndarray, KVCache]]) -> None:
+        """Extend each cache with its ids without computing logits (a long prompt's chunks but the last):
+        only the layers up to the last that writes a cache run. Exact: the later ones only read it."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # as in forward_batch
+            tokens = self.embed(sequences)
+            for i in range(self.cache_layers):
+                self.layer_step(i, tokens)
+            tokens.finish()
 
     def embed(self, sequences: list[tuple[np.ndarray, KVCache]]) -> "Tokens":
         """The decoder's input for the new tokens of `sequences`: scaled embeddings, per-layer inputs, RoPE."""

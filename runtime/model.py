@@ -140,6 +140,10 @@ class Model:
     def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
         return self.decoder.forward(self.checked_ids(ids), cache, last_only)
 
+    def prefill(self, ids, cache: KVCache) -> None:
+        """Extend `cache` with `ids`, computing no logits (the layers that only read the cache are skipped)."""
+        self.decoder.prefill_batch([(self.checked_ids(ids), cache)])
+
     def logits(self, ids) -> np.ndarray:
         """float32 [T, vocab]: a full forward over `ids` with a fresh cache."""
         return self.forward(ids, KVCache(self.config))

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .generate import PREFILL_CHUNK as ALONE_CHUNK  # a lone generation's prefill chunk (256 tokens)
+from .generate import PREFILL_CHUNK as ALONE_CHUNK  # a lone generation's prefill chunk (128 tokens)
 from .generate import Generation, Step
 from .sampling import sample
 
@@ -153,10 +153,14 @@ class Scheduler:
             return False
         decoding = any(not s.unfed for s in batch)
         feeds = [s.feed(self.prefill_chunk if decoding else max(self.prefill_chunk, ALONE_CHUNK)) for s in batch]
+        sequences = [(np.asarray(ids, dtype=np.int64), s.generation.cache) for s, ids in zip(batch, feeds)]
         start = time.perf_counter()
         try:
-            logits = self.model.decoder.forward_batch([(np.asarray(ids, dtype=np.int64), s.generation.cache)
-                                                       for s, ids in zip(batch, feeds)], last_only=True)
+            if all(len(s.unfed) > len(ids) for s, ids in zip(batch, feeds)):  # no one's prompt ends: no logits
+                self.model.decoder.prefill_batch(sequences)
+                logits = [None] * len(batch)
+            else:
+                logits = self.model.decoder.forward_batch(sequences, last_only=True)
         except Exception as e:  # noqa: BLE001 - (out of memory, ...) every sequence of the step fails with it
             self._finish(batch, e)
             return True

@@ -43,6 +43,23 @@ def test_prefill_in_pieces_equals_one_prefill(converted):
     np.testing.assert_allclose(np.concatenate([first, second]), model.logits(ids), rtol=0, atol=atol)
 
 
+def test_prefill_runs_only_the_layers_that_write_the_cache_and_fills_it_as_a_forward_does(converted, monkeypatch):
+    """`Model.prefill` (a long prompt's chunks but the last) skips the KV-shared layers and the head: the
+    cache it leaves is exactly the one a forward leaves, so what follows computes the same numbers."""
+    model = load(converted("tiny_gemma4", "ternary"))
+    ids = reference("tiny_gemma4")["ids"].tolist()
+    assert model.decoder.cache_layers == 5  # of 10 layers: its config.json shares the last 5 layers' keys
+    by_forward, by_prefill = KVCache(model.config), KVCache(model.config)
+    model.forward(ids[:21], by_forward, last_only=True)
+    ran = []
+    monkeypatch.setattr(model.decoder, "logits_of", lambda x: pytest.fail("prefill computed logits"))
+    monkeypatch.setattr(model.decoder, "_layer_forward", lambda i, *a, _f=model.decoder._layer_forward: ran.append(i) or _f(i, *a))
+    model.prefill(ids[:21], by_prefill)
+    monkeypatch.undo()
+    assert ran == list(range(model.decoder.cache_layers)) and by_prefill.length == 21
+    np.testing.assert_array_equal(model.forward(ids[21:], by_prefill), model.forward(ids[21:], by_forward))
+
+
 def test_sliding_cache_memory_is_bounded(converted):
     model = load(converted("tiny_gemma4", "ternary"))
     cache = KVCache(model.config)

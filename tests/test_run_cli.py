@@ -38,6 +38,7 @@ import pytest
 from ferrisres.convert.build import Options, convert
 from ferrisres.runtime import load
 from ferrisres.runtime.chat import ChatSession
+from ferrisres.runtime.kv_cache import KVCache
 
 from artifact_weights import float32_bound
 from conftest import FIXTURES, run_tool
@@ -273,14 +274,16 @@ def test_interactive_ctrl_c_stops_only_the_reply(chat_artifact):
 
 class ForwardSpy:
     """Wraps a model's forward: records (number of ids, last-token logits) per call; can raise Ctrl-C at the
-    end of a call, after the real forward has updated the cache (as if the signal came just before it returned)."""
+    end of a call, after the real forward has updated the cache (as if the signal came just before it returned).
+    A long prompt's chunks before its last go through `prefill`: recorded as (number of ids, None)."""
 
     def __init__(self, model):
         self.model = model
-        self.forward = model.forward  # the real (bound) method
-        self.calls: list[tuple[int, np.ndarray]] = []
+        self.forward, self.prefill = model.forward, model.prefill  # the real (bound) methods
+        self.calls: list[tuple[int, np.ndarray | None]] = []
         self.interrupt_at: int | None = None
         model.forward = self  # instance attribute: Generation calls model.forward(ids, cache, last_only=True)
+        model.prefill = lambda ids, cache: self.prefill(ids, cache) or self.calls.append((len(ids), None))
 
     def __call__(self, ids, cache, last_only=False):
         out = self.forward(ids, cache, last_only)
@@ -312,12 +315,13 @@ def check_turn_against_full_forward(model, spy: ForwardSpy, session, user_text: 
     if "\ufffd" not in prompt:
         assert model.tokenizer.decode(ids[:end], skip_special_tokens=False) == prompt
     assert 0 < len(g.prompt_ids) < len(model.encode(prompt)), "only the new tokens must be prefilled"
-    calls = list(spy.calls)
-    assert calls[0][0] == len(g.prompt_ids)
+    chunks = [n for n, logits in spy.calls if logits is None]  # a long prompt's chunks before its last
+    calls = spy.calls[len(chunks) :]
+    assert sum(chunks) + calls[0][0] == len(g.prompt_ids)
     reference = model.logits(ids)  # a fresh full forward, no cache
     atol = 2 * float32_bound(model, ids)  # cached and full: two float32 runs, each within the bound
     for k, (n, logits) in enumerate(calls):
-        assert n == (len(g.prompt_ids) if k == 0 else 1)
+        assert n == (calls[0][0] if k == 0 else 1)
         np.testing.assert_allclose(logits, reference[end - 1 + k], atol=atol, rtol=0,
                                    err_msg=f"call {k} of the turn {user_text!r}")
     return g
@@ -367,7 +371,7 @@ def test_chat_session_starts_over_when_history_renders_differently(tmp_path_fact
     list(g)
     session.finish()
     assert g.prompt_ids == model.encode(prompt)
-    prefill = spy.calls[0][1]
+    prefill = next(logits for _, logits in spy.calls if logits is not None)  # the prompt's last chunk
     atol = 2 * float32_bound(model, g.prompt_ids)  # cached and full: two float32 runs, each within the bound
     np.testing.assert_allclose(prefill, model.logits(g.prompt_ids)[-1], atol=atol, rtol=0)
 
@@ -476,22 +480,23 @@ def test_default_threads_count_each_core_once_within_the_cpu_quota(tmp_path, mon
     assert default_threads(tmp_path, tmp_path / "no-such-file") == 3  # the roots' limits: none
 
 
-def test_long_prefill_reports_progress(converted):
-    """A prompt longer than PREFILL_CHUNK is prefilled in chunks, each reported, to the same logits."""
+def test_a_long_prompt_is_prefilled_in_chunks_each_reported_to_the_same_logits(converted):
+    """A prompt longer than PREFILL_CHUNK is prefilled in chunks (its activations stay bounded), each
+    reported to `on_prefill`, and leaves the cache one forward over the whole prompt leaves."""
     from ferrisres.runtime.generate import PREFILL_CHUNK
 
     model = load(converted("tiny_gemma4", "ternary"))
     ids = np.random.default_rng(0).integers(5, model.config.vocab_size, 2 * PREFILL_CHUNK + 7).tolist()
-    plain = model.generate(ids, max_tokens=1, temperature=0)
-    list(plain)
+    whole = KVCache(model.config)
+    model.forward(ids, whole, last_only=True)
     reported = []
     chunked = model.generate(ids, max_tokens=1, temperature=0)
     chunked.on_prefill = lambda done, total: reported.append((done, total))
     list(chunked)
     assert reported == [(PREFILL_CHUNK, len(ids)), (2 * PREFILL_CHUNK, len(ids)), (len(ids), len(ids))]
-    assert chunked.cache.length == plain.cache.length == len(ids)
+    assert chunked.cache.length == whole.length == len(ids)
     # the caches hold the same keys and values: the next token's logits agree (two float32 runs)
-    following = [model.forward([7], g.cache, last_only=True)[-1] for g in (plain, chunked)]
+    following = [model.forward([7], cache, last_only=True)[-1] for cache in (whole, chunked.cache)]
     np.testing.assert_allclose(*following, rtol=0, atol=2 * float32_bound(model, [*ids, 7]))
 
 

@@ -345,14 +345,19 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_others_decode_steps(art
     rng = np.random.default_rng(0)
     short, long = rng.integers(5, model.config.vocab_size, 3).tolist(), rng.integers(5, model.config.vocab_size, 37).tolist()
     scheduler = Scheduler(model, max_batch=2, max_queue=0, prefill_chunk=4)
-    fed = []  # tokens fed per sequence, each forward pass
-    forward_batch = model.decoder.forward_batch
+    fed, prefills = [], []  # tokens fed per sequence, each forward pass; the passes that wanted no logits
+    forward_batch, prefill_batch = model.decoder.forward_batch, model.decoder.prefill_batch
 
     def recorded(sequences, *args, **kwargs):
         fed.append([len(ids) for ids, _ in sequences])
         return forward_batch(sequences, *args, **kwargs)
 
-    model.decoder.forward_batch = recorded
+    def recorded_prefill(sequences):
+        prefills.append(len(fed))
+        fed.append([len(ids) for ids, _ in sequences])
+        return prefill_batch(sequences)
+
+    model.decoder.forward_batch, model.decoder.prefill_batch = recorded, recorded_prefill
     events = {"short": [], "long": []}
 
     def submit(name: str, ids: list[int]) -> None:
@@ -366,18 +371,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_others_decode_steps(art
         pass
     assert fed[0] == [3]
     prefill = fed[1:11]  # 37 tokens in chunks of 4, each step also decoding the short sequence
-    assert prefill == [[1, 4]] * 9 + [[1, 1]] and fed[11] == [1, 1]
+    assert prefill == [[1, 4]] * 9 + [[1, 1]] and fed[11] == [1, 1] and prefills == []
     for name, ids in (("short", short), ("long", long)):
         *steps, end = events[name]
         alone = model.generate(ids, max_tokens=16, temperature=0)
         assert [s.token for s in steps] == [s.token for s in alone]
         assert isinstance(end, Finished) and (end.stop_reason, end.completion_tokens) == (alone.stop_reason, len(alone.tokens))
-    # with no one decoding, a prompt goes in the longer chunks that prefill faster
+    # with no one decoding, a prompt goes in the longer chunks that prefill faster, and the chunks before
+    # its last compute no logits (as a lone generation's): the same tokens
     fed.clear()
-    submit("long", rng.integers(5, model.config.vocab_size, ALONE_CHUNK + 5).tolist())
-    scheduler.step()
-    scheduler.step()
-    assert fed == [[ALONE_CHUNK], [5]]
+    alone = rng.integers(5, model.config.vocab_size, 2 * ALONE_CHUNK + 5).tolist()
+    events["alone"] = []
+    submit("alone", alone)
+    while scheduler.step():
+        pass
+    assert fed[:3] == [[ALONE_CHUNK], [ALONE_CHUNK], [5]] and prefills == [0, 1]
+    assert [e.token for e in events["alone"][:-1]] == [s.token for s in model.generate(alone, max_tokens=16, temperature=0)]
 
 
 def test_a_cancelled_sequence_leaves_at_once_with_its_cache(artifact):

@@ -240,6 +240,18 @@ def test_attnres_prefill_in_pieces_equals_one_prefill(student):
     assert_close(np.concatenate(pieces), model.logits(ids()), model, ids(), "prefill in pieces vs one prefill")
 
 
+def test_attnres_prefill_without_logits_still_runs_every_layer(student):
+    """AttnRes's running sums (in the cache) take every layer's output, so a prefill that computes no
+    logits cannot skip the KV-shared layers: it leaves exactly the cache a forward leaves."""
+    model = load(student(method="rtn", attnres=True, attnres_gate=1.0))
+    assert model.decoder.cache_layers == model.config.num_layers
+    by_forward, by_prefill = KVCache(model.config), KVCache(model.config)
+    model.forward(ids()[:11], by_forward, last_only=True)
+    model.prefill(ids()[:11], by_prefill)
+    np.testing.assert_array_equal(by_prefill.attnres_sums, by_forward.attnres_sums)
+    np.testing.assert_array_equal(model.forward(ids()[11:], by_prefill), model.forward(ids()[11:], by_forward))
+
+
 @pytest.mark.parametrize("gates", [(0.0, 1.0), (1.0, 0.0), (0.5, -2.0)])
 def test_attnres_gates_are_per_block(student, tmp_path, gates):
     """The converter writes one value for every block; an artifact with different gates per block
