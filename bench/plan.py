@@ -11,6 +11,7 @@ TARGETS = {
     "prefill_256": (">=", 25.0, "tok/s", None),
     "load": ("<=", 1.0, "s", None),
     "decode_rss": ("<=", 1.5 * GB, "GB", None),
+    "prefill_16k_rss": ("<=", 2 * GB, "GB", None),  # a 16k-token prompt, then decoding: the whole process's peak
     "convert_time": ("<=", 3600.0, "s", None),  # the calibrated default: <= 60 min and 6 GB
     "convert_rss": ("<=", 6 * GB, "GB", None),
     "serve_8_streams": (">=", 5.0, "x", None),  # ferrisres-serve: aggregate tok/s at 8 streams over 1 stream
@@ -26,7 +27,7 @@ REFERENCE_KERNELS = ["numpy", "fast"]
 FULL = dict(
     scale="full", scaling_scales=["tiny", "half", "full"], convert_repeats=1, scaling_convert_repeats=1,
     load_repeats=5, prefill_lengths=[64, 256], prefill_repeats=3,
-    decode_contexts=[64, 512, 2048], decode_new=64, decode_repeats={64: 3, 512: 1, 2048: 1},
+    decode_contexts=[64, 512, 2048, 16384], decode_new=64, decode_repeats={64: 3, 512: 1, 2048: 1, 16384: 1},
     moe_contexts=[64], moe_repeats=2, teacher_new=16, draft_new=64, draft_repeats=2,
     scaling_decode_new=32, profile=True, serve_streams=[1, 2, 4, 8], serve_prompt=16, serve_new=32,
     kernel=KERNEL, reference_kernels=REFERENCE_KERNELS,

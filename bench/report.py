@@ -72,6 +72,8 @@ def report(r: dict) -> str:
         ("prefill, 256-token prompt (dense)", "prefill_256", _g(r, "prefill", "dense", "256", "tok_s"), None),
         ("load: open -> ready to generate, tokenizer included (dense)", "load", _g(r, "load", "dense", "load_s"), None),
         ("peak RSS while decoding the dense student (context 64)", "decode_rss", _g(dec, "dense", "64", "decode_peak_rss_bytes"), None),
+        ("peak RSS prefilling a 16384-token prompt, then decoding (dense)", "prefill_16k_rss",
+         _g(dec, "dense", "16384", "process_peak_rss_bytes"), None),
         (f"conversion of the {scale} checkpoint (dense ternary), wall time", "convert_time", _g(r, "convert", "dense", "seconds"), None),
         ("conversion peak RSS (ru_maxrss, dense ternary)", "convert_rss", _g(r, "convert", "dense", "ru_maxrss_bytes"), None),
         ("ferrisres-serve: aggregate tok/s at 8 streams / at 1 stream", "serve_8_streams",
@@ -188,16 +190,17 @@ def report(r: dict) -> str:
               "and final norm; KV cache: float32 keys and values every layer attends over."]
 
     lines += ["", "## Scaling", "", "Decode (dense ternary) vs context length (random-token context, then greedy decoding):", "",
-              "| context | decode tok/s (wall) | per-step median | forward passes only | bytes/token | bound | measured / bound | prefill of the context |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| context | decode tok/s (wall) | per-step median | forward passes only | bytes/token | bound | measured / bound "
+              "| prefill of the context | peak RSS, prefill and decode |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for ctx, v in dec.get("dense", {}).items():
         if "error" in v:
-            lines.append(f"| {ctx} | failed | | | | | | |")
+            lines.append(f"| {ctx} | failed | | | | | | | |")
             continue
         bnd = bound("dense", ctx)
         lines.append(f"| {ctx} | {_fmt(v['tok_s'])} | {_fmt(v['median_step_tok_s'])} | {_fmt(v['forward_tok_s'])} "
                      f"| {bpt['dense'][ctx]['total'] / 1e6:.0f} MB | {bnd:.1f} | {v['tok_s'] / bnd:.1%} "
-                     f"| {v['prefill_s']:.1f} s ({int(ctx) / v['prefill_s']:.1f} tok/s) |")
+                     f"| {v['prefill_s']:.1f} s ({int(ctx) / v['prefill_s']:.1f} tok/s) | {v['process_peak_rss_bytes'] / GB:.2f} GB |")
     lines += ["", "Conversion (dense ternary) vs model size: the main scale with the calibrated default (the conversion "
               "targets), the others rounded to nearest (`--method rtn`, the same encodings):", "",
               "| scale | source checkpoint | method | conversion | peak RSS (ru_maxrss) | mapped files | heap | artifact | decode tok/s @64 |",
