@@ -21,9 +21,10 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback
 MAX_NGRAM = 3  # prompt lookup matches the last 3, 2 or 1 tokens
 DRAFT_TOKENS = min(10, SLACK - 1)  # drafts verified per forward pass; the cache can take back SLACK
 HELD_BYTES = 16  # a run of byte tokens waits for its end up to this many bytes (Generation._holds_back_bytes)
-# Prompt tokens per forward pass: a whole prompt at once holds activations that grow with it (16k tokens
-# of E2B: 6.5 GB), and shorter passes are faster per token while their activations stay in cache (E2B,
-# int8 kernel, 1024 tokens in passes of 128: 1.06x passes of 256, 1.2x the whole; numpy's sgemm 0.96x).
+# Prompt tokens per forward pass: a whole prompt at once holds activations that grow with it (a 16k-token
+# prompt of E2B peaked at 6.5 GB, 2.2 GB in passes), and shorter passes are faster per token while their
+# activations stay in cache (E2B, int8 kernel, 1024 tokens in passes of 128: 1.06x passes of 256, 1.2x the
+# whole; numpy's sgemm 0.96x).
 PREFILL_CHUNK = 128
 
 
