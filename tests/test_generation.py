@@ -18,6 +18,7 @@ the tiny artifact, and a forward pass whose logits make greedy decoding pick a g
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -138,22 +139,22 @@ def token_texts(model, tokens: list[int]) -> list[str]:
     return out
 
 
-def stop_strings_for(text: str, pieces: list[str]) -> dict[str, str]:
-    """Stop strings that occur in `text` after its start, of three kinds, chosen from what the model says."""
+def stop_strings_for(text: str, pieces: list[str]) -> dict[str, str] | None:
+    """Stop strings of three kinds, chosen from what the model says, that first occur in `text` after its
+    start and at three different places (so which one stops first is known); None if there are none. Every
+    candidate of each kind is tried, so that a small change of the greedy text still offers a case."""
     clean = lambda s: bool(s) and "\ufffd" not in s and s.isprintable()  # noqa: E731
-    found = {}
-    for a, b in zip(pieces, pieces[1:]):
-        if clean(a) and clean(b) and a != b:
-            found["across a token boundary"] = a[-1] + b[:2]
-            break
-    for j, piece in enumerate(pieces[1:], 1):
-        if clean(piece) and len(piece) >= 3:
-            found["ending inside a token"] = piece[:2]
-            break
-    middle = text[len(text) // 2 : len(text) // 2 + 4]
-    if clean(middle):
-        found["from the middle of the text"] = middle
-    return {kind: stop for kind, stop in found.items() if text.find(stop) > 0}
+    candidates = {
+        "across a token boundary": [a[-1] + b[:2] for a, b in zip(pieces, pieces[1:]) if clean(a) and clean(b) and a != b],
+        "ending inside a token": [piece[:2] for piece in pieces[1:] if clean(piece) and len(piece) >= 3],
+        "from the middle of the text": [text[i : i + 4] for i in range(len(text) // 2, len(text) - 3)
+                                        if clean(text[i : i + 4])],
+    }
+    candidates = {kind: [s for s in dict.fromkeys(found) if text.find(s) > 0] for kind, found in candidates.items()}
+    for chosen in itertools.product(*candidates.values()):
+        if len({text.find(s) for s in chosen}) == 3:
+            return dict(zip(candidates, chosen))
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def stop_case(converted):
         g, steps = greedy_run(model, prompt)
         assert g.stop_reason == "max_tokens"
         stops = stop_strings_for(g.text, token_texts(model, g.tokens))
-        if len(stops) == 3 and len(set(g.text.find(s) for s in stops.values())) == 3:
+        if stops is not None:
             return model, prompt, g.text, stops
     pytest.fail("no prompt's greedy text offers the stop strings to test")
 
